@@ -1,0 +1,3 @@
+from peftko.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""The command line: parse, then call one function per command.
+
+Heavy imports (torch, transformers) happen inside the commands, so `peftko --help` is instant.
+Every TrainConfig field is also a `lora-train` flag, generated from the dataclass, so the config
+file, the flags and `--help` can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+
+import click
+
+from peftko.config import FIELDS, TrainConfig
+from peftko.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"peftko: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftko")
+def main():
+    """peftko: LoRA fine-tuning for Korean text with structural markers.
+
+    \b
+    peftko lora-train --config configs/demo.yaml     # built-in demo, CPU, minutes
+    peftko markers corpus/                            # inspect and lint a corpus
+    peftko merge runs/demo --output runs/demo-merged  # standalone HF model
+    """
+
+
+def _config_options(func):
+    """One click option per TrainConfig field; None means 'not given', so files are not overridden."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + f"  [default: {_show_default(f)}]"
+        if hints[f.name] is bool:
+            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+        elif f.name == "data":
+            opt = click.option(flag, f.name, multiple=True, metavar="PATH", help=help_text)
+        else:
+            opt = click.option(flag, f.name, default=None, metavar=_metavar(hints[f.name]), help=help_text)
+        func = opt(func)
+    return func
+
+
+def _show_default(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return ",".join(f.default_factory())
+    return str(f.default)
+
+
+def _metavar(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "[" + "|".join(typing.get_args(tp)) + "]"
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
+
+
+@main.command("lora-train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+@click.option("--force", is_flag=True, help="Resume even if the config, corpus or base changed; replace a finished output.")
+@click.option("--dry-run", is_flag=True, help="Check config and corpus, print the memory plan, train nothing.")
+@_config_options
+def lora_train(config_file, sets, resume, force, dry_run, **flags):
+    """Train LoRA adapters plus the marker embedding rows on a (quantized) base."""
+    from peftko.config import load_config
+    from peftko.train_command import run_lora_train
+
+    flags["data"] = list(flags["data"]) or None
+    cfg = load_config(config_file, flags, list(sets))
+    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run))
+
+
+@main.command("merge")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--output", required=True, type=click.Path(), help="Directory for the standalone model.")
+@click.option("--base", type=click.Path(), help="Base model directory (default: the one in peftko.json).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--force", is_flag=True, help="Write into a non-empty --output (it is replaced).")
+def merge(adapter_dir, output, base, dtype, force):
+    """Merge an adapter into its full-precision base: a standalone Hugging Face model."""
+    from peftko.merge import run_merge
+
+    run_merge(adapter_dir, output, base=base, dtype=dtype, force=force)
+
+
+@main.command("markers")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", help="Base model directory: show how its tokenizer splits each marker.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any problem is found.")
+@click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
+@click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
+def markers(paths, model, as_json, strict, pattern, jsonl_field):
+    """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
+    from peftko.corpus_report import run_markers_command
+
+    sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
+                                 pattern=pattern, jsonl_field=jsonl_field))
+
+
+if __name__ == "__main__":
+    main()

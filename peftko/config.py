@@ -1,0 +1,270 @@
+"""The typed training config: one dataclass, loaded from YAML, overridden by flags.
+
+Every setting has a default, a type and a one-line help (the `help` metadata), which the CLI
+reuses for `--help`. `load_config` collects every problem (unknown key, wrong type, impossible
+combination) and raises ONE UserError listing them all, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from peftko.errors import UserError
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATA = "builtin:sample"
+DEFAULT_MARKER_PATTERN = r"\|[A-Z][A-Z0-9_]*\|>"
+
+
+def _opt(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory (or builtin:tiny-llama).")
+    data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.")
+    output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.")
+    jsonl_field: str = _opt("text", "Field holding the text in .jsonl files.")
+    doc_end_marker: str = _opt(
+        "|END_OF_BOOK|>", "Marker that ends a document inside a file ('' = one document per file)."
+    )
+    skip_bad_files: bool = _opt(False, "Train on the readable files and list binary/undecodable ones.")
+    val_fraction: float = _opt(0.1, "Fraction of whole documents held out for evaluation.")
+    # --- markers
+    markers: list[str] | str = _opt("auto", "'auto' (find |NAME|> in the corpus) or a list of markers.")
+    marker_pattern: str = _opt(DEFAULT_MARKER_PATTERN, "Regex that finds markers when markers=auto.")
+    # --- base model
+    quant: Literal["4bit", "8bit", "none"] = _opt("4bit", "Base weights: NF4, LLM.int8 or unquantized.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    attn_implementation: str = _opt("auto", "auto, sdpa, eager or flash_attention_2.")
+    trust_remote_code: bool = _opt(False, "Run Python code shipped with the model (off: safer).")
+    allow_pickle: bool = _opt(False, "Allow .bin/.pt pickle weights (off: safetensors only).")
+    # --- LoRA and the marker rows
+    lora_r: int = _opt(16, "LoRA rank.")
+    lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _opt(0.0, "LoRA dropout.")
+    target_modules: list[str] | str = _opt("all-linear", "'all-linear' or a list of module names.")
+    # --- optimisation
+    max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    epochs: float = _opt(1.0, "Passes over the training blocks when max_steps is -1.")
+    seq_len: int = _opt(2048, "Tokens per packed block.")
+    batch_size: int = _opt(1, "Blocks per micro-batch.")
+    grad_accum: int = _opt(4, "Micro-batches per optimizer step.")
+    lr: float = _opt(2e-4, "Learning rate of the LoRA adapters.")
+    embedding_lr: float = _opt(1e-4, "Learning rate of the marker embedding rows.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (LoRA only; never the marker rows).")
+    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "LR schedule after warmup.")
+    warmup_ratio: float = _opt(0.05, "Fraction of steps spent warming up.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = _opt("adamw", "adamw or bitsandbytes paged 8-bit AdamW.")
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward (saves memory).")
+    liger: Literal["auto", "on", "off"] = _opt("auto", "Liger kernels on CUDA when installed.")
+    seed: int = _opt(42, "Seed for data order, initialisation and dropout.")
+    # --- logging, evaluation, checkpoints
+    logging_steps: int = _opt(10, "Log loss every N optimizer steps.")
+    eval_steps: int = _opt(50, "Evaluate on the held-out documents every N steps (0: only at the end).")
+    save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).")
+    save_total_limit: int = _opt(2, "Keep this many checkpoints.")
+    max_bad_steps: int = _opt(5, "Stop after this many non-finite steps in a row.")
+    num_proc: int = _opt(1, "Processes for tokenisation.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert `value` (from YAML or a `--set` string) to the field's type, or raise ValueError."""
+    tp = typing.get_type_hints(TrainConfig)[name]
+    return _coerce_to(tp, value, from_string=isinstance(value, str))
+
+
+def _coerce_to(tp, value, from_string: bool):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"must be one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        # list[str] | str: a comma-separated string from the command line means a list,
+        # except for the literal keywords the string branch exists for (auto, all-linear).
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce_to(arm, value, from_string)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(" or ".join(errors))
+    if origin is list:
+        if isinstance(value, str):
+            if not from_string or value in ("auto", "all-linear"):
+                raise ValueError("must be a list")
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ValueError("must be a list of strings")
+        return [str(v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError("must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if from_string:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError("must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)  # YAML reads 2e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ValueError("must be a number") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("must be a string")
+    raise ValueError(f"unsupported type {_type_name(tp)}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)  # safe: a config never constructs Python objects
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    values, problems = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            problems.append(f"--set {item!r}: expected key=value")
+            continue
+        values[key.strip().replace("-", "_")] = value
+    return values, problems
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Defaults < YAML file < --set < explicit flags. Raises one UserError listing every problem."""
+    raw: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    problems: list[str] = []
+    if config_file:
+        for k, v in read_yaml(config_file).items():
+            raw[str(k)], source[str(k)] = v, f"{config_file}: {k}"
+    set_values, set_problems = parse_set(sets or [])
+    problems += set_problems
+    for k, v in set_values.items():
+        raw[k], source[k] = v, f"--set {k}"
+    for k, v in (flags or {}).items():
+        if v is not None:
+            raw[k], source[k] = v, f"--{k.replace('_', '-')}"
+    values = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            hint = _closest(key)
+            problems.append(f"{source[key]}: unknown key{f' (did you mean {hint!r}?)' if hint else ''}")
+            continue
+        try:
+            values[key] = coerce(key, value)
+        except ValueError as e:
+            problems.append(f"{source[key]}: {value!r} {e}")
+    cfg = TrainConfig(**values)
+    problems += validate(cfg)
+    if problems:
+        raise UserError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def _closest(key: str) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, FIELDS, n=1)
+    return match[0] if match else None
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Impossible values and combinations, each as one readable line."""
+    p = []
+    positive = ("seq_len", "batch_size", "grad_accum", "lora_r", "lora_alpha", "logging_steps")
+    p += [f"{k}: must be positive, got {getattr(cfg, k)}" for k in positive if getattr(cfg, k) <= 0]
+    for k in ("lr", "embedding_lr"):
+        if not getattr(cfg, k) > 0:
+            p.append(f"{k}: must be positive, got {getattr(cfg, k)}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        p.append(f"max_steps: must be -1 (use epochs) or positive, got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.epochs > 0:
+        p.append(f"epochs: must be positive when max_steps is -1, got {cfg.epochs}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        p.append(f"val_fraction: must be in [0, 1), got {cfg.val_fraction}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        p.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        p.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    for k in ("eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay"):
+        if getattr(cfg, k) < 0:
+            p.append(f"{k}: must not be negative, got {getattr(cfg, k)}")
+    if cfg.max_bad_steps < 1 or cfg.num_proc < 1:
+        p.append("max_bad_steps and num_proc: must be at least 1")
+    if isinstance(cfg.markers, str) and cfg.markers != "auto":
+        p.append(f"markers: must be 'auto' or a list of markers, got {cfg.markers!r}")
+    if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
+        p.append(f"target_modules: must be 'all-linear' or a list, got {cfg.target_modules!r}")
+    if not cfg.data:
+        p.append("data: give at least one file or folder")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        p.append(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
+        p.append(f"attn_implementation: unknown value {cfg.attn_implementation!r}")
+    if cfg.optimizer == "paged_adamw_8bit" and cfg.device == "cpu":
+        p.append("optimizer: paged_adamw_8bit needs a CUDA device; use adamw on the CPU")
+    try:
+        import re
+
+        re.compile(cfg.marker_pattern)
+    except re.error as e:
+        p.append(f"marker_pattern: not a valid regular expression ({e})")
+    return p

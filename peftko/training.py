@@ -1,0 +1,176 @@
+"""The training step: LoRA + marker rows on the base, driven by transformers' Trainer.
+
+This module is the one training path: `peftko lora-train` and `benchmarks/recipes.py` both call
+`attach_adapters` and `make_trainer`, so the benchmark measures what users run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from peftko.token_rows import MarkerToken, trainable_token_indices
+
+TOKEN_ROW_PARAM = "trainable_tokens_delta"
+
+
+def lora_config(model, cfg, tokens: list[MarkerToken]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        trainable_token_indices=trainable_token_indices(model, tokens) if tokens else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapters(model, cfg, tokens: list[MarkerToken]):
+    """Wrap the base with LoRA + marker rows. Frozen weights keep their dtype; trainables are fp32.
+
+    Deliberately NOT prepare_model_for_kbit_training: its fp32 upcast of every frozen tensor makes
+    activations fp32 and costs 2.8x speed (ANCHORS.md) for no gain in a bf16 compute path.
+    """
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(model, cfg, tokens))
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def param_groups(peft_model, cfg) -> list[dict]:
+    rows, lora = [], []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            (rows if TOKEN_ROW_PARAM in name else lora).append(p)
+    groups = [{"params": lora, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if rows:
+        # The marker rows get their own rate and never decay toward zero (they are whole rows).
+        groups.append({"params": rows, "lr": cfg.embedding_lr, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(peft_model, cfg, device: torch.device):
+    groups = param_groups(peft_model, cfg)
+    if cfg.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def planned_steps(cfg, n_blocks: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = max(1, math.ceil(n_blocks / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
+
+
+def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bool) -> TrainingArguments:
+    steps = planned_steps(cfg, n_blocks)
+    return TrainingArguments(
+        output_dir=str(output),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=math.ceil(cfg.warmup_ratio * steps),
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device.type == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="all",
+        dataloader_num_workers=0,
+    )
+
+
+class MetricsFile(TrainerCallback):
+    """One JSON object per log in OUTPUT/metrics.jsonl: step, loss, lr, tokens seen (and eval)."""
+
+    def __init__(self, path: Path, extra: dict | None = None):
+        self.path = Path(path)
+        self.extra = extra or {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = log_record(state, logs or {})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def log_record(state, logs: dict) -> dict:
+    record = {"step": state.global_step}
+    renames = {"learning_rate": "lr", "num_input_tokens_seen": "tokens_seen"}
+    for k, v in logs.items():
+        if k in ("total_flos",):
+            continue
+        record[renames.get(k, k)] = v
+    record.setdefault("tokens_seen", state.num_input_tokens_seen)
+    return record
+
+
+class ReadableProgress(ProgressCallback):
+    """The Trainer's progress bar, with log lines a person can read instead of dict reprs."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        self.training_bar.write(format_log(state, logs))
+
+
+def format_log(state, logs: dict) -> str:
+    if "train_runtime" in logs and "loss" not in logs:
+        return (f"done: {state.global_step} steps in {logs['train_runtime']:.0f} s, "
+                f"{logs.get('train_tokens_per_second', 0):,.0f} tokens/s")
+    parts = [f"step {state.global_step:>5}"]
+    if "loss" in logs:
+        parts.append(f"loss {logs['loss']:.4f}")
+    if "eval_loss" in logs:
+        parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    if "grad_norm" in logs and logs["grad_norm"] is not None:
+        parts.append(f"grad_norm {float(logs['grad_norm']):.3f}")
+    if state.num_input_tokens_seen:
+        parts.append(f"tokens {int(state.num_input_tokens_seen):,}")
+    return "  ".join(parts)
+
+
+def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator, callbacks=()):
+    args = training_arguments(cfg, precision, output, len(train), val is not None)
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=val,
+        data_collator=collator,
+        optimizers=(make_optimizer(peft_model, cfg, precision.device), None),
+        callbacks=[MetricsFile(Path(output) / "metrics.jsonl"), *callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ReadableProgress())
+    return trainer
