@@ -15,7 +15,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from peftko.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
+from peftko.config import BUILTIN_DATA, BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
@@ -29,6 +29,11 @@ ARCHS = {
 
 def sample_corpus_dir() -> Path:
     return Path(str(resources.files("peftko") / "sample_corpus"))
+
+
+def resolve_data_paths(data) -> list[Path]:
+    """--data entries as paths; builtin:sample is the bundled corpus."""
+    return [sample_corpus_dir() if str(d) == BUILTIN_DATA else Path(d).expanduser() for d in data]
 
 
 def sample_texts(strip_markers: bool = True) -> list[str]:

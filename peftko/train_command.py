@@ -11,20 +11,14 @@ from pathlib import Path
 
 import click
 
-from peftko import __version__
-from peftko.config import BUILTIN_DATA, TrainConfig
+from peftko.config import TrainConfig
 from peftko.errors import UserError
-
-
-def resolve_data_paths(data: list[str]) -> list[Path]:
-    from peftko.tiny_base import sample_corpus_dir
-
-    return [sample_corpus_dir() if d == BUILTIN_DATA else Path(d).expanduser() for d in data]
 
 
 def read_corpus(cfg: TrainConfig):
     """Scan the corpus, print the short summary, and refuse bad files unless told to skip them."""
     from peftko.corpus_report import scan_corpus
+    from peftko.tiny_base import resolve_data_paths
 
     report = scan_corpus(resolve_data_paths(cfg.data), cfg.marker_pattern, cfg.jsonl_field,
                          doc_end_marker=cfg.doc_end_marker)
