@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real bases (Llama, Qwen2, GPT-NeoX) built from configs, and a small corpus.
+
+Nothing is downloaded: HF_HUB_OFFLINE=1 for the whole session, and every model and tokenizer is
+built here with transformers' real classes and a BPE tokenizer trained with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (arch, tied, rows beyond the tokenizer: Qwen pads its vocabulary)
+BASES = {
+    "llama-tied": ("llama", True, 0),
+    "llama-untied": ("llama", False, 0),
+    "qwen2-padded": ("qwen2", False, 64),
+    "gpt-neox": ("gpt_neox", False, 0),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peftko_home(tmp_path_factory):
+    """Keep the dataset cache and the built-in base out of the user's home."""
+    home = tmp_path_factory.mktemp("peftko-home")
+    os.environ["PEFTKO_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def base_texts():
+    from peftko.tiny_base import sample_texts
+
+    return sample_texts()
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory, base_texts):
+    """Build each tiny base once per test session (a couple of seconds in all)."""
+    from peftko.tiny_base import build_tiny_base
+
+    root = tmp_path_factory.mktemp("bases")
+    built = {}
+    for name, (arch, tied, extra) in BASES.items():
+        rows = None
+        if extra:
+            from peftko.tiny_base import train_tokenizer
+
+            rows = len(train_tokenizer(base_texts)) + extra
+        built[name] = build_tiny_base(root / name, arch=arch, tie=tied, pad_vocab_to=rows, texts=base_texts)
+    return built
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """Four of the bundled stories: real markers, real Korean, quick to tokenise."""
+    from peftko.tiny_base import sample_corpus_dir
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def train_args(base: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
+    """A fast lora-train command line for tiny models."""
+    return [
+        "lora-train", "--model", str(base), "--data", str(corpus), "--output", str(output),
+        "--seq-len", "64", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "6",
+        "--lr", "1e-2", "--embedding-lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8",
+        "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0.25", "--device", "cpu",
+        "--warmup-ratio", "0", "--scheduler", "constant", *extra,
+    ]
