@@ -18,6 +18,7 @@ from pathlib import Path
 from peftko.config import BUILTIN_DATA, BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+BUILTIN_PRETRAIN_STEPS = 120
 
 # arch name -> (transformers config class name, extra config kwargs)
 ARCHS = {
@@ -82,6 +83,27 @@ def tiny_config(arch: str, vocab_size: int, tie: bool, bos_id: int, eos_id: int,
     )
 
 
+def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 128, batch: int = 8) -> None:
+    """A few seconds of full training on marker-free text, so the demo base has seen Korean.
+
+    A purely random base predicts uniformly and LoRA on it learns slowly; a base that already
+    models the language, but never saw a marker, is what a real user starts from.
+    """
+    import torch
+
+    ids = torch.tensor([t for text in texts for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len, (batch,), generator=gen)
+        x = torch.stack([ids[s : s + seq_len] for s in starts])
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def build_tiny_base(
     directory: str | Path,
     arch: str = "llama",
@@ -89,10 +111,12 @@ def build_tiny_base(
     pad_vocab_to: int | None = None,
     texts: list[str] | None = None,
     seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> Path:
-    """Write a tiny random base (safetensors + tokenizer) to `directory` and return it.
+    """Write a tiny base (safetensors + tokenizer) to `directory` and return it.
 
     pad_vocab_to gives the embedding matrix more rows than the tokenizer has ids, as Qwen does.
+    pretrain_steps > 0 trains it briefly on `texts` (markers already removed).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -104,6 +128,8 @@ def build_tiny_base(
     config = tiny_config(arch, rows, tie, tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if pretrain_steps:
+        pretrain(model, tokenizer, texts if texts is not None else sample_texts(), pretrain_steps)
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
@@ -123,7 +149,7 @@ def builtin_base() -> Path:
     # Build beside the target and rename, so an interrupted build never looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_tiny_base(tmp / "base", arch="llama", tie=True)
+        build_tiny_base(tmp / "base", arch="llama", tie=True, pretrain_steps=BUILTIN_PRETRAIN_STEPS)
         os.replace(tmp / "base", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -136,6 +137,9 @@ def log_record(state, logs: dict) -> dict:
 class ReadableProgress(ProgressCallback):
     """The Trainer's progress bar, with log lines a person can read instead of dict reprs."""
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass  # a second bar for a few eval batches only garbles the first one
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
@@ -144,8 +148,8 @@ class ReadableProgress(ProgressCallback):
 
 def format_log(state, logs: dict) -> str:
     if "train_runtime" in logs and "loss" not in logs:
-        return (f"done: {state.global_step} steps in {logs['train_runtime']:.0f} s, "
-                f"{logs.get('train_tokens_per_second', 0):,.0f} tokens/s")
+        speed = state.num_input_tokens_seen / max(logs["train_runtime"], 1e-9)
+        return f"done: {state.global_step} steps in {logs['train_runtime']:.0f} s, {speed:,.0f} tokens/s"
     parts = [f"step {state.global_step:>5}"]
     if "loss" in logs:
         parts.append(f"loss {logs['loss']:.4f}")
@@ -160,9 +164,57 @@ def format_log(state, logs: dict) -> str:
     return "  ".join(parts)
 
 
+class PeftkoTrainer(Trainer):
+    """The Trainer with two changes to checkpoints: adapter-only, and never half-written.
+
+    - The adapter is saved with save_embedding_layers=False: peft's default ("auto") writes the
+      FULL embedding matrices once the vocabulary was resized (1 GB a checkpoint for an 8B base),
+      while the marker rows are already in the adapter file as trainable-token deltas.
+    - Each checkpoint is written into a hidden staging folder and renamed in (peftko.checkpoints),
+      and a write error becomes a UserError naming the folder; transformers 5.23 writes straight
+      into checkpoint-N, so a crash mid-save would leave a checkpoint --resume could pick up.
+    """
+
+    _staging: Path | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir, save_embedding_layers=False)
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being saved, the Trainer's "run dir" is the staging folder.
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from peftko.checkpoints import rotate, staged_checkpoint
+
+        output, step = Path(self.args.output_dir), self.state.global_step
+        info = {"epoch": self.state.epoch, "tokens_seen": int(self.state.num_input_tokens_seen or 0)}
+        try:
+            with staged_checkpoint(output, step, info) as stage:
+                self._staging = stage
+                super()._save_checkpoint(model, trial)
+            rotate(output, self.args.save_total_limit or 0)
+        except OSError as e:
+            raise checkpoint_write_error(output, step, e) from None
+        finally:
+            self._staging = None
+
+
+def checkpoint_write_error(output: Path, step: int, e: OSError):
+    from peftko.checkpoints import latest_checkpoint
+    from peftko.errors import UserError
+
+    previous = latest_checkpoint(output)
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    return UserError(f"could not write checkpoint-{step} in {output}: {e.strerror or e} (disk full?); "
+                     f"{kept}. Free space, then resume with --resume.")
+
+
 def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator, callbacks=()):
     args = training_arguments(cfg, precision, output, len(train), val is not None)
-    trainer = Trainer(
+    trainer = PeftkoTrainer(
         model=peft_model,
         args=args,
         train_dataset=train,
