@@ -146,6 +146,7 @@ def builtin_base() -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building the built-in tiny base into {target} (once; about a minute on 2 CPU cores)", flush=True)
     # Build beside the target and rename, so an interrupted build never looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
