@@ -95,3 +95,18 @@ def test_only_marker_rows_receive_gradient(tiny_bases, small_corpus, tmp_path):
     changed = (after != before).any(dim=1).nonzero().flatten().tolist()
     # A marker absent from the sampled blocks gets no gradient, so "changed" may be a subset.
     assert changed and set(changed) <= set(ids)
+
+
+def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, small_corpus, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    (corpus / "scan.txt").write_bytes(b"\x00\x01\x02PK\x03\x04" * 200)
+    (corpus / "empty.txt").write_bytes(b"")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, train_args(tiny_bases["llama-tied"], corpus, out, "--quant", "none",
+                                            "--skip-bad-files", "--max-steps", "1"))
+    assert r.exit_code == 0, r.output
+    assert "skipping 1 unreadable file(s)" in r.output and "scan.txt" in r.output
+    assert (out / "peftko.json").exists()
