@@ -6,7 +6,8 @@ A finished run directory holds:
   peftko.json                                      base path + fingerprint, markers and ids,
                                                    vocabulary sizes, quantization, resolved config
   metrics.jsonl                                    one JSON object per log
-  checkpoint-N/                                    optional, for --resume
+  checkpoint-N/                                    optional, for --resume (peftko.checkpoints)
+  run.json                                         what the run trains on, checked by --resume
 peftko.json is written last, by an atomic rename: its presence means the run is complete.
 """
 
@@ -82,6 +83,7 @@ def prepare_output(output: Path, resume: bool, force: bool) -> None:
     if resume:
         if not output.is_dir():
             raise UserError(f"--resume: {output} does not exist; start without --resume")
+        check_writable(output)
         return
     if output.is_dir() and any(output.iterdir()):
         if not force:
@@ -95,22 +97,43 @@ def prepare_output(output: Path, resume: bool, force: bool) -> None:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --output {output}: {e.strerror}") from None
+    check_writable(output)
 
 
 def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
-    """Adapter and tokenizer first (staged, then renamed in), peftko.json last."""
+    """Adapter and tokenizer first (staged, then renamed in), peftko.json last.
+
+    The previous peftko.json is removed only once the new files are fully written: a failed
+    write (a full disk) leaves the previous adapter complete; during the renames, which need no
+    space, the directory reads as incomplete, which it is.
+    """
     output = Path(output)
-    (output / MANIFEST).unlink(missing_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
     try:
-        # save_embedding_layers=False: only the marker rows, never a full embedding matrix.
-        peft_model.save_pretrained(stage, save_embedding_layers=False)
-        tokenizer.save_pretrained(stage)
-        for f in sorted(stage.iterdir()):
-            os.replace(f, output / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    write_json_atomic(output / MANIFEST, {"format": FORMAT_VERSION, **manifest})
+        stage = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
+        try:
+            # save_embedding_layers=False: only the marker rows, never a full embedding matrix.
+            peft_model.save_pretrained(stage, save_embedding_layers=False)
+            tokenizer.save_pretrained(stage)
+            (output / MANIFEST).unlink(missing_ok=True)
+            for f in sorted(stage.iterdir()):
+                os.replace(f, output / f.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        write_json_atomic(output / MANIFEST, {"format": FORMAT_VERSION, **manifest})
+    except OSError as e:
+        kept = " The previous adapter there is intact." if (output / MANIFEST).exists() else ""
+        raise UserError(f"could not write the adapter to {output}: {e.strerror or e} (disk full?).{kept} "
+                        "Checkpoints, if any, are intact: free space and run again with --resume.") from None
+
+
+def check_writable(output: Path) -> None:
+    """Fail now, not after an hour of training, if the output directory cannot take a file."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=output)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --output {output}: {e.strerror or e}") from None
 
 
 def read_manifest(run_dir: Path) -> dict:

@@ -46,12 +46,10 @@ class TrainingSession:
 
         from peftko.base_model import load_base
         from peftko.collate import PackedCollator
-        from peftko.run_dir import fingerprint_base
         from peftko.token_rows import embedding_modules, grow_embeddings, init_marker_rows
         from peftko.training import attach_adapters
 
         cfg = self.cfg
-        self.fingerprint = fingerprint_base(self.model_path)
         click.echo(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype}, {self.precision.device})")
         model = load_base(self.model_path, cfg.quant, self.precision, cfg.attn_implementation,
                           cfg.trust_remote_code, cfg.allow_pickle)
@@ -76,16 +74,26 @@ class TrainingSession:
                               self.precision.device)
         return bits_per_char(nll, self.data.val_chars)
 
-    def train(self, resume: bool) -> None:
+    def train(self, checkpoint: Path | None) -> None:
+        """trainer.train() with the Ctrl-C/SIGTERM and non-finite guards around it."""
+        from peftko.guards import NonFiniteGuard, StopOnSignal
         from peftko.training import make_trainer
 
+        self.stop = StopOnSignal()
+        self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
         self.trainer = make_trainer(self.model, self.cfg, self.precision, self.output,
-                                    self.data.train, self.data.val, self.collator)
-        checkpoint = latest_checkpoint(self.output) if resume else None
-        result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                                    self.data.train, self.data.val, self.collator,
+                                    callbacks=[self.guard, self.stop])
+        with self.stop.installed():
+            result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         self.results["train_loss"] = result.training_loss
         self.results["steps"] = self.trainer.state.global_step
-        if self.data.val is not None:
+        self.results["skipped_steps"] = self.guard.skipped
+        if self.guard.diverged:
+            from peftko.checkpoints import latest_checkpoint
+
+            raise self.guard.diverged_error(self.cfg, self.output, latest_checkpoint(self.output))
+        if self.data.val is not None and not self.stop.signum:
             self.results["eval_loss"] = self.trainer.evaluate()["eval_loss"]
 
     def manifest(self) -> dict:
@@ -103,24 +111,72 @@ class TrainingSession:
             "results": self.results,
         }
 
-    def run(self, resume: bool = False, force: bool = False) -> int:
-        from peftko.run_dir import save_final, write_json_atomic
+    def check_identity(self, checkpoint: Path | None, force: bool) -> None:
+        """What this run trains on; on --resume, refuse (before loading) if run.json says otherwise."""
+        from peftko.checkpoints import check_resume, run_identity, trim_metrics, write_run_record
+        from peftko.run_dir import fingerprint_base
 
+        self.fingerprint = fingerprint_base(self.model_path)
+        self.identity = run_identity(self.cfg, self.files, self.tokenizer, self.fingerprint)
+        if checkpoint is None:
+            return  # written in run(), with the held-out bpc of the untrained model
+        record = check_resume(self.output, self.identity, force)
+        # Held-out bpc before training was measured on the untrained model: keep that number.
+        self.results["bpc_before"] = record.get("bpc_before")
+        step = int(checkpoint.name.rsplit("-", 1)[1])
+        trim_metrics(self.output, step)
+        write_run_record(self.output, self.identity, bpc_before=self.results["bpc_before"],
+                         resumed_from=checkpoint.name)
+        click.echo(f"resuming from {checkpoint} (step {step})")
+
+    def check_disk(self) -> None:
+        from peftko.guards import check_disk_space, output_bytes_needed
+        from peftko.training import planned_steps
+
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        tokenizer_bytes = sum(f.stat().st_size for f in self.model_path.glob("*token*") if f.is_file())
+        need = output_bytes_needed(trainable, self.cfg, tokenizer_bytes,
+                                   planned_steps(self.cfg, len(self.data.train)))
+        check_disk_space(self.output, need)
+
+    def run(self, resume: bool = False, force: bool = False) -> int:
+        from peftko.checkpoints import clean_leftovers, resume_point, write_run_record
+        from peftko.guards import translate_oom
+        from peftko.run_dir import save_final
+
+        checkpoint = resume_point(self.output) if resume else None  # before any slow step
+        clean_leftovers(self.output)
         self.setup_tokenizer()
         self.setup_data()
-        self.setup_model()
-        self.results["bpc_before"] = self.held_out_bpc()
-        self.train(resume)
-        self.results["bpc_after"] = self.held_out_bpc()
+        self.check_identity(checkpoint, force)
+        with translate_oom(self.cfg, "loading the model"):
+            self.setup_model()
+        self.check_disk()
+        with translate_oom(self.cfg, "training"):
+            if checkpoint is None:
+                self.results["bpc_before"] = self.held_out_bpc()
+                write_run_record(self.output, self.identity, bpc_before=self.results["bpc_before"])
+            self.train(checkpoint)
+            if self.stop.signum:
+                return echo_stopped(self.output, self.stop)
+            self.results["bpc_after"] = self.held_out_bpc()
         log_bpc(self.output, self.results)
         save_final(self.output, self.model, self.tokenizer, self.manifest())
         echo_done(self.output, self.results)
         return 0
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    done = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def echo_stopped(output: Path, stop) -> int:
+    import signal
+
+    from peftko.checkpoints import latest_checkpoint
+    from peftko.guards import resume_command
+
+    name = signal.Signals(stop.signum).name
+    checkpoint = latest_checkpoint(output)
+    click.echo(f"peftko: stopped by {name}; checkpoint written to {checkpoint}.\n"
+               f"Continue with: {resume_command(output)}", err=True)
+    return stop.exit_code
 
 
 def log_bpc(output: Path, results: dict) -> None:

@@ -1,0 +1,242 @@
+"""Checkpoints and the run identity: what `--resume` continues from, and what it refuses.
+
+A checkpoint is OUTPUT/checkpoint-N/ holding
+  adapter_model.safetensors, adapter_config.json   LoRA + the marker rows (never whole matrices)
+  optimizer.pt, scheduler.pt, rng_state.pth         optimizer moments, LR schedule, RNG states
+  trainer_state.json                                the step, hence the position in the data
+  checkpoint.json                                   written last: the checkpoint is complete
+It is written into a hidden staging folder and renamed into place, and an old one is renamed
+away before it is deleted, so a crash, a full disk or a second Ctrl-C can leave a stray hidden
+folder but never a `checkpoint-N` that looks complete and is not.
+
+OUTPUT/run.json records what the run trains on: the resolved config, a fingerprint of every
+corpus file, the tokenizer with its markers and the base. `--resume` compares it with the
+present and names each difference; only keys that cannot change the trained result in a way
+the user did not ask for (RESUMABLE_KEYS) may differ without --force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peftko.errors import UserError
+from peftko.run_dir import write_json_atomic
+
+PREFIX = "checkpoint-"
+DONE_FILE = "checkpoint.json"
+REQUIRED_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+RUN_FILE = "run.json"
+STAGE_PREFIX = ".staging-"
+TRASH_PREFIX = ".deleting-"
+
+# Keys that may change on --resume without --force. max_steps/epochs extend or shorten a run (the
+# LR schedule is recomputed for the new length from the resumed step on); the rest change how
+# often things are logged or saved, or how (not what) is computed. data and model are compared
+# by content (corpus and base fingerprints), so moving the files is not a change.
+RESUMABLE_KEYS = frozenset({
+    "output", "data", "model", "max_steps", "epochs", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "max_bad_steps", "num_proc", "device", "attn_implementation",
+    "gradient_checkpointing", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
+})
+
+
+# --- layout
+def step_of(path: Path) -> int | None:
+    name = Path(path).name
+    if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
+        return int(name[len(PREFIX):])
+    return None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / DONE_FILE).is_file() and all((path / f).is_file() for f in REQUIRED_FILES)
+
+
+def complete_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in Path(output).glob(PREFIX + "*") if p.is_dir() and step_of(p) is not None]
+    return sorted((p for p in found if is_complete(p)), key=step_of)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    done = complete_checkpoints(output)
+    return done[-1] if done else None
+
+
+@contextlib.contextmanager
+def staged_checkpoint(output: Path, step: int, info: dict):
+    """Yield a hidden folder; whatever is written to FOLDER/checkpoint-N is sealed and renamed in.
+
+    On any failure the staging folder is removed and every existing checkpoint is untouched.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{PREFIX}{step}-", dir=output))
+    try:
+        yield stage
+        written = stage / f"{PREFIX}{step}"
+        write_json_atomic(written / DONE_FILE, {"step": step, **info})
+        for f in written.iterdir():
+            _fsync(f)
+        target = Path(output) / written.name
+        if target.exists():  # the same step saved again (e.g. after a resume): move the old one away
+            remove_dir(target)
+        os.replace(written, target)
+        _fsync(Path(output))  # the rename itself survives a power cut
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_dir(path: Path) -> None:
+    """Rename away, then delete: an interrupted delete never leaves a half checkpoint-N."""
+    trash = Path(tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=path.parent))
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rotate(output: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0: keep all)."""
+    if keep > 0:
+        for old in complete_checkpoints(output)[:-keep]:
+            remove_dir(old)
+
+
+def clean_leftovers(output: Path) -> None:
+    """Staging and deletion folders of a process that was killed mid-write."""
+    for p in Path(output).glob(".*"):
+        if p.is_dir() and p.name.startswith((STAGE_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def trim_metrics(output: Path, step: int) -> None:
+    """Drop log lines past the resumed step: those steps run again and log again."""
+    path = Path(output) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if _logged_step(ln) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a kill counts as past every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
+
+
+# --- run identity
+def corpus_fingerprint(files) -> list[list]:
+    """Name, size and content hash of each file, in reading order (the order packs the data).
+
+    The whole content is hashed (about 1 s a GB): a same-length edit changes what is trained on,
+    and a copy to another machine changes mtimes but not the data.
+    """
+    return [[Path(f.path).name, os.path.getsize(f.path), _sha256(Path(f.path))] for f in files]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_identity(cfg, files, tokenizer, base_fingerprint: dict) -> dict:
+    from peftko.packing import tokenizer_fingerprint
+
+    return {
+        "config": cfg.to_dict(),
+        "corpus": corpus_fingerprint(files),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "base": base_fingerprint,
+    }
+
+
+def write_run_record(output: Path, identity: dict, **extra) -> None:
+    write_json_atomic(Path(output) / RUN_FILE, {"identity": identity, **extra})
+
+
+def read_run_record(output: Path) -> dict | None:
+    path = Path(output) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """Each difference that makes a resumed run something other than a continuation."""
+    changes = []
+    oc, nc = old["config"], new["config"]
+    for key in sorted(set(oc) | set(nc)):
+        if key not in RESUMABLE_KEYS and oc.get(key) != nc.get(key):
+            changes.append(f"config {key}: {oc.get(key)!r} -> {nc.get(key)!r}")
+    changes += _corpus_changes(old["corpus"], new["corpus"])
+    if old["tokenizer"] != new["tokenizer"]:
+        changes.append("tokenizer: the base tokenizer or the registered markers differ")
+    if old["base"] != new["base"]:
+        changed = sorted(k for k in set(old["base"]["weights"]) | set(new["base"]["weights"])
+                         if old["base"]["weights"].get(k) != new["base"]["weights"].get(k))
+        what = "config.json" if old["base"]["config_sha256"] != new["base"]["config_sha256"] else ""
+        changes.append("base model: " + ", ".join(filter(None, [what, *changed])) + " differ")
+    return changes
+
+
+def _corpus_changes(old: list, new: list) -> list[str]:
+    if old == new:
+        return []
+    o, n = {e[0]: e for e in old}, {e[0]: e for e in new}
+    out = [f"corpus: {name} was added" for name in n if name not in o]
+    out += [f"corpus: {name} was removed" for name in o if name not in n]
+    out += [f"corpus: {name} changed (size {o[name][1]} -> {n[name][1]} bytes)"
+            for name in n if name in o and o[name] != n[name]]
+    return out or ["corpus: the files are read in a different order"]
+
+
+# --- resume
+def resume_point(output: Path) -> Path:
+    """The latest complete checkpoint, or a UserError saying why there is none."""
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        partial = [p.name for p in Path(output).glob(PREFIX + "*") if p.is_dir()]
+        why = (f" ({', '.join(sorted(partial))} incomplete)" if partial else
+               " (checkpoints are written every --save-steps, and when training is interrupted)")
+        raise UserError(f"--resume: {output} holds no complete checkpoint to resume from{why}. "
+                        "Start again without --resume (add --force to replace the directory).")
+    return checkpoint
+
+
+def check_resume(output: Path, identity: dict, force: bool) -> dict:
+    """Refuse a resume whose config, corpus or base changed, unless forced; returns run.json."""
+    record = read_run_record(output)
+    if record is None:
+        if force:
+            return {}
+        raise UserError(f"--resume: {output / RUN_FILE} is missing, so peftko cannot check that the "
+                        "config, corpus and base are unchanged. Pass --force to resume anyway.")
+    changes = identity_changes(record["identity"], identity)
+    if changes and not force:
+        listing = "\n".join(f"  - {c}" for c in changes)
+        raise UserError(f"--resume: this is not the run in {output}:\n{listing}\n"
+                        "Undo the change, train into a new --output, or pass --force to continue anyway.")
+    return record
