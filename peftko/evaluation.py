@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from peftko.kernels import fused_loss_kwargs
+
 
 @torch.no_grad()
 def held_out_nll(model, blocks, collator, batch_size: int, device: torch.device) -> tuple[float, int]:
@@ -21,7 +23,7 @@ def held_out_nll(model, blocks, collator, batch_size: int, device: torch.device)
     for start in range(0, len(blocks), batch_size):
         batch = collator([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+        out = model(**batch, **fused_loss_kwargs(model))
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(out.loss) * n  # the model's loss is the mean over these n positions
         count += n

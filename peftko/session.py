@@ -58,6 +58,11 @@ class TrainingSession:
         self.tied = embedding_modules(model)[2]
         transformers.set_seed(cfg.seed)  # LoRA's random A matrices come next
         self.model = attach_adapters(model, cfg, self.tokens)
+        from peftko.kernels import apply_fast_kernels
+
+        self.results["kernels"] = apply_fast_kernels(self.model, cfg, self.precision)
+        if self.results["kernels"]:
+            click.echo(self.results["kernels"])
         attn = model.config._attn_implementation
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.collator = PackedCollator(pad, attn, self.precision.dtype)

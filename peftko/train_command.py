@@ -67,7 +67,7 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
     if dry_run:
         from peftko.memory_plan import echo_plan
 
-        echo_plan(cfg, model_path, precision)
+        echo_plan(cfg, model_path, precision, markers=markers)
         return 0
     from peftko.run_dir import prepare_output
 

@@ -177,6 +177,14 @@ class PeftkoTrainer(Trainer):
 
     _staging: Path | None = None
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Liger's fused loss still builds full logits in eval mode unless told not to.
+        if not model.training:
+            from peftko.kernels import fused_loss_kwargs
+
+            inputs = {**inputs, **fused_loss_kwargs(model)}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)

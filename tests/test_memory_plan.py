@@ -1,0 +1,162 @@
+"""The memory plan: a pure prediction from config.json, checked against measured peaks, and the
+`lora-train --dry-run` table, which must never load a weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peftko.cli import main
+from peftko.memory_plan import (
+    ModelShape,
+    checkpoint_stats,
+    plan_memory,
+    predict_peak_gib,
+    shape_from_config,
+)
+
+LLAMA3_8B = {  # the Llama-3-8B config.json values that matter
+    "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+}
+LLAMA32_1B = dict(LLAMA3_8B, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, head_dim=64,
+                  tie_word_embeddings=True)
+B8 = shape_from_config(LLAMA3_8B)
+B1 = shape_from_config(LLAMA32_1B)
+STEP = dict(batch_size=4, seq_len=2048)  # ANCHORS.md: 4 x 2048 tokens a step, r=16, 4 markers
+
+
+def test_shapes_from_config():
+    assert B8.total_params == 8_030_261_248  # Llama-3-8B's published count
+    assert B1.total_params == 1_235_814_400  # Llama-3.2-1B's
+    assert (B8.kv_dim, B1.kv_dim, B1.tied, B8.tied) == (1024, 512, True, False)
+    assert B8.lora_params(16) == 41_943_040
+    assert B8.lora_params(16, ["q_proj", "v_proj"]) == 32 * 16 * (4096 + 4096 + 4096 + 1024)
+    neox = shape_from_config({"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 100})
+    assert [n for n, _, _ in neox.linears] == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    assert neox.tied  # transformers' default when config.json does not say
+
+
+@pytest.mark.parametrize("shape, kwargs, trainable_m", [
+    (B8, {}, 42.0), (B8, {"recipe": "common"}, 1092.6),
+    (B1, {}, 11.3), (B1, {"recipe": "common"}, 536.6),
+])
+def test_trainable_parameters_match_the_measured_runs(shape, kwargs, trainable_m):
+    assert plan_memory(shape, **STEP, **kwargs).trainable_params / 1e6 == pytest.approx(trainable_m, abs=0.05)
+
+
+@pytest.mark.parametrize("kwargs, measured_gib", [
+    # Training peaks measured on an NVIDIA H200, each recipe alone in a fresh process (ANCHORS.md).
+    (dict(**STEP), 22.7),                                   # NF4 + token rows, bf16 kept
+    (dict(**STEP, liger=True), 10.4),                       # same + Liger
+    (dict(batch_size=1, seq_len=4096, liger=True), 8.9),    # same + Liger, 1 x 4096 tokens
+    (dict(**STEP, recipe="common"), 39.5),                  # prepare_model_for_kbit_training + modules_to_save
+])
+def test_prediction_is_within_15_percent_of_measured_8b_peaks(kwargs, measured_gib):
+    predicted = predict_peak_gib(B8, quant="4bit", lora_r=16, marker_rows=4, **kwargs)
+    assert abs(predicted - measured_gib) / measured_gib < 0.15, predicted
+
+
+def test_prediction_moves_the_right_way():
+    def p(**kw):
+        return predict_peak_gib(B8, **{**STEP, **kw})
+
+    assert p(liger=True) < p() < p(recipe="common")
+    assert p(quant="4bit") < p(quant="8bit") < p(quant="none")
+    assert p(seq_len=1024) < p() < p(seq_len=4096)
+    assert p(gradient_checkpointing=True) < p(gradient_checkpointing=False)
+    assert p(optimizer="paged_adamw_8bit") < p()
+    assert p(compute_bytes=2) < p(compute_bytes=4)
+    with pytest.raises(ValueError):
+        p(recipe="axolotl")
+
+
+def test_fits_verdict():
+    lean = plan_memory(B8, batch_size=1, seq_len=4096, liger=True)
+    assert lean.fits(12) and lean.fits(24)
+    # With Liger, evaluation's full logits (not training) decide whether 4 x 2048 fits in 12 GiB.
+    unfused_eval = plan_memory(B8, **STEP, liger=True)
+    assert unfused_eval.peak_gib < 11 < unfused_eval.evaluation_gib and not unfused_eval.fits(12)
+    assert plan_memory(B8, **STEP, liger=True, fused_eval=True).fits(12)
+    assert not plan_memory(B8, **STEP).fits(12)
+    assert not plan_memory(B8, **STEP, recipe="common").fits(24)
+
+
+def test_checkpoint_stats_read_headers_only(tmp_path: Path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 4, dtype=torch.bfloat16), "b": torch.zeros(10)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_stats(tmp_path) == (22, 40)
+    save_file({"q": torch.zeros(8, dtype=torch.uint8)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_stats(tmp_path) is None  # pre-quantized: element counts are not parameters
+    assert checkpoint_stats(tmp_path / "missing") is None
+
+
+# --- the dry run through the CLI
+
+def dry_run(model_dir: Path, *extra: str):
+    return CliRunner().invoke(main, ["lora-train", "--model", str(model_dir), "--dry-run", "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def weightless_tiny_base(tmp_path_factory) -> Path:
+    """A real tiny base whose weights file was deleted: a dry run that loaded weights would fail."""
+    from peftko.tiny_base import build_tiny_base
+
+    base = build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+    (base / "model.safetensors").unlink()
+    return base
+
+
+def test_dry_run_prints_the_plan_without_weights(weightless_tiny_base, monkeypatch):
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("a dry run must not load the model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    result = dry_run(weightless_tiny_base, "--seq-len", "256", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for part in ("memory plan", "weights", "trainable", "activations", "logits", "peak", "loading"):
+        assert part in out
+    assert "fits in 12 GiB: yes, 24 GiB: yes" in out
+    assert "4 x 256 x" in out
+
+
+def test_dry_run_on_an_8b_config_alone(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    result = dry_run(tmp_path, "--seq-len", "2048", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "memory plan for a CUDA card, bfloat16" in out
+    assert "8.03 B parameters" in out
+    assert "fits in 12 GiB: no, 24 GiB: yes" in out  # full logits: 22.5 GiB
+    liger_line = next(line for line in out.splitlines() if line.startswith("with Liger kernels"))
+    # Evaluation passes skip_logits to Liger's fused loss, so it stays below training.
+    assert "training peak 9.9" in liger_line and "evaluation 6.4" in liger_line
+    assert "fits in 12 GiB: yes" in liger_line
+    assert "GiB of RAM" in out
+    lean = dry_run(tmp_path, "--seq-len", "1024", "--batch-size", "1", "--liger", "off")
+    assert lean.exit_code == 0, lean.output
+    assert "fits in 12 GiB: yes" in lean.output and "with Liger" not in lean.output
+
+
+def test_shape_defaults_head_dim_and_kv_heads():
+    s = shape_from_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "vocab_size": 10, "intermediate_size": 128})
+    assert isinstance(s, ModelShape) and (s.head_dim, s.kv_heads, s.model_type) == (16, 4, "llama")
+
+
+def test_dry_run_on_an_unknown_config_says_so(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    result = dry_run(tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "no prediction for this architecture" in result.output
