@@ -51,8 +51,14 @@ def load_merged_pair(run_dir: Path, base_path: Path, manifest: dict, dtype: torc
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from peftko.base_model import check_weight_files
+
+    # The consent given at training time (--allow-pickle) carries over; nothing else loads pickles.
+    allow_pickle = bool(manifest["config"].get("allow_pickle"))
+    check_weight_files(base_path, allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=None)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                 use_safetensors=None if allow_pickle else True)
     rows = manifest["vocab"]["rows_after"]
     if model.get_input_embeddings().weight.shape[0] < rows:
         model.resize_token_embeddings(rows, mean_resizing=False)
@@ -75,6 +81,20 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     num = sum(float((x - y).norm()) ** 2 for x, y in zip(a, b)) ** 0.5
     den = sum(float(x.norm()) ** 2 for x in a) ** 0.5
     return num / max(den, 1e-12)
+
+
+def stop_at_book_end(model, manifest: dict) -> None:
+    """Make generate() stop at the document-end marker as well as at the base's own eos.
+
+    Training kept the marker in the labels, so the model learned to emit it where a book ends.
+    """
+    end = manifest["config"].get("doc_end_marker")
+    ids = [m["id"] for m in manifest["markers"] if m["marker"] == end]
+    if not ids:
+        return
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    model.generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
 
 
 def save_atomically(model, tokenizer, output: Path) -> None:
@@ -114,5 +134,6 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
     if not diff <= tolerance:
         raise UserError(f"merge self-check failed: relative difference {diff:.2e} exceeds {tolerance:.0e}; "
                         "nothing was written. Try --dtype float32.")
+    stop_at_book_end(merged, manifest)
     save_atomically(merged, tokenizer, out)
     click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")

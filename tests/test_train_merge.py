@@ -129,3 +129,11 @@ def test_loss_falls(run):
     assert min(losses[-2:]) < losses[0]
     bpc = [x for x in logs if "bpc_after" in x]
     assert bpc and bpc[0]["bpc_after"] < bpc[0]["bpc_before"]
+
+
+def test_merged_generation_stops_at_the_book_end_marker(run):
+    from transformers import GenerationConfig
+
+    end_id = next(m["id"] for m in manifest(run)["markers"] if m["marker"] == "|END_OF_BOOK|>")
+    eos = GenerationConfig.from_pretrained(run["merged"]).eos_token_id
+    assert end_id in eos and AutoTokenizer.from_pretrained(run["merged"]).eos_token_id in eos
