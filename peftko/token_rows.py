@@ -13,7 +13,7 @@ small delta for the listed ids instead of a copy of the whole matrix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,9 +25,11 @@ class MarkerToken:
     marker: str
     id: int
     pieces: list[int]  # base-tokenizer ids the marker was split into before registration
+    init_ids: list[int] = field(default_factory=list)  # the pieces that carry meaning: no unk/bos/pad
 
     def to_json(self) -> dict:
-        return {"marker": self.marker, "id": self.id, "pieces_before": len(self.pieces), "piece_ids": self.pieces}
+        return {"marker": self.marker, "id": self.id, "pieces_before": len(self.pieces),
+                "piece_ids": self.pieces, "init_ids": self.init_ids}
 
 
 def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
@@ -44,7 +46,9 @@ def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
         ids = tokenizer(m, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise UserError(f"marker {m!r} is still {len(ids)} tokens after registration; check the tokenizer")
-        tokens.append(MarkerToken(m, ids[0], pieces[m]))
+        # An <unk> piece (no byte fallback) or a special token says nothing about the marker.
+        special = set(tokenizer.all_special_ids)
+        tokens.append(MarkerToken(m, ids[0], pieces[m], [p for p in pieces[m] if p not in special]))
     return tokens
 
 
@@ -70,14 +74,33 @@ def grow_embeddings(model, tokenizer) -> tuple[int, int]:
 
 @torch.no_grad()
 def init_marker_rows(model, tokens: list[MarkerToken]) -> None:
+    """Each marker row := mean of its pieces' rows; with no usable piece, the mean of the base's rows.
+
+    New markers are appended after the base vocabulary, so the smallest new id is its size (rows
+    past it in a padded matrix, as in Qwen, were never trained and stay out of the mean).
+    """
+    new = [t for t in tokens if t.pieces != [t.id]]
+    known_rows = min((t.id for t in new), default=0)
     weights = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != weights[0].data_ptr():
         weights.append(out.weight)
     for w in weights:
-        for t in tokens:
-            if t.pieces != [t.id]:
-                w[t.id] = w[t.pieces].float().mean(0).to(w.dtype)
+        fallback = None
+        for t in new:  # a marker that was already one base token keeps its trained row
+            if t.init_ids:
+                w[t.id] = w[t.init_ids].float().mean(0).to(w.dtype)
+            else:
+                fallback = _mean_of_rows(w, known_rows) if fallback is None else fallback
+                w[t.id] = fallback
+
+
+def _mean_of_rows(w: torch.Tensor, rows: int, chunk: int = 8192) -> torch.Tensor:
+    # In chunks: a float copy of a 128k x 4096 matrix would cost 2 GB at load time.
+    total = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+    for start in range(0, rows, chunk):
+        total += w[start : min(rows, start + chunk)].float().sum(0)
+    return (total / max(rows, 1)).to(w.dtype)
 
 
 def trainable_token_indices(model, tokens: list[MarkerToken]) -> dict[str, list[int]]:

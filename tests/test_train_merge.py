@@ -97,7 +97,7 @@ def test_only_marker_rows_and_lora_targets_change(run):
         if name in emb_names:
             keep = [i for i in range(rows) if i not in ids]
             assert torch.equal(value[keep], base_sd[name][keep]), name
-            init = torch.stack([base_sd[name][x["piece_ids"]].mean(0) for x in m["markers"]])
+            init = torch.stack([base_sd[name][x["init_ids"]].mean(0) for x in m["markers"]])
             assert not torch.allclose(value[ids], init, atol=1e-4), f"{name}: marker rows did not train"
         elif name in lora_targets:
             changed_targets += not torch.equal(value, base_sd[name])
