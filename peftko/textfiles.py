@@ -23,6 +23,7 @@ from peftko.errors import UserError
 SUFFIXES = (".txt", ".md", ".jsonl")
 CHUNK_BYTES = 1 << 20
 PREVIEW_CHARS = 200
+MAX_DOC_CHARS = 1 << 22  # 4M characters, about ten long novels
 BOM = "\ufeff"
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # Bytes that never appear in text files except as damage: C0 controls other than tab, LF, FF,
@@ -207,8 +208,17 @@ def iter_documents(
     jsonl_field: str = "text",
     doc_end_marker: str = "|END_OF_BOOK|>",
 ) -> Iterator[str]:
-    """Normalised documents of one file (see iter_located_documents for the rules)."""
-    for doc in iter_located_documents(path, encoding, jsonl_field, doc_end_marker):
+    """Normalised documents of one file (see iter_located_documents for the rules).
+
+    For training, a document longer than MAX_DOC_CHARS is cut at a line end into pieces, so memory
+    stays bounded whatever the file; each piece is then packed as a document of its own.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        docs = _jsonl_documents(path, encoding, jsonl_field)
+    else:
+        docs = _text_documents(path, encoding, doc_end_marker, MAX_DOC_CHARS)
+    for doc in docs:
         yield doc.text
 
 
@@ -231,9 +241,9 @@ def iter_located_documents(
         yield from _text_documents(path, encoding, doc_end_marker)
 
 
-def _text_documents(path: Path, encoding: str, marker: str) -> Iterator[Document]:
+def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | None = None) -> Iterator[Document]:
     parts: list[str] = []
-    start = 1
+    size, start = 0, 1
     for number, line in enumerate(iter_lines(path, encoding), start=1):
         rest = line
         while marker and (cut := rest.find(marker)) >= 0:
@@ -243,11 +253,17 @@ def _text_documents(path: Path, encoding: str, marker: str) -> Iterator[Document
             parts.append(rest[:cut])
             if doc := _trim("".join(parts), start):
                 yield doc
-            parts, rest = [], rest[cut:]
+            parts, rest, size = [], rest[cut:], 0
         if rest:
             if not parts:
                 start = number
             parts.append(rest)
+            size += len(rest)
+        if max_chars and size >= max_chars and rest.endswith("\n"):
+            # A file with no end marker must not become one multi-GB string: cut at a line end.
+            if doc := _trim("".join(parts), start):
+                yield doc
+            parts, size = [], 0
     if doc := _trim("".join(parts), start):
         yield doc
 

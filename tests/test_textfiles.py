@@ -217,3 +217,17 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, message):
 def test_jsonl_with_only_blank_texts_is_empty(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": " \n "}])
     assert scan_file(path).status == "empty"
+
+
+def test_training_documents_are_cut_at_line_ends_when_huge(tmp_path, monkeypatch):
+    import peftko.textfiles as textfiles
+
+    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 50)
+    path = tmp_path / "long.txt"
+    lines = [f"{i:02d} 긴 책의 한 줄입니다. 끝없이 이어집니다." for i in range(20)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = list(textfiles.iter_documents(path, "utf-8", doc_end_marker=""))
+    assert len(docs) > 5
+    assert "\n".join(docs) == "\n".join(lines)  # nothing lost, every cut at a line end
+    located = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker=""))
+    assert len(located) == 1  # lint still sees the whole document
