@@ -25,8 +25,6 @@ class TrainingSession:
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
         self.vocab_before = len(self.tokenizer)
         self.tokens = register_markers(self.tokenizer, self.markers)
-        from peftko.train_command import echo_markers
-
         echo_markers(self.tokens)
 
     def setup_data(self) -> None:
@@ -182,6 +180,15 @@ def echo_stopped(output: Path, stop) -> int:
     click.echo(f"peftko: stopped by {name}; checkpoint written to {checkpoint}.\n"
                f"Continue with: {resume_command(output)}", err=True)
     return stop.exit_code
+
+
+def echo_markers(tokens) -> None:
+    if not tokens:
+        return
+    click.echo("markers registered (one token each):")
+    width = max(len(t.marker) for t in tokens)
+    for t in tokens:
+        click.echo(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
 
 
 def log_bpc(output: Path, results: dict) -> None:

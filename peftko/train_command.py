@@ -48,15 +48,6 @@ def choose_markers(cfg: TrainConfig, report) -> list[str]:
     return list(dict.fromkeys(cfg.markers))
 
 
-def echo_markers(tokens) -> None:
-    if not tokens:
-        return
-    click.echo("markers registered (one token each):")
-    width = max(len(t.marker) for t in tokens)
-    for t in tokens:
-        click.echo(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
-
-
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> int:
     from peftko.base_model import pick_precision, resolve_model_path
 
