@@ -220,7 +220,9 @@ def _files_line(files: list[FileScan]) -> str:
     shown = ", ".join(f"{enc}: {n}" for enc, n in encodings.most_common())
     line = f"corpus: {len(files)} file{'s' if len(files) != 1 else ''} ({shown or 'none readable'})"
     other = Counter(f.status for f in files if f.status != "ok")
-    return line + "".join(f", {n} {status}" for status, n in sorted(other.items()))
+    line += "".join(f", {n} {status}" for status, n in sorted(other.items()))
+    empty = [str(f.path) for f in files if f.status == "empty"]
+    return line + "".join(f"\nwarning: skipping empty file {p}" for p in empty)
 
 
 def _markers_line(report: CorpusReport) -> str:

@@ -109,4 +109,5 @@ def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, 
                                             "--skip-bad-files", "--max-steps", "1"))
     assert r.exit_code == 0, r.output
     assert "skipping 1 unreadable file(s)" in r.output and "scan.txt" in r.output
+    assert "skipping empty file" in r.output and "empty.txt" in r.output
     assert (out / "peftko.json").exists()
