@@ -53,11 +53,12 @@ def load_merged_pair(run_dir: Path, base_path: Path, manifest: dict, dtype: torc
 
     from peftko.base_model import check_weight_files
 
-    # The consent given at training time (--allow-pickle) carries over; nothing else loads pickles.
+    # Consent given at training time (--allow-pickle, --trust-remote-code) carries over; nothing more.
     allow_pickle = bool(manifest["config"].get("allow_pickle"))
+    remote = bool(manifest["config"].get("trust_remote_code"))
     check_weight_files(base_path, allow_pickle)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+    tokenizer = AutoTokenizer.from_pretrained(run_dir, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=remote,
                                                  use_safetensors=None if allow_pickle else True)
     rows = manifest["vocab"]["rows_after"]
     if model.get_input_embeddings().weight.shape[0] < rows:
