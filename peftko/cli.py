@@ -10,11 +10,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+import warnings
 
 import click
 
 from peftko.config import FIELDS, TrainConfig
 from peftko.errors import UserError
+
+
+# peft still asks transformers 5 for the old attribute name; the user can do nothing about it.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 class _Group(click.Group):
