@@ -18,7 +18,6 @@ the user did not ask for (RESUMABLE_KEYS) may differ without --force.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from peftko.errors import UserError
-from peftko.run_dir import write_json_atomic
+from peftko.run_dir import sha256_file, write_json_atomic
 
 PREFIX = "checkpoint-"
 DONE_FILE = "checkpoint.json"
@@ -148,15 +147,7 @@ def corpus_fingerprint(files) -> list[list]:
     The whole content is hashed (about 1 s a GB): a same-length edit changes what is trained on,
     and a copy to another machine changes mtimes but not the data.
     """
-    return [[Path(f.path).name, os.path.getsize(f.path), _sha256(Path(f.path))] for f in files]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return [[Path(f.path).name, os.path.getsize(f.path), sha256_file(Path(f.path))] for f in files]
 
 
 def run_identity(cfg, files, tokenizer, base_fingerprint: dict) -> dict:

@@ -54,13 +54,18 @@ def fingerprint_base(path: Path) -> dict:
     path = Path(path)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     return {
-        "config_sha256": _sha256(path / "config.json"),
+        "config_sha256": sha256_file(path / "config.json"),
         "weights": {w.name: _sampled_hash(w) for w in weights},
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def sha256_file(path: Path) -> str:
+    """Whole-file SHA-256, read in 1 MB chunks so a large file never sits in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _sampled_hash(path: Path, chunks: int = 64, chunk_size: int = 1 << 16) -> str:
