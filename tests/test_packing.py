@@ -30,7 +30,7 @@ def tokenizer(tiny_bases):
 
 def packed(folder, tokenizer, cache, **overrides):
     cfg = TrainConfig(seq_len=128, val_fraction=overrides.pop("val_fraction", 0.0), **overrides)
-    files = [scan_file(p) for p in find_files([folder])]
+    files = [scan_file(p, cfg.jsonl_field) for p in find_files([folder])]
     return prepare_data(files, tokenizer, cfg, cache)
 
 
@@ -132,3 +132,18 @@ def test_second_document_does_not_see_the_first(tiny_bases, base, attn):
         leak = model(input_ids=together["input_ids"], position_ids=together["position_ids"]).logits[0, len(first):]
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert not torch.allclose(a, leak, atol=1e-3)
+
+
+def test_jsonl_records_are_documents_with_a_custom_field(tokenizer, tmp_path):
+    import json
+
+    folder = tmp_path / "j"
+    folder.mkdir()
+    rows = [{"body": story(i), "id": i} for i in range(3)]
+    (folder / "books.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                        encoding="utf-8")
+    data = packed(folder, tokenizer, tmp_path / "cache", jsonl_field="body")
+    txt = packed(write(tmp_path / "t", "all.txt", "".join(story(i) for i in range(3)), "utf-8"),
+                 tokenizer, tmp_path / "cache")
+    assert data.train_docs == 3 == txt.train_docs
+    assert data.train["input_ids"] == txt.train["input_ids"]

@@ -111,3 +111,12 @@ def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, 
     assert "skipping 1 unreadable file(s)" in r.output and "scan.txt" in r.output
     assert "skipping empty file" in r.output and "empty.txt" in r.output
     assert (out / "peftko.json").exists()
+
+
+def test_explicit_marker_list_is_used_as_given(tiny_bases, small_corpus, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, train_args(tiny_bases["llama-tied"], small_corpus, out, "--quant", "none",
+                                            "--max-steps", "1", "--markers", "|SOUND|>,|END_OF_BOOK|>"))
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "peftko.json").read_text())
+    assert [m["marker"] for m in manifest["markers"]] == ["|SOUND|>", "|END_OF_BOOK|>"]
