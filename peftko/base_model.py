@@ -48,6 +48,20 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def check_seq_len(path: Path, seq_len: int) -> None:
+    """A block longer than the base's trained context gives positions it has never seen."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path / 'config.json'}: {e}") from None
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"--seq-len {seq_len} is longer than the context {path.name} was trained on "
+                        f"(max_position_embeddings = {limit}); use --seq-len {limit} or less")
+
+
 def pick_precision(device: str) -> Precision:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -49,11 +49,12 @@ def choose_markers(cfg: TrainConfig, report) -> list[str]:
 
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> int:
-    from peftko.base_model import pick_precision, resolve_model_path
+    from peftko.base_model import check_seq_len, pick_precision, resolve_model_path
 
     report, files = read_corpus(cfg)
     markers = choose_markers(cfg, report)
     model_path = resolve_model_path(cfg.model)
+    check_seq_len(model_path, cfg.seq_len)
     precision = pick_precision(cfg.device)
     if dry_run:
         from peftko.memory_plan import echo_plan

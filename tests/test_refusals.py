@@ -160,3 +160,11 @@ def test_merge_with_force_replaces_the_output_whole(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["vocab_size"] > 0
+
+
+def test_seq_len_beyond_the_base_context(tiny_bases, small_corpus, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(tiny_bases["llama-tied"], small_corpus, out)
+    args[args.index("--seq-len") + 1] = "4096"  # the tiny bases were built with 1024 positions
+    assert_refused(invoke(*args), "--seq-len 4096", "1024")
+    assert not out.exists()

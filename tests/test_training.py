@@ -120,3 +120,16 @@ def test_explicit_marker_list_is_used_as_given(tiny_bases, small_corpus, tmp_pat
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "peftko.json").read_text())
     assert [m["marker"] for m in manifest["markers"]] == ["|SOUND|>", "|END_OF_BOOK|>"]
+
+
+def test_a_corpus_without_markers_trains_plain_lora(tiny_bases, tmp_path):
+    corpus = tmp_path / "plain"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("옛날 옛적에 작은 마을이 있었습니다.\n" * 80, encoding="utf-8")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], corpus, out, "--quant", "none",
+                                            "--max-steps", "2", "--val-fraction", "0"))
+    assert r.exit_code == 0, r.output
+    assert "no marker matching" in r.output
+    manifest = json.loads((out / "peftko.json").read_text())
+    assert manifest["markers"] == [] and manifest["vocab"]["rows_after"] == manifest["vocab"]["rows_before"]
