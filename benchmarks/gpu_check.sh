@@ -12,7 +12,7 @@
 # "kernels" field of each JSON line says null. The generated checkpoints (16 GB for 8B) go to
 # $BASES, not to the results folder.
 set -u
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 RESULTS=${OUT:-/tmp/peftko-gpu-check}
 BASES=${BASES:-/tmp/peftko-bench-bases}
 BUDGET_S=${BUDGET_S:-500}
