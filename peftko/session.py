@@ -48,7 +48,7 @@ class TrainingSession:
         from peftko.training import attach_adapters
 
         cfg = self.cfg
-        click.echo(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype}, {self.precision.device})")
+        click.echo(f"loading {self.model_path} ({cfg.quant}, {str(self.precision.dtype).removeprefix('torch.')}, {self.precision.device})")
         model = load_base(self.model_path, cfg.quant, self.precision, cfg.attn_implementation,
                           cfg.trust_remote_code, cfg.allow_pickle)
         self.rows_before, self.rows_after = grow_embeddings(model, self.tokenizer)
