@@ -40,32 +40,37 @@ class TrainingSession:
         )
 
     def setup_model(self) -> None:
-        import transformers
-
+        """Load the base, make room for the markers and start their rows, then wrap it."""
         from peftko.base_model import load_base
-        from peftko.collate import PackedCollator
         from peftko.token_rows import embedding_modules, grow_embeddings, init_marker_rows
-        from peftko.training import attach_adapters
 
-        cfg = self.cfg
-        click.echo(f"loading {self.model_path} ({cfg.quant}, {str(self.precision.dtype).removeprefix('torch.')}, {self.precision.device})")
+        cfg, dtype = self.cfg, str(self.precision.dtype).removeprefix("torch.")
+        click.echo(f"loading {self.model_path} ({cfg.quant}, {dtype}, {self.precision.device})")
         model = load_base(self.model_path, cfg.quant, self.precision, cfg.attn_implementation,
                           cfg.trust_remote_code, cfg.allow_pickle)
         self.rows_before, self.rows_after = grow_embeddings(model, self.tokenizer)
         init_marker_rows(model, self.tokens)
         self.tied = embedding_modules(model)[2]
-        transformers.set_seed(cfg.seed)  # LoRA's random A matrices come next
-        self.model = attach_adapters(model, cfg, self.tokens)
-        from peftko.kernels import apply_fast_kernels
+        self.setup_adapters(model)
 
-        self.results["kernels"] = apply_fast_kernels(self.model, cfg, self.precision)
+    def setup_adapters(self, model) -> None:
+        """LoRA + marker rows, fast kernels where available, and the collator for this attention."""
+        import transformers
+
+        from peftko.collate import PackedCollator
+        from peftko.kernels import apply_fast_kernels
+        from peftko.training import attach_adapters
+
+        transformers.set_seed(self.cfg.seed)  # LoRA's random A matrices come next
+        self.model = attach_adapters(model, self.cfg, self.tokens)
+        self.results["kernels"] = apply_fast_kernels(self.model, self.cfg, self.precision)
         if self.results["kernels"]:
             click.echo(self.results["kernels"])
-        attn = model.config._attn_implementation
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.collator = PackedCollator(pad, attn, self.precision.dtype)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.collator = PackedCollator(pad, model.config._attn_implementation, self.precision.dtype)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        click.echo(f"trainable parameters: {trainable:,} (LoRA r={cfg.lora_r} + {len(self.tokens)} marker rows)")
+        click.echo(f"trainable parameters: {trainable:,} (LoRA r={self.cfg.lora_r} + {len(self.tokens)} marker rows)")
 
     # --- measure, train, save
     def held_out_bpc(self) -> float | None:
