@@ -58,7 +58,7 @@ class TrainConfig:
     # --- optimisation
     max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
     epochs: float = _opt(1.0, "Passes over the training blocks when max_steps is -1.")
-    seq_len: int = _opt(2048, "Tokens per packed block.")
+    seq_len: int = _opt(2048, "Longest packed block; blocks are evened out below it so none is left short.")
     batch_size: int = _opt(1, "Blocks per micro-batch.")
     grad_accum: int = _opt(4, "Micro-batches per optimizer step.")
     lr: float = _opt(2e-4, "Learning rate of the LoRA adapters.")

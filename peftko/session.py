@@ -35,7 +35,7 @@ class TrainingSession:
         d = self.data
         click.echo(
             f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
-            f"{self.cfg.seq_len} tokens, {d.real_token_fraction:.1%} real tokens"
+            f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
             + (" (from cache)" if d.from_cache else "")
         )
 

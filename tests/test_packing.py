@@ -67,8 +67,9 @@ def test_blocks_are_full_and_positions_restart_per_document(tokenizer, tmp_path)
         write(corpus, f"{i}.txt", story(i), "utf-8")
     data = packed(corpus, tokenizer, tmp_path / "cache")
     lengths = [len(x) for x in data.train["input_ids"]]
-    assert all(n == 128 for n in lengths[:-1])
-    assert data.real_token_fraction >= 0.99 or len(lengths) < 100
+    assert data.block_len <= 128 and all(n == data.block_len for n in lengths[:-1])
+    assert data.block_len - len(lengths) < lengths[-1] <= data.block_len
+    assert data.real_token_fraction >= 0.99
     flat = [t for ids in data.train["input_ids"] for t in ids]
     assert flat.count(tokenizer.eos_token_id) == 3  # one end-of-document token after each story
     for ids, pos in zip(data.train["input_ids"], data.train["position_ids"]):
@@ -80,6 +81,18 @@ def test_pack_blocks_cuts_long_documents_and_rebases_positions():
     blocks = list(pack_blocks([{"input_ids": [list(range(10)), [7, 7, 7]]}], seq_len=4))
     assert [b["input_ids"] for b in blocks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 7, 7], [7]]
     assert [b["position_ids"] for b in blocks] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1], [0]]
+
+
+def test_even_block_length_leaves_at_most_a_token_of_padding_per_block():
+    from peftko.packing import even_block_len
+
+    assert even_block_len(13_670, 256) == 254  # 54 blocks either way; the last is no longer short
+    assert even_block_len(1_000, 256) == 250 and even_block_len(512, 256) == 256
+    assert even_block_len(10, 256) == 10 and even_block_len(0, 256) == 1
+    for total in (1, 255, 257, 9_999, 123_457):
+        n = even_block_len(total, 256)
+        blocks = -(-total // n)
+        assert n <= 256 and blocks == -(-total // 256) and blocks * n - total < blocks
 
 
 def test_held_out_books_never_appear_in_training_blocks(tokenizer, tmp_path):
