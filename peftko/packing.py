@@ -25,13 +25,14 @@ import numpy as np
 
 from peftko.errors import UserError
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass
 class PackedData:
     train: "datasets.Dataset"  # noqa: F821 - columns input_ids, position_ids
     val: "datasets.Dataset | None"  # noqa: F821
+    val_text: "datasets.Dataset | None"  # noqa: F821 - column text: the held-out documents
     train_docs: int
     val_docs: int
     val_chars: int
@@ -113,6 +114,12 @@ def _tokenize_fn(tokenizer, eos_id: int):
     return tokenize
 
 
+def pack_texts(texts, tokenizer, seq_len: int) -> list[dict]:
+    """Blocks for a small set of documents under another tokenizer, the same way as training."""
+    tokenized = _tokenize_fn(tokenizer, tokenizer.eos_token_id)({"text": list(texts)})
+    return list(pack_blocks([{"input_ids": tokenized["input_ids"]}], seq_len))
+
+
 def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
     """Read, split, tokenise and pack into workdir/{train,val}; returns the stats."""
     import datasets
@@ -133,6 +140,8 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
     tokens = docs.map(_tokenize_fn(tokenizer, eos_id), batched=True, remove_columns=["text"],
                       num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenising")
     val_ids = choose_val_docs(len(tokens), cfg.val_fraction, cfg.seed)
+    if val_ids:  # the held-out texts, for measuring the untouched base with its own tokenizer
+        docs.select(sorted(val_ids)).save_to_disk(str(workdir / "val_text"))
     train_tok = tokens.select([i for i in range(len(tokens)) if i not in val_ids])
     val_tok = tokens.select(sorted(val_ids))
     train_tokens = int(sum(train_tok["n_tokens"]))
@@ -186,7 +195,8 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     stats = json.loads((target / "stats.json").read_text())
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "val")) if (target / "val").exists() else None
+    val_text = datasets.load_from_disk(str(target / "val_text")) if (target / "val_text").exists() else None
     total = stats["train_tokens"]
     fraction = total / (len(train) * stats["block_len"])  # every batch pads to the longest block
-    return PackedData(train, val, stats["train_docs"], stats["val_docs"], stats["val_chars"],
+    return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["val_chars"],
                       total, fraction, stats["block_len"], target, from_cache)

@@ -23,6 +23,8 @@ class TrainingSession:
         from peftko.token_rows import register_markers
 
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
+        # Untouched, for measuring the base as it was: bits per character compare across tokenizers.
+        self.base_tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
         self.vocab_before = len(self.tokenizer)
         self.tokens = register_markers(self.tokenizer, self.markers)
         echo_markers(self.tokens)
@@ -48,6 +50,7 @@ class TrainingSession:
         click.echo(f"loading {self.model_path} ({cfg.quant}, {dtype}, {self.precision.device})")
         model = load_base(self.model_path, cfg.quant, self.precision, cfg.attn_implementation,
                           cfg.trust_remote_code, cfg.allow_pickle)
+        self.results["bpc_base"] = self.base_bpc(model)
         self.rows_before, self.rows_after = grow_embeddings(model, self.tokenizer)
         init_marker_rows(model, self.tokens)
         self.tied = embedding_modules(model)[2]
@@ -73,6 +76,21 @@ class TrainingSession:
         click.echo(f"trainable parameters: {trainable:,} (LoRA r={self.cfg.lora_r} + {len(self.tokens)} marker rows)")
 
     # --- measure, train, save
+    def base_bpc(self, model) -> float | None:
+        """Held-out bits per character of the base as loaded, with its own tokenizer (markers in pieces)."""
+        from peftko.collate import PackedCollator
+        from peftko.evaluation import bits_per_char, held_out_nll
+        from peftko.packing import pack_texts
+
+        if self.data.val_text is None:
+            return None
+        tok = self.base_tokenizer
+        blocks = pack_texts(self.data.val_text["text"], tok, self.cfg.seq_len)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        collator = PackedCollator(pad, model.config._attn_implementation, self.precision.dtype)
+        nll, _ = held_out_nll(model, blocks, collator, self.cfg.batch_size, self.precision.device)
+        return bits_per_char(nll, self.data.val_chars)
+
     def held_out_bpc(self) -> float | None:
         from peftko.evaluation import bits_per_char, held_out_nll
 
@@ -201,14 +219,18 @@ def log_bpc(output: Path, results: dict) -> None:
 
     if results.get("bpc_before") is None:
         return
-    record = {"step": results["steps"], "bpc_before": results["bpc_before"], "bpc_after": results["bpc_after"]}
+    record = {"step": results["steps"], "bpc_base": results.get("bpc_base"),
+              "bpc_before": results["bpc_before"], "bpc_after": results["bpc_after"]}
     with open(output / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def echo_done(output: Path, results: dict) -> None:
     if results.get("bpc_before") is not None:
-        click.echo(f"held-out bits per character: {results['bpc_before']:.3f} before -> "
+        base = results.get("bpc_base")
+        click.echo("held-out bits per character: "
+                   + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
+                   + f"{results['bpc_before']:.3f} with the markers registered, "
                    f"{results['bpc_after']:.3f} after training")
     click.echo(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
     click.echo(f"next: peftko merge {output} --output {output}-merged")

@@ -129,6 +129,7 @@ def test_loss_falls(run):
     assert min(losses[-2:]) < losses[0]
     bpc = [x for x in logs if "bpc_after" in x]
     assert bpc and bpc[0]["bpc_after"] < bpc[0]["bpc_before"]
+    assert 0 < bpc[0]["bpc_base"] < 20  # the untouched base, measured with its own tokenizer
 
 
 def test_merged_generation_stops_at_the_book_end_marker(run):
