@@ -213,12 +213,7 @@ def iter_documents(
     For training, a document longer than MAX_DOC_CHARS is cut at a line end into pieces, so memory
     stays bounded whatever the file; each piece is then packed as a document of its own.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".jsonl":
-        docs = _jsonl_documents(path, encoding, jsonl_field)
-    else:
-        docs = _text_documents(path, encoding, doc_end_marker, MAX_DOC_CHARS)
-    for doc in docs:
+    for doc in iter_located_documents(path, encoding, jsonl_field, doc_end_marker, MAX_DOC_CHARS):
         yield doc.text
 
 
@@ -227,18 +222,20 @@ def iter_located_documents(
     encoding: str,
     jsonl_field: str = "text",
     doc_end_marker: str = "|END_OF_BOOK|>",
+    max_chars: int | None = None,
 ) -> Iterator[Document]:
     """Documents with the file line they start on.
 
     .jsonl: one document per record's `jsonl_field`. .txt/.md: split after each
     `doc_end_marker` (which stays at the end of its document); "" means one document per file.
     Leading and trailing blank lines are dropped; whitespace-only documents are skipped.
+    max_chars: cut a longer .txt/.md document at the next line end (None: never; lint needs whole ones).
     """
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
         yield from _jsonl_documents(path, encoding, jsonl_field)
     else:
-        yield from _text_documents(path, encoding, doc_end_marker)
+        yield from _text_documents(path, encoding, doc_end_marker, max_chars)
 
 
 def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | None = None) -> Iterator[Document]:
