@@ -300,8 +300,7 @@ def load_peftko(base: Path, args, precision, tokenizer, tokens):
     transformers.set_seed(cfg.seed)
     model = attach_adapters(model, cfg, tokens)
     kernels = apply_fast_kernels(model, cfg, precision)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PackedCollator(pad, model.config._attn_implementation, precision.dtype)
+    collator = PackedCollator.for_model(tokenizer, model, precision.dtype)
     return model, collator, kernels
 
 

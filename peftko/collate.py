@@ -21,6 +21,12 @@ class PackedCollator:
         self.attn = attn_implementation
         self.dtype = dtype
 
+    @classmethod
+    def for_model(cls, tokenizer, model, dtype: torch.dtype) -> "PackedCollator":
+        """Pads with the tokenizer's pad token, or eos when it has none (labels mask it either way)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(pad, model.config._attn_implementation, dtype)
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)

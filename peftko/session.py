@@ -69,11 +69,10 @@ class TrainingSession:
         self.results["kernels"] = apply_fast_kernels(self.model, self.cfg, self.precision)
         if self.results["kernels"]:
             click.echo(self.results["kernels"])
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.collator = PackedCollator(pad, model.config._attn_implementation, self.precision.dtype)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        click.echo(f"trainable parameters: {trainable:,} (LoRA r={self.cfg.lora_r} + {len(self.tokens)} marker rows)")
+        self.collator = PackedCollator.for_model(self.tokenizer, model, self.precision.dtype)
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        click.echo(f"trainable parameters: {self.trainable:,} "
+                   f"(LoRA r={self.cfg.lora_r} + {len(self.tokens)} marker rows)")
 
     # --- measure, train, save
     def base_bpc(self, model) -> float | None:
@@ -84,10 +83,8 @@ class TrainingSession:
 
         if self.data.val_text is None:
             return None
-        tok = self.base_tokenizer
-        blocks = pack_texts(self.data.val_text["text"], tok, self.cfg.seq_len)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        collator = PackedCollator(pad, model.config._attn_implementation, self.precision.dtype)
+        blocks = pack_texts(self.data.val_text["text"], self.base_tokenizer, self.cfg.seq_len)
+        collator = PackedCollator.for_model(self.base_tokenizer, model, self.precision.dtype)
         nll, _ = held_out_nll(model, blocks, collator, self.cfg.batch_size, self.precision.device)
         return bits_per_char(nll, self.data.val_chars)
 
@@ -159,9 +156,8 @@ class TrainingSession:
         from peftko.guards import check_disk_space, output_bytes_needed
         from peftko.training import planned_steps
 
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         tokenizer_bytes = sum(f.stat().st_size for f in self.model_path.glob("*token*") if f.is_file())
-        need = output_bytes_needed(trainable, self.cfg, tokenizer_bytes,
+        need = output_bytes_needed(self.trainable, self.cfg, tokenizer_bytes,
                                    planned_steps(self.cfg, len(self.data.train)))
         check_disk_space(self.output, need)
 
