@@ -47,6 +47,7 @@ _PAIR = re.compile(r"(?<![A-Za-z0-9])(START|END)_")
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 MAX_SLIPS = 2
 SPANNING_PAIRS = ("BOOK",)
+LONE_END = "lone-end"  # internal kind: an END of a spanning pair with no START before it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Problem:
     line: int  # 1-based
     kind: str
     text: str
+    marker: str = ""  # the marker a lone-end problem is about (internal)
 
 
 @dataclass
@@ -227,6 +229,10 @@ def _step(path: str, number: int, marker: str, role: _Role, scope: dict) -> list
     if scope.pop(role.key, None) is not None:
         return []
     text = f"{marker} without an open {role.partner} before it in the same {where}"
+    # An END_OF_BOOK with no START_OF_BOOK may be a plain terminator (the common way to end books):
+    # whether it is a problem depends on the corpus using the START form at all, known only at the end.
+    if role.spans_lines:
+        return [Problem(path, number, LONE_END, text, marker)]
     return [Problem(path, number, "unbalanced", text)]
 
 
@@ -249,13 +255,14 @@ def lint_text(
     """
     marked = list(_numbered(re.finditer(pattern, text), text))
     near = _near_misses(path, _candidates(text, marked), _known_names(known))
-    problems = near + _unbalanced(path, marked)
+    used = {m.group() for _, m in marked}
+    problems = near + _lone_ends_resolved(_unbalanced(path, marked), used)
     shift = first_line - 1
     return sorted((_moved(p, shift) for p in problems), key=_by_line)
 
 
 def _moved(problem: Problem, shift: int) -> Problem:
-    return Problem(problem.path, problem.line + shift, problem.kind, problem.text) if shift else problem
+    return replace(problem, line=problem.line + shift) if shift else problem
 
 
 def _by_line(problem: Problem) -> tuple[int, str, str]:
@@ -309,6 +316,7 @@ class _Tally:
         by_name = _known_names(set(result.counts) | set(known))
         for path, doc, found in self.pending:
             result.problems += [_located(p, doc) for p in _near_misses(path, found, by_name)]
+        result.problems = _lone_ends_resolved(result.problems, result.counts)
         result.problems += _once_only(result.counts, self.first_seen)
         # Files in corpus order, then lines: the order a writer fixes them in.
         result.problems.sort(key=lambda p: (self.order[p.path], *_by_line(p)))
@@ -321,7 +329,19 @@ def _file_line(doc: Document, number: int) -> int:
 
 
 def _located(problem: Problem, doc: Document) -> Problem:
-    return Problem(problem.path, _file_line(doc, problem.line), problem.kind, problem.text)
+    return replace(problem, line=_file_line(doc, problem.line))
+
+
+def _lone_ends_resolved(problems: list[Problem], used: Collection[str]) -> list[Problem]:
+    """A lone END_OF_BOOK is a problem only where the START form is used: then one is missing."""
+    kept = []
+    for p in problems:
+        if p.kind == LONE_END:
+            if pair_role(p.marker).partner not in used:
+                continue
+            p = replace(p, kind="unbalanced", marker="")
+        kept.append(p)
+    return kept
 
 
 def _once_only(counts: Counter, first_seen: dict[str, tuple[str, int]]) -> list[Problem]:
@@ -330,6 +350,8 @@ def _once_only(counts: Counter, first_seen: dict[str, tuple[str, int]]) -> list[
         role = pair_role(marker)
         if count != 1 or (role is not None and counts[role.partner] > 0):
             continue
+        if role is not None and role.spans_lines and not role.opens:
+            continue  # one book ended by its END_OF_BOOK alone: a terminator, not a typo
         path, line = first_seen[marker]
         text = f"{marker} occurs only once in the corpus (a typo?)"
         problems.append(Problem(path, line, "once-only", text))

@@ -124,9 +124,13 @@ def test_unbalanced_book_across_a_document():
     assert problem.line == 2 and "no |END_OF_BOOK|>" in problem.text
 
 
-def test_book_end_without_start_reports_its_line():
-    problem = only(lint("본문입니다.\n\n|END_OF_BOOK|>"), "unbalanced")
-    assert problem.line == 3
+def test_book_end_alone_is_a_terminator_not_a_problem():
+    assert lint("본문입니다.\n\n|END_OF_BOOK|>") == []
+
+
+def test_book_end_without_start_is_reported_where_the_start_form_is_used():
+    problem = only(lint("|START_OF_BOOK|>가|END_OF_BOOK|>\n본문입니다.\n\n|END_OF_BOOK|>"), "unbalanced")
+    assert problem.line == 4
 
 
 def test_user_defined_pairs_follow_the_same_line_rule():
@@ -154,6 +158,20 @@ def test_once_only_marker_in_the_corpus():
     problem = only(result.problems, "once-only")
     assert (problem.path, problem.line) == ("b.txt", 6)
     assert "|SOUDN|>" in problem.text
+
+
+def test_books_ended_by_the_end_marker_alone_have_no_problems():
+    """The common corpus shape (and the FAQ's advice): every book just ends with |END_OF_BOOK|>."""
+    one = lint_corpus(docs(("a.txt", "첫 책입니다.\n|END_OF_BOOK|>", 1)), PATTERN)
+    many = lint_corpus(docs(("a.txt", "첫 책.\n|END_OF_BOOK|>", 1), ("b.txt", "둘째 책.\n|END_OF_BOOK|>", 1)), PATTERN)
+    assert one.problems == [] and many.problems == []
+
+
+def test_a_book_missing_its_start_is_unbalanced_when_other_books_have_one():
+    result = lint_corpus(docs(("a.txt", "|START_OF_BOOK|>첫 책.\n|END_OF_BOOK|>", 1),
+                              ("b.txt", "둘째 책.\n|END_OF_BOOK|>", 1)), PATTERN)
+    problem = only(result.problems, "unbalanced")
+    assert (problem.path, problem.line) == ("b.txt", 2)
 
 
 def test_single_book_pair_is_not_once_only():
