@@ -110,8 +110,15 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def check_weight_files(path: Path, allow_pickle: bool) -> None:
-    """Safetensors only unless the user opts in: a pickle can run arbitrary code on load."""
-    if any(path.glob("*.safetensors")) or allow_pickle:
+    """Safetensors only unless the user opts in: a pickle can run arbitrary code on load.
+
+    Every safetensors file's header is read and its size checked against it, so a truncated or
+    damaged download is named here, in a second, not as a traceback after the corpus is tokenised.
+    """
+    weights = sorted(path.glob("*.safetensors"))
+    for w in weights:
+        read_safetensors_header(w)
+    if weights or allow_pickle:
         return
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles:
@@ -120,6 +127,56 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
             "loaded. Convert them to safetensors, or pass --allow-pickle if you trust the source."
         )
     raise UserError(f"{path} holds no model weights (*.safetensors)")
+
+
+def linear_layer_names(path: Path, trust_remote_code: bool = False) -> set[str]:
+    """Last name parts of the base's linear layers (q_proj, dense, ...), from config.json alone.
+
+    The model is built on the meta device: no weights are read or allocated, so this is cheap
+    enough to run before the corpus pass and under --dry-run.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise UserError(f"cannot read the model architecture from {path / 'config.json'}: {_first_line(e)}") from None
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of one safetensors file (8-byte length + JSON), checked against the file size."""
+    import json
+    import struct
+
+    def broken(why: str) -> UserError:
+        return UserError(f"{path} is truncated or corrupted ({why}); download it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise broken(f"only {len(raw)} bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise broken(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise broken("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a JSON object")
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2]
+    if 8 + n + max(ends, default=0) > size:
+        raise broken(f"{size} bytes, the header promises {8 + n + max(ends)}")
+    return header
 
 
 def load_base(
@@ -131,6 +188,7 @@ def load_base(
     allow_pickle: bool = False,
 ):
     """Load the causal LM for training (quantized per `quant`) or, with quant='none', for merging."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_weight_files(path, allow_pickle)
@@ -147,7 +205,7 @@ def load_base(
         kwargs["quantization_config"] = qconfig
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, SafetensorError) as e:
         raise UserError(f"cannot load the model from {path}: {_first_line(e)}") from None
 
 

@@ -79,15 +79,16 @@ def _metavar(tp) -> str:
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
 @click.option("--force", is_flag=True, help="Resume even if the config, corpus or base changed; replace a finished output.")
 @click.option("--dry-run", is_flag=True, help="Check config and corpus, print the memory plan, train nothing.")
+@click.option("--strict", is_flag=True, help="Refuse to train when the corpus has marker problems.")
 @_config_options
-def lora_train(config_file, sets, resume, force, dry_run, **flags):
+def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
     """Train LoRA adapters plus the marker embedding rows on a (quantized) base."""
     from peftko.config import load_config
     from peftko.train_command import run_lora_train
 
     flags["data"] = list(flags["data"]) or None
     cfg = load_config(config_file, flags, list(sets))
-    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run))
+    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
 
 
 @main.command("merge")

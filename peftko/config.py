@@ -282,7 +282,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     try:
         import re
 
-        re.compile(cfg.marker_pattern)
+        if re.compile(cfg.marker_pattern).fullmatch(""):
+            p.append(f"marker_pattern: {cfg.marker_pattern!r} matches the empty string, so it finds "
+                     "'markers' everywhere; make it match at least one character (default "
+                     f"{DEFAULT_MARKER_PATTERN!r})")
     except re.error as e:
         p.append(f"marker_pattern: not a valid regular expression ({e})")
     return p

@@ -100,9 +100,11 @@ def scan_corpus(
 
 def _check_pattern(pattern: str) -> None:
     try:
-        re.compile(pattern)
+        empty = re.compile(pattern).fullmatch("")
     except re.error as e:
         raise UserError(f"marker pattern {pattern!r} is not a valid regular expression ({e})") from None
+    if empty:
+        raise UserError(f"marker pattern {pattern!r} matches the empty string; make it match at least one character")
 
 
 def _documents(

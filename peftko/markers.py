@@ -86,6 +86,12 @@ def count_markers(texts: Iterable[str], pattern: str) -> Counter:
     return counts
 
 
+def with_literals(pattern: str, markers: Collection[str]) -> str:
+    """`pattern` that also finds each literal marker (longest first, so none hides a longer one)."""
+    literals = [re.escape(m) for m in sorted(markers, key=len, reverse=True) if m]
+    return "|".join([*literals, f"(?:{pattern})"])
+
+
 def canonical(name: str) -> str:
     """The name a marker or an almost-marker means: its letters, digits and '_', upper-cased."""
     return "".join(_NAME.findall(name)).upper()
@@ -274,9 +280,10 @@ def lint_corpus(
 ) -> CorpusLint:
     """Count markers and lint every document in ONE pass over (path, document) pairs.
 
-    `known` adds markers whose near-misses count even if the corpus never writes them correctly.
+    `known` adds markers (an explicit list) that are counted and linted even where the pattern would
+    not find them, and whose near-misses count even if the corpus never writes them correctly.
     """
-    tally = _Tally(pattern)
+    tally = _Tally(with_literals(pattern, known))
     for path, doc in documents:
         tally.add(path, doc)
     return tally.finish(known)

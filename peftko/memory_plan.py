@@ -50,7 +50,6 @@ keeps 1 GiB for them.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -276,15 +275,9 @@ def safetensors_headers(model_path: Path) -> list[dict]:
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         files = [p.name for p in sorted(model_path.glob("*.safetensors"))]
-    headers = []
-    for name in files:
-        path = model_path / name
-        if not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            headers.append(json.loads(f.read(n)))
-    return headers
+    from peftko.base_model import read_safetensors_header
+
+    return [read_safetensors_header(model_path / name) for name in files if (model_path / name).is_file()]
 
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}

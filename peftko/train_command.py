@@ -15,14 +15,16 @@ from peftko.config import TrainConfig
 from peftko.errors import UserError
 
 
-def read_corpus(cfg: TrainConfig):
+def read_corpus(cfg: TrainConfig, strict: bool = False):
     """Scan the corpus, print the short summary, and refuse bad files unless told to skip them."""
     from peftko.corpus_report import scan_corpus
     from peftko.tiny_base import resolve_data_paths
 
+    explicit = [] if cfg.markers == "auto" else cfg.markers
     report = scan_corpus(resolve_data_paths(cfg.data), cfg.marker_pattern, cfg.jsonl_field,
-                         doc_end_marker=cfg.doc_end_marker)
+                         doc_end_marker=cfg.doc_end_marker, known=explicit)
     click.echo(report.render_summary())
+    warn_problems(cfg, report, strict)
     bad = report.bad_files
     if bad and not cfg.skip_bad_files:
         listing = "\n".join(f"  {f.path}: {f.status}" for f in bad)
@@ -36,26 +38,70 @@ def read_corpus(cfg: TrainConfig):
     return report, files
 
 
+def warn_problems(cfg: TrainConfig, report, strict: bool) -> None:
+    """Marker problems are learned as written: say so loudly, and refuse under --strict."""
+    if not report.problems:
+        return
+    n = len(report.problems)
+    where = " ".join(cfg.data)
+    message = (f"{n} marker problem(s) in the corpus (first ones above); the model learns them as written. "
+               f"See all with `peftko markers {where}`")
+    if strict:
+        raise UserError(message + "; fix them, or train without --strict.")
+    click.secho(f"warning: {message}; --strict refuses to train on them.", fg="yellow", err=True)
+
+
 def choose_markers(cfg: TrainConfig, report) -> list[str]:
+    """The markers to register: found by the pattern, or the explicit list checked against the corpus."""
     if cfg.markers == "auto":
         markers = sorted(report.marker_counts)
         if not markers:
             click.echo(f"note: no marker matching {cfg.marker_pattern!r} was found; training plain LoRA")
-        return markers
-    empty = [m for m in cfg.markers if not m.strip()]
-    if empty:
-        raise UserError("markers: an explicit marker list must not contain empty strings")
-    return list(dict.fromkeys(cfg.markers))
+    else:
+        if any(not m.strip() for m in cfg.markers):
+            raise UserError("markers: an explicit marker list must not contain empty strings")
+        markers = list(dict.fromkeys(cfg.markers))
+        warn_unlisted(markers, report)
+    refuse_overlaps(markers)
+    return markers
 
 
-def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> int:
-    from peftko.base_model import check_seq_len, pick_precision, resolve_model_path
+def warn_unlisted(markers: list[str], report) -> None:
+    """An explicit list that misses the corpus, or that the corpus goes beyond, is probably a slip."""
+    absent = [m for m in markers if not report.marker_counts.get(m)]
+    unlisted = sorted(set(report.marker_counts) - set(markers))
+    if absent:
+        click.secho(f"warning: {', '.join(absent)} never occur(s) in the corpus: registered, but nothing "
+                    "trains its row", fg="yellow", err=True)
+    if unlisted:
+        shown = ", ".join(f"{m} x{report.marker_counts[m]}" for m in unlisted)
+        click.secho(f"warning: the corpus also uses {shown}, not in --markers: they stay split into pieces "
+                    "(use --markers auto to register every marker found)", fg="yellow", err=True)
 
-    report, files = read_corpus(cfg)
-    markers = choose_markers(cfg, report)
+
+def refuse_overlaps(markers: list[str]) -> None:
+    """One marker inside another (`SOUND|>` in `|SOUND|>`) makes the tokenizer's matching ambiguous."""
+    pairs = [(a, b) for a in markers for b in markers if a != b and a in b]
+    if pairs:
+        listing = "; ".join(f"{a!r} is part of {b!r}" for a, b in pairs)
+        raise UserError(f"markers overlap ({listing}): the shorter one would be cut out of the longer one's "
+                        "occurrences, or never match. Keep only one of each pair.")
+
+
+def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
+                   strict: bool = False) -> int:
+    from peftko.base_model import check_seq_len, check_weight_files, pick_precision, resolve_model_path
+    from peftko.training import check_target_modules
+
+    # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
     model_path = resolve_model_path(cfg.model)
     check_seq_len(model_path, cfg.seq_len)
+    check_target_modules(model_path, cfg)
+    if not dry_run:
+        check_weight_files(model_path, cfg.allow_pickle)
     precision = pick_precision(cfg.device)
+    report, files = read_corpus(cfg, strict)
+    markers = choose_markers(cfg, report)
     if dry_run:
         from peftko.memory_plan import echo_plan
 

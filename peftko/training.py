@@ -33,6 +33,20 @@ def lora_config(model, cfg, tokens: list[MarkerToken]):
     )
 
 
+def check_target_modules(model_path: Path, cfg) -> None:
+    """Refuse LoRA target names the base does not have, naming the ones it does (before any load)."""
+    if cfg.target_modules == "all-linear":
+        return
+    from peftko.base_model import linear_layer_names
+    from peftko.errors import UserError
+
+    names = linear_layer_names(model_path, cfg.trust_remote_code)
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise UserError(f"target_modules: {', '.join(missing)} not found in {model_path.name}; its linear "
+                        f"layers are {', '.join(sorted(names))} (or use all-linear)")
+
+
 def attach_adapters(model, cfg, tokens: list[MarkerToken]):
     """Wrap the base with LoRA + marker rows. Frozen weights keep their dtype; trainables are fp32.
 
