@@ -9,6 +9,7 @@ import click
 
 from peftko import __version__
 from peftko.config import TrainConfig
+from peftko.training import passes_note
 
 
 class TrainingSession:
@@ -40,6 +41,8 @@ class TrainingSession:
             f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
             + (" (from cache)" if d.from_cache else "")
         )
+        if note := passes_note(self.cfg, len(d.train)):
+            click.echo(note)
 
     def setup_model(self) -> None:
         """Load the base, make room for the markers and start their rows, then wrap it."""

@@ -90,6 +90,20 @@ def planned_steps(cfg, n_blocks: int) -> int:
     return max(1, math.ceil(per_epoch * cfg.epochs))
 
 
+MANY_PASSES = 3  # beyond this, a small corpus is being memorised rather than learned from
+
+
+def passes_note(cfg, n_blocks: int) -> str | None:
+    """A line to print when --max-steps means many passes over a small corpus, else None."""
+    steps = planned_steps(cfg, n_blocks)
+    passes = steps * cfg.batch_size * cfg.grad_accum / max(n_blocks, 1)
+    if cfg.max_steps <= 0 or passes <= MANY_PASSES:
+        return None
+    return (f"note: {steps} steps x {cfg.batch_size * cfg.grad_accum} blocks = {passes:.1f} passes over "
+            f"{n_blocks} training blocks; this many passes over a small corpus can memorise it "
+            "(watch the held-out eval_loss, or lower --max-steps)")
+
+
 def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bool) -> TrainingArguments:
     steps = planned_steps(cfg, n_blocks)
     return TrainingArguments(

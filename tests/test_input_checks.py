@@ -130,3 +130,13 @@ def test_books_ended_by_the_end_marker_alone_train_without_problems(tiny_bases, 
     args = train_args(tiny_bases["llama-tied"], corpus, tmp_path / "run", "--dry-run", "--strict")
     result = invoke(*args)
     assert result.exit_code == 0 and "problems: 0" in result.output, result.output
+
+
+def test_many_passes_over_a_small_corpus_are_announced():
+    from peftko.config import TrainConfig
+    from peftko.training import passes_note
+
+    cfg = TrainConfig(max_steps=80, batch_size=4, grad_accum=1)
+    assert "5.9 passes over 54 training blocks" in passes_note(cfg, 54)
+    assert passes_note(TrainConfig(max_steps=10, batch_size=4, grad_accum=1), 54) is None
+    assert passes_note(TrainConfig(max_steps=-1, epochs=5), 54) is None  # asked for in epochs: no surprise
