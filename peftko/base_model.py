@@ -37,7 +37,7 @@ def resolve_model_path(model: str) -> Path:
         from peftko.tiny_base import builtin_base
 
         return builtin_base()
-    path = Path(model).expanduser()
+    path = Path(model).expanduser().resolve()  # absolute: recorded in adapter_config.json and peftko.json
     if not path.exists():
         raise UserError(
             f"model directory not found: {model} (peftko loads local paths only; download the model "

@@ -140,3 +140,15 @@ def test_many_passes_over_a_small_corpus_are_announced():
     assert "5.9 passes over 54 training blocks" in passes_note(cfg, 54)
     assert passes_note(TrainConfig(max_steps=10, batch_size=4, grad_accum=1), 54) is None
     assert passes_note(TrainConfig(max_steps=-1, epochs=5), 54) is None  # asked for in epochs: no surprise
+
+
+def test_a_relative_base_path_is_recorded_absolute(tiny_bases, small_corpus, tmp_path, monkeypatch):
+    """adapter_config.json must not send peft to the Hub when loaded from another directory."""
+    import json
+
+    shutil.copytree(tiny_bases["llama-tied"], tmp_path / "bases" / "x")
+    monkeypatch.chdir(tmp_path)
+    args = train_args("bases/x", small_corpus, tmp_path / "run", "--max-steps", "1", "--quant", "none")
+    assert invoke(*args).exit_code == 0
+    recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "bases" / "x")
