@@ -7,6 +7,7 @@ not a model load.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -49,15 +50,22 @@ def choose_markers(cfg: TrainConfig, report) -> list[str]:
 
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False) -> int:
-    from peftko.base_model import check_seq_len, pick_precision, resolve_model_path
+    from peftko.base_model import check_base_config, pick_precision, resolve_model_path, resolve_seq_len
 
     report, files = read_corpus(cfg)
     markers = choose_markers(cfg, report)
     model_path = resolve_model_path(cfg.model)
-    check_seq_len(model_path, cfg.seq_len)
+    warnings = check_base_config(model_path, cfg, dry_run=dry_run)
+    seq_len = resolve_seq_len(model_path, cfg.seq_len)
+    if seq_len != cfg.seq_len:
+        click.echo(f"seq_len: {seq_len} (auto: at most 2048 and the base's context)")
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)
     precision = pick_precision(cfg.device)
     if dry_run:
         from peftko.memory_plan import echo_plan
+
+        for w in warnings:
+            click.echo(f"warning: {w}")
 
         echo_plan(cfg, model_path, precision, markers=markers)
         return 0
