@@ -48,18 +48,109 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-def check_seq_len(path: Path, seq_len: int) -> None:
-    """A block longer than the base's trained context gives positions it has never seen."""
+def read_base_config(path: Path) -> dict:
     import json
 
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path / 'config.json'}: {e}") from None
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
-    if isinstance(limit, int) and seq_len > limit:
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
+DEFAULT_SEQ_LEN = 2048  # long enough for whole scenes, short enough for a 12 GB card with an 8B base
+
+
+def context_limit(config: dict) -> tuple[str, int] | None:
+    """(key, positions) the base was trained on, from whichever key its family uses."""
+    c = config.get("text_config") or config
+    for key in CONTEXT_KEYS:
+        if isinstance(c.get(key), int) and c[key] > 0:
+            return key, c[key]
+    return None
+
+
+def resolve_seq_len(path: Path, seq_len: int | str) -> int:
+    """`auto` becomes min(2048, the base's context); an explicit value must fit in that context,
+    since a block longer than the trained context gives positions the base has never seen."""
+    limit = context_limit(read_base_config(path))
+    if seq_len == "auto":
+        return min(DEFAULT_SEQ_LEN, limit[1]) if limit else DEFAULT_SEQ_LEN
+    if limit and seq_len > limit[1]:
         raise UserError(f"--seq-len {seq_len} is longer than the context {path.name} was trained on "
-                        f"(max_position_embeddings = {limit}); use --seq-len {limit} or less")
+                        f"({limit[0]} = {limit[1]}); use --seq-len {limit[1]} or less, or --seq-len auto")
+    return seq_len
+
+
+# model_type -> why transformers' built-in class must not be used for it (the model's own code is right).
+NEEDS_REMOTE_CODE = {
+    "exaone": "transformers' built-in EXAONE class reads this config.json differently from EXAONE's own "
+              "code (an absent tie_word_embeddings means untied there, so EXAONE-3.5-2.4B would get a "
+              "random lm_head)",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "tokenizer_config.json")
+
+
+def check_base_config(path: Path, cfg, dry_run: bool = False) -> list[str]:
+    """Refuse, before any slow work, what would break for this base; return warnings for a dry run.
+
+    A dry run may plan from a folder holding only config.json: the missing weights, tokenizer or
+    remote code become warnings there, and a refusal in a real run.
+    """
+    config = read_base_config(path)
+    _check_architecture(config, cfg.trust_remote_code)
+    _check_attention(config, cfg.attn_implementation)
+    missing = _missing_parts(path, config, cfg.trust_remote_code, cfg.allow_pickle)
+    if missing and not dry_run:
+        raise UserError(f"{path} lacks {'; '.join(missing)}: download the whole model folder "
+                        "(e.g. `hf download ORG/NAME --local-dir DIR`)")
+    return [f"{path} lacks {m}; the plan below is from config.json alone, a real run needs them" for m in missing]
+
+
+def _check_architecture(config: dict, trust_remote_code: bool) -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type in NEEDS_REMOTE_CODE and not trust_remote_code:
+        raise UserError(f"model_type {model_type!r} needs --trust-remote-code: {NEEDS_REMOTE_CODE[model_type]}. "
+                        "--trust-remote-code runs the Python files shipped in the model folder; read them first.")
+    if model_type not in CONFIG_MAPPING_NAMES and config.get("auto_map") and not trust_remote_code:
+        raise UserError(f"model_type {model_type!r} is not built into transformers; this base ships its own code "
+                        "(auto_map in config.json). Pass --trust-remote-code to run it (read those Python "
+                        "files first), or use a base transformers supports.")
+
+
+def _check_attention(config: dict, attn_implementation: str) -> None:
+    # transformers' sdpa kernel cannot soft-cap attention scores (Gemma-2 caps them at 50): it raises,
+    # or without the cap the model computes a different function. auto picks eager for these bases.
+    softcap = (config.get("text_config") or config).get("attn_logit_softcapping")
+    if softcap and attn_implementation == "sdpa":
+        raise UserError(f"--attn-implementation sdpa cannot apply this base's attention soft-capping "
+                        f"(attn_logit_softcapping = {softcap}); use --attn-implementation auto or eager "
+                        "(or flash_attention_2 on a CUDA card with flash-attn installed)")
+
+
+def _missing_parts(path: Path, config: dict, trust_remote_code: bool, allow_pickle: bool) -> list[str]:
+    missing = []
+    if problem := weights_problem(path, allow_pickle):
+        missing.append(problem)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES[:3])}, ...)")
+    if trust_remote_code:
+        modules = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py"
+                   for ref in _auto_map_refs(config.get("auto_map") or {})}
+        absent = sorted(m for m in modules if not (path / m).is_file())
+        if absent:
+            missing.append(f"the model's code ({', '.join(absent)}) that auto_map names")
+    return missing
+
+
+def _auto_map_refs(auto_map: dict) -> list[str]:
+    refs = []
+    for value in auto_map.values():
+        refs += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return refs
 
 
 def pick_precision(device: str) -> Precision:
@@ -109,24 +200,30 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         raise UserError(f"cannot load the tokenizer from {path}: {_first_line(e)}") from None
 
 
-def check_weight_files(path: Path, allow_pickle: bool) -> None:
-    """Safetensors only unless the user opts in: a pickle can run arbitrary code on load.
-
-    Every safetensors file's header is read and its size checked against it, so a truncated or
-    damaged download is named here, in a second, not as a traceback after the corpus is tokenised.
-    """
-    weights = sorted(path.glob("*.safetensors"))
-    for w in weights:
-        read_safetensors_header(w)
-    if weights or allow_pickle:
-        return
-    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+def weights_problem(path: Path, allow_pickle: bool) -> str | None:
+    """What a base folder lacks in usable weights, or None. Safetensors only unless the user opts
+    in: a pickle can run arbitrary code on load."""
+    pickles = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt")])
+    if any(path.glob("*.safetensors")) or (pickles and allow_pickle):
+        return None
     if pickles:
-        raise UserError(
-            f"{path} holds only pickle weights ({', '.join(pickles[:3])}); they can run code when "
-            "loaded. Convert them to safetensors, or pass --allow-pickle if you trust the source."
-        )
-    raise UserError(f"{path} holds no model weights (*.safetensors)")
+        return (f"safetensors weights (only pickles: {', '.join(pickles[:3])}, which can run code when "
+                "loaded; convert them, or pass --allow-pickle if you trust the source)")
+    return "model weights (*.safetensors)"
+
+
+def check_weight_files(path: Path, allow_pickle: bool) -> None:
+    """Usable weights, each safetensors file whole (see check_safetensors), or a UserError."""
+    check_safetensors(path)
+    if problem := weights_problem(path, allow_pickle):
+        raise UserError(f"{path} lacks {problem}")
+
+
+def check_safetensors(path: Path) -> None:
+    """Every safetensors file's header read and its size checked against it: a truncated or damaged
+    download is named in a second, not as a traceback after the corpus is tokenised."""
+    for w in sorted(path.glob("*.safetensors")):
+        read_safetensors_header(w)
 
 
 def linear_layer_names(path: Path, trust_remote_code: bool = False) -> set[str]:
@@ -209,6 +306,10 @@ def load_base(
         raise UserError(f"cannot load the model from {path}: {_first_line(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _first_line(e: Exception, limit: int = 600) -> str:
+    """The exception's message on one line, whole: transformers' messages often continue a sentence
+    on the next lines ("... from one of: (1) ... (2) ...")."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if not text:
+        return type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -58,7 +58,9 @@ class TrainConfig:
     # --- optimisation
     max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
     epochs: float = _opt(1.0, "Passes over the training blocks when max_steps is -1.")
-    seq_len: int = _opt(2048, "Longest packed block; blocks are evened out below it so none is left short.")
+    seq_len: int | Literal["auto"] = _opt(
+        "auto", "Longest packed block (auto: min(2048, the base's context)); blocks are evened out below it."
+    )
     batch_size: int = _opt(1, "Blocks per micro-batch.")
     grad_accum: int = _opt(4, "Micro-batches per optimizer step.")
     lr: float = _opt(2e-4, "Learning rate of the LoRA adapters.")
@@ -247,8 +249,10 @@ def _closest(key: str) -> str | None:
 def validate(cfg: TrainConfig) -> list[str]:
     """Impossible values and combinations, each as one readable line."""
     p = []
-    positive = ("seq_len", "batch_size", "grad_accum", "lora_r", "lora_alpha", "logging_steps")
+    positive = ("batch_size", "grad_accum", "lora_r", "lora_alpha", "logging_steps")
     p += [f"{k}: must be positive, got {getattr(cfg, k)}" for k in positive if getattr(cfg, k) <= 0]
+    if cfg.seq_len != "auto" and cfg.seq_len <= 0:
+        p.append(f"seq_len: must be positive or auto, got {cfg.seq_len}")
     for k in ("lr", "embedding_lr"):
         if not getattr(cfg, k) > 0:
             p.append(f"{k}: must be positive, got {getattr(cfg, k)}")

@@ -114,22 +114,32 @@ class ModelShape:
 
 
 def shape_from_config(config: dict) -> ModelShape:
-    """A ModelShape from a config.json dict (Llama, Mistral, Qwen, Gemma, GPT-NeoX and alikes)."""
+    """A ModelShape from a config.json dict: Llama, Mistral, Qwen, Gemma, GPT-NeoX and alikes, with
+    each family's key names (EXAONE's num_layers, GPT-2's n_embd/n_layer/n_head). head_dim is read,
+    not derived, where given: Gemma's heads are wider than hidden_size / heads."""
     c = config.get("text_config") or config
-    hidden = int(c.get("hidden_size") or c.get("n_embd") or c["d_model"])
-    heads = int(c.get("num_attention_heads") or c.get("n_head"))
+    hidden = int(_first(c, "hidden_size", "n_embd", "d_model"))
+    heads = int(_first(c, "num_attention_heads", "n_head", "num_heads"))
     kv = int(c.get("num_key_value_heads") or heads)
     return ModelShape(
         model_type=str(c.get("model_type") or config.get("model_type") or "llama"),
         hidden=hidden,
-        layers=int(c.get("num_hidden_layers") or c.get("n_layer")),
+        layers=int(_first(c, "num_hidden_layers", "num_layers", "n_layer")),
         heads=heads,
         kv_heads=kv,
         head_dim=int(c.get("head_dim") or hidden // heads),
         intermediate=int(c.get("intermediate_size") or c.get("n_inner") or 4 * hidden),
-        vocab=int(c["vocab_size"]),
+        vocab=int(c.get("vocab_size") or config["vocab_size"]),
+        # transformers' default (and EXAONE's own code's) when config.json does not say: tied.
         tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", True))),
     )
+
+
+def _first(c: dict, *keys: str):
+    for key in keys:
+        if c.get(key):
+            return c[key]
+    raise KeyError(" / ".join(keys))
 
 
 @dataclass(frozen=True)

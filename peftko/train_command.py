@@ -7,6 +7,7 @@ not a model load.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -90,21 +91,27 @@ def refuse_overlaps(markers: list[str]) -> None:
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
                    strict: bool = False) -> int:
-    from peftko.base_model import check_seq_len, check_weight_files, pick_precision, resolve_model_path
+    from peftko.base_model import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
+                                   resolve_seq_len)
     from peftko.training import check_target_modules
 
     # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
     model_path = resolve_model_path(cfg.model)
-    check_seq_len(model_path, cfg.seq_len)
+    warnings = check_base_config(model_path, cfg, dry_run=dry_run)
+    seq_len = resolve_seq_len(model_path, cfg.seq_len)
+    if seq_len != cfg.seq_len:
+        click.echo(f"seq_len: {seq_len} (auto: at most 2048 and the base's context)")
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)
     check_target_modules(model_path, cfg)
-    if not dry_run:
-        check_weight_files(model_path, cfg.allow_pickle)
+    check_safetensors(model_path)
     precision = pick_precision(cfg.device)
     report, files = read_corpus(cfg, strict)
     markers = choose_markers(cfg, report)
     if dry_run:
         from peftko.memory_plan import echo_plan
 
+        for w in warnings:
+            click.echo(f"warning: {w}")
         echo_plan(cfg, model_path, precision, markers=markers)
         return 0
     from peftko.run_dir import prepare_output
