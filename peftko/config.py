@@ -21,6 +21,7 @@ from peftko.errors import UserError
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:sample"
 DEFAULT_MARKER_PATTERN = r"\|[A-Z][A-Z0-9_]*\|>"
+MIN_SEQ_LEN = 2
 
 
 def _opt(default, help: str, **kw):
@@ -251,8 +252,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     p = []
     positive = ("batch_size", "grad_accum", "lora_r", "lora_alpha", "logging_steps")
     p += [f"{k}: must be positive, got {getattr(cfg, k)}" for k in positive if getattr(cfg, k) <= 0]
-    if cfg.seq_len != "auto" and cfg.seq_len <= 0:
-        p.append(f"seq_len: must be positive or auto, got {cfg.seq_len}")
+    if cfg.seq_len != "auto" and cfg.seq_len < MIN_SEQ_LEN:
+        p.append(f"seq_len: must be at least {MIN_SEQ_LEN} (a block holds a token and the next one it "
+                 f"predicts) or auto, got {cfg.seq_len}")
     for k in ("lr", "embedding_lr"):
         if not getattr(cfg, k) > 0:
             p.append(f"{k}: must be positive, got {getattr(cfg, k)}")

@@ -152,3 +152,10 @@ def test_a_relative_base_path_is_recorded_absolute(tiny_bases, small_corpus, tmp
     assert invoke(*args).exit_code == 0
     recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(tmp_path / "bases" / "x")
+
+
+@pytest.mark.parametrize("seq_len", ["1", "0"])
+def test_blocks_too_short_for_a_training_pair_are_refused(tiny_bases, small_corpus, tmp_path, seq_len):
+    args = [a if a != "64" else seq_len for a in train_args(tiny_bases["llama-tied"], small_corpus, tmp_path / "r")]
+    refused(invoke(*args), "seq_len: must be at least 2")
+    assert not (tmp_path / "r").exists()
