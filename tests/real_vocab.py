@@ -31,7 +31,7 @@ SDIST_NAME, SDIST_VERSION = "llama-cpp-python", "0.3.36"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 MODELS_IN_SDIST = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/models/"
 TEST_SEPARATOR = "\n__ggml_vocab_test__\n"  # how llama.cpp's test-tokenizer-0 splits a .inp file
-BUILD_VERSION = 1  # bump when the way a tokenizer folder is built changes
+BUILD_VERSION = 2  # bump when the way a tokenizer folder is built changes
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ FAMILIES = {
     "qwen2": Family("qwen2", "Qwen2Tokenizer", drop_padding_tokens=True),
     # Llama-2's tokenizer.json prepends "▁" with a normalizer (as Phi-3's does, whose builder this is).
     "llama2": Family("llama-spm", "LlamaTokenizer", arch="phi3", leading_space_differs=True),
+    # The same Llama-2 vocabulary with its tokenizer.json used as shipped, as transformers loads it
+    # when tokenizer_config.json names PreTrainedTokenizerFast: it matches the original exactly,
+    # leading spaces included, and its "▁" normalizer runs on every piece of text between markers.
+    "llama2-json": Family("llama-spm", "PreTrainedTokenizerFast", arch="phi3"),
     "gemma": Family("gemma-4", "GemmaTokenizer"),
 }
 
@@ -171,6 +175,7 @@ def _build_tokenizer(family: Family, gguf: Path, folder: Path) -> None:
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = family.tokenizer_class
+    cfg.update({k: config[k] for k in ("add_bos_token", "add_eos_token") if k in config})
     cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
@@ -192,6 +197,7 @@ MODELS = {
     "llama3": ("LlamaConfig", False, None),
     "qwen2": ("Qwen2Config", False, 152_064),  # Qwen2.5-7B pads 151,646 tokens to 152,064 rows
     "llama2": ("LlamaConfig", False, None),
+    "llama2-json": ("LlamaConfig", False, None),
     "gemma": ("Gemma2Config", True, None),
 }
 
@@ -200,16 +206,20 @@ def build_base(folder: Path, family: str, tokenizer_folder: Path) -> Path:
     """A tiny random 2-layer model (hidden 64) of the family's architecture around its real tokenizer."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
     cls, tied, rows = MODELS[family]
-    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    # The backend alone: AutoTokenizer would parse Gemma's 32 MB tokenizer.json for a few ids.
+    backend = Tokenizer.from_file(str(tokenizer_folder / "tokenizer.json"))
+    special = json.loads((tokenizer_folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    ids = {f"{k}_id": backend.token_to_id(special[k]) if special.get(k) else None
+           for k in ("bos_token", "eos_token", "pad_token")}
     extra = {"head_dim": 16} if cls.startswith("Gemma") else {}
     config = getattr(transformers, cls)(
-        vocab_size=rows or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **extra,
+        vocab_size=rows or backend.get_vocab_size(with_added_tokens=True), hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=tied, **ids, **extra,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
