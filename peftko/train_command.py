@@ -55,7 +55,7 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
     markers = choose_markers(cfg, report)
     model_path = resolve_model_path(cfg.model)
     check_seq_len(model_path, cfg.seq_len)
-    precision = pick_precision(cfg.device)
+    precision = pick_precision(cfg.device, cfg.dtype)
     if dry_run:
         from peftko.memory_plan import echo_plan
 
