@@ -175,3 +175,22 @@ def test_refuses_a_tokenizer_that_cannot_read_a_marker_back():
     tok = normalizer_prepend(False, texts=english)
     with pytest.raises(UserError, match=r"marker '\|START_OF_TITLE\|>' \(and 2 more markers\) does not read back"):
         register_markers(tok, MARKERS)
+
+
+def test_lora_train_refuses_such_a_tokenizer_before_loading_the_model(tmp_path, small_corpus):
+    """Exit 2, one message naming the marker and the reason, no traceback."""
+    from click.testing import CliRunner
+
+    from peftko.cli import main
+    from tests.conftest import train_args
+
+    english = ["The quick brown fox jumps over the lazy dog.\nShh! Quiet now, little one."] * 50
+    tok = normalizer_prepend(False, texts=english)
+    config = tiny_config("llama", len(tok), tie=True, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    base = tmp_path / "english-base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    r = CliRunner().invoke(main, train_args(base, small_corpus, tmp_path / "run", "--quant", "none"))
+    assert r.exit_code == 2, r.output
+    assert "does not read back as written" in r.output and "|END_OF_BOOK|>" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "run" / "adapter_model.safetensors").exists()
