@@ -33,7 +33,7 @@ def quantized_layers_kept(model):
 
     Two layers of defence: the layer's repack switch is turned off for the duration (no repack,
     no extra memory), and should a bitsandbytes version repack on some other trigger, the
-    original packed weight and quantization state (kept by reference, no copy) are put back.
+    original 4-bit weight and quantization state (kept by reference, no copy) are put back.
     """
     saved = [_snapshot(m) for m in _linear4bit_layers(model)]
     for layer, *_ in saved:
@@ -63,7 +63,7 @@ def _snapshot(layer) -> tuple:
 def _restore(layer, flag, data, state, fields) -> None:
     if flag is not None:
         setattr(layer, _CPU_REPACK_FLAG, flag)
-    if layer.weight.data is not data:
+    if layer.weight.data_ptr() != data.data_ptr():  # the repack allocates a new tensor
         layer.weight.data = data
     if state is not None:
         # The repack mutates the QuantState object in place (absmax, dtype, nested...): restore

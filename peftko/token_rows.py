@@ -7,6 +7,10 @@ average-of-everything point, so the first steps do not spend their gradient undo
 same is done for the lm_head rows of untied models, so the marker is as likely to be emitted as
 its first piece was. Tied models share one row for both.
 
+Spacing: once registered, a marker must read back exactly as written (`round_trip_problems`).
+Legacy SentencePiece tokenizers (Llama-2, Mistral v0.1) prepend "▁" after every added token, so
+their pre-tokenizer is switched to prepend once per text, as transformers' legacy=False does.
+
 Training: only these rows change, through peft's `trainable_token_indices`, which stores a
 small delta for the listed ids instead of a copy of the whole matrix.
 """
@@ -109,7 +113,8 @@ def prefix_first_segment_only(tokenizer) -> bool:
     if not changed:
         return False
     fixed = Tokenizer.from_str(json.dumps(spec))
-    backend.normalizer, backend.pre_tokenizer, backend.decoder = fixed.normalizer, fixed.pre_tokenizer, fixed.decoder
+    backend.normalizer, backend.pre_tokenizer = fixed.normalizer, fixed.pre_tokenizer
+    backend.decoder = fixed.decoder
     if getattr(tokenizer, "legacy", None):
         tokenizer.legacy = False
         tokenizer.init_kwargs["legacy"] = False

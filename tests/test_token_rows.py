@@ -126,7 +126,8 @@ LEGACY = {
     "metaspace-always-unigram": metaspace_always_unigram,
     "llama-legacy-class": llama_legacy_class,
 }
-MARKER_FREE = sample_texts()[:3] + ["반딧불이 숲에는 작은 불빛이 산다.\n쉿! 조용히 해.", "두 칸  띄운 줄\n\n빈 줄 뒤 "]
+MARKER_FREE = sample_texts()[:3] + ["반딧불이 숲에는 작은 불빛이 산다.\n쉿! 조용히 해.",
+                                   "두 칸  띄운 줄\n\n빈 줄 뒤 "]
 # Known difference, as with transformers' legacy=False: under the normalizer style, a text that
 # STARTS with a space gets one "▁" less (Metaspace never doubles a leading "▁"). Checked elsewhere.
 LEADING_SPACE = "  두 칸 띄우고 시작하는 줄"
