@@ -2,7 +2,8 @@
 
 Precision policy (see ANCHORS.md: the fp32 upcast of prepare_model_for_kbit_training costs 2.8x):
 frozen weights stay in the compute dtype (bf16 where the device supports it, fp16 on CUDA
-cards without bf16, fp32 on a CPU without bf16); only trainable parameters are fp32.
+cards without bf16, fp32 on a CPU without bf16; the `dtype` setting overrides this choice);
+only trainable parameters are fp32.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def _auto_map_refs(auto_map: dict) -> list[str]:
     return refs
 
 
-def pick_precision(device: str) -> Precision:
+def pick_precision(device: str, dtype: str = "auto") -> Precision:
+    """Device and compute dtype; dtype 'auto' picks the fastest exact-enough type the device has."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -161,11 +163,22 @@ def pick_precision(device: str) -> Precision:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one process per GPU under accelerate launch
     dev = torch.device(device)
+    if dtype != "auto":
+        return Precision(dev, _chosen_dtype(dev, dtype))
     if dev.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        dtype = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-    return Precision(dev, dtype)
+        chosen = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return Precision(dev, chosen)
+
+
+def _chosen_dtype(dev: torch.device, dtype: str) -> torch.dtype:
+    # bf16 on a CPU is allowed (emulated where the CPU lacks it: slow, but the same numbers).
+    if dtype == "float16" and dev.type != "cuda":
+        raise UserError(f"--dtype float16 needs a CUDA device, not {dev}; use float32 or bfloat16")
+    if dtype == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bfloat16: this CUDA device does not support it; use float16 or auto")
+    return getattr(torch, dtype)
 
 
 def _cpu_has_fast_bf16() -> bool:

@@ -48,6 +48,9 @@ class TrainConfig:
     # --- base model
     quant: Literal["4bit", "8bit", "none"] = _opt("4bit", "Base weights: NF4, LLM.int8 or unquantized.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "Compute dtype of the frozen weights; auto: bf16 where fast, else fp16 (CUDA) or fp32 (CPU)."
+    )
     attn_implementation: str = _opt("auto", "auto, sdpa, eager or flash_attention_2.")
     trust_remote_code: bool = _opt(False, "Run Python code shipped with the model (off: safer).")
     allow_pickle: bool = _opt(False, "Allow .bin/.pt pickle weights (off: safetensors only).")
@@ -281,6 +284,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append("data: give at least one file or folder")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         p.append(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.dtype == "float16" and cfg.device == "cpu":
+        p.append("dtype: float16 needs a CUDA device; use float32 or bfloat16 on the CPU")
     if cfg.attn_implementation not in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
         p.append(f"attn_implementation: unknown value {cfg.attn_implementation!r}")
     if cfg.optimizer == "paged_adamw_8bit" and cfg.device == "cpu":

@@ -7,17 +7,26 @@ average-of-everything point, so the first steps do not spend their gradient undo
 same is done for the lm_head rows of untied models, so the marker is as likely to be emitted as
 its first piece was. Tied models share one row for both.
 
+Spacing: once registered, a marker must read back exactly as written (`round_trip_problems`).
+Legacy SentencePiece tokenizers (Llama-2, Mistral v0.1) prepend "▁" after every added token, so
+their pre-tokenizer is switched to prepend once per text, as transformers' legacy=False does.
+
 Training: only these rows change, through peft's `trainable_token_indices`, which stores a
 small delta for the listed ids instead of a copy of the whole matrix.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 
 from peftko.errors import UserError
+
+SPIECE = "\u2581"  # SentencePiece's visible space, "▁"
+# Each marker at the start, right before and after Korean, before a newline and before a space.
+PROBE = "{m}반딧불이 숲{m}\n{m} 쉿! 조용히{m}반딧불이{m}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,9 @@ def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
     tokenizer.add_tokens(
         [AddedToken(m, normalized=False, lstrip=False, rstrip=False, single_word=False) for m in new]
     )
+    if round_trip_problems(tokenizer, markers):
+        prefix_first_segment_only(tokenizer)
+    check_round_trip(tokenizer, markers)
     tokens = []
     for m in markers:
         ids = tokenizer(m, add_special_tokens=False)["input_ids"]
@@ -50,6 +62,102 @@ def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
         special = set(tokenizer.all_special_ids)
         tokens.append(MarkerToken(m, ids[0], pieces[m], [p for p in pieces[m] if p not in special]))
     return tokens
+
+
+def round_trip_problems(tokenizer, markers: list[str]) -> list[tuple[str, str, str]]:
+    """(marker, probe text, what decode(encode(probe)) gave) for each marker whose text does not survive.
+
+    The property every tokenizer family must have once the markers are registered: training data
+    and generated text read back exactly as written, with no space added or dropped around a marker.
+    """
+    problems = []
+    for m in markers:
+        text = PROBE.format(m=m)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if back != text:
+            problems.append((m, text, back))
+    return problems
+
+
+def check_round_trip(tokenizer, markers: list[str]) -> None:
+    problems = round_trip_problems(tokenizer, markers)
+    if problems:
+        m, text, back = problems[0]
+        others = f" (and {len(problems) - 1} more markers)" if len(problems) > 1 else ""
+        raise UserError(
+            f"marker {m!r}{others} does not read back as written with this tokenizer: {text!r} "
+            f"decodes to {back!r}, so training data and generated text would differ from the corpus. "
+            "Use a base whose tokenizer keeps text exactly (byte fallback, or byte-level BPE)"
+        )
+
+
+def prefix_first_segment_only(tokenizer) -> bool:
+    """Make a legacy SentencePiece tokenizer prepend "▁" once per text, not after every added token.
+
+    Legacy Llama-2-style tokenizers prepend "▁" to every piece of text between added tokens, either
+    with a Metaspace pre-tokenizer (prepend_scheme "always") or with a normalizer Prepend("▁"), so
+    "|SOUND|>쉿" decodes as "|SOUND|> 쉿". This does what transformers' legacy=False does: a Metaspace
+    with prepend_scheme "first". Text without added tokens is one piece, so it tokenizes as before
+    (except a text that starts with a space under the normalizer style: one "▁" there, not two).
+    Returns whether anything changed. The change lives in the backend (tokenizer.json) and, for
+    classes that rebuild their backend from `legacy` when loaded, in that flag too.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    changed = _metaspace_first(spec) | _prepend_normalizer_to_metaspace(spec)
+    if not changed:
+        return False
+    fixed = Tokenizer.from_str(json.dumps(spec))
+    backend.normalizer, backend.pre_tokenizer = fixed.normalizer, fixed.pre_tokenizer
+    backend.decoder = fixed.decoder
+    if getattr(tokenizer, "legacy", None):
+        tokenizer.legacy = False
+        tokenizer.init_kwargs["legacy"] = False
+    return True
+
+
+def _components(node):
+    """A normalizer/pre-tokenizer/decoder node and, for a Sequence, its members."""
+    if not isinstance(node, dict):
+        return []
+    members = node.get("pretokenizers") or node.get("normalizers") or node.get("decoders") or []
+    return [node] + [c for m in members for c in _components(m)]
+
+
+def _metaspace_first(spec: dict) -> bool:
+    changed = False
+    for node in _components(spec.get("pre_tokenizer")) + _components(spec.get("decoder")):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "always":
+            node["prepend_scheme"] = "first"
+            changed = True
+    return changed
+
+
+def _prepend_normalizer_to_metaspace(spec: dict) -> bool:
+    norm = spec.get("normalizer")
+    is_prepend = lambda n: n.get("type") == "Prepend" and n.get("prepend") == SPIECE  # noqa: E731
+    if not isinstance(norm, dict):
+        return False
+    if is_prepend(norm):
+        spec["normalizer"] = None
+    elif norm.get("type") == "Sequence" and any(is_prepend(n) for n in norm["normalizers"]):
+        norm["normalizers"] = [n for n in norm["normalizers"] if not is_prepend(n)]
+    else:
+        return False
+    first = {"type": "Metaspace", "replacement": SPIECE, "prepend_scheme": "first", "split": False}
+    pre = spec.get("pre_tokenizer")
+    if pre is None:
+        spec["pre_tokenizer"] = first
+    elif pre.get("type") == "Sequence":
+        pre["pretokenizers"].insert(0, first)
+    else:
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [first, pre]}
+    return True
 
 
 def embedding_modules(model) -> tuple[str, str | None, bool]:

@@ -104,7 +104,7 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
     cfg = dataclasses.replace(cfg, seq_len=seq_len)
     check_target_modules(model_path, cfg)
     check_safetensors(model_path)
-    precision = pick_precision(cfg.device)
+    precision = pick_precision(cfg.device, cfg.dtype)
     report, files = read_corpus(cfg, strict)
     markers = choose_markers(cfg, report)
     if dry_run:

@@ -213,6 +213,13 @@ class PeftkoTrainer(Trainer):
             inputs = {**inputs, **fused_loss_kwargs(model)}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        # Evaluating must not change the 4-bit layers that training goes on with (peftko.evaluation).
+        from peftko.evaluation import quantized_layers_kept
+
+        with quantized_layers_kept(self.model):
+            return super().evaluate(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
