@@ -185,6 +185,23 @@ class PeftkoTrainer(Trainer):
             inputs = {**inputs, **fused_loss_kwargs(model)}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Trainer.train, except for a checkpoint already at max_steps (a stop after the last
+        step, or a shortened run): Trainer.train would run one more step when that checkpoint
+        falls inside an epoch, so the checkpoint is loaded and no step runs."""
+        from peftko.checkpoints import step_of
+
+        if resume_from_checkpoint is None or step_of(Path(resume_from_checkpoint)) < self.args.max_steps:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, 0.0, {})
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
