@@ -81,7 +81,8 @@ def _metavar(tp) -> str:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
-@click.option("--force", is_flag=True, help="Resume even if the config, corpus or base changed; replace an earlier run (only files peftko wrote).")
+@click.option("--force", is_flag=True,
+              help="Resume even if the config, corpus or base changed; replace an earlier run (only what peftko wrote).")
 @click.option("--dry-run", is_flag=True, help="Check config and corpus, print the memory plan, train nothing.")
 @_config_options
 def lora_train(config_file, sets, resume, force, dry_run, **flags):
@@ -99,7 +100,7 @@ def lora_train(config_file, sets, resume, force, dry_run, **flags):
 @click.option("--output", required=True, type=click.Path(), help="Directory for the standalone model.")
 @click.option("--base", type=click.Path(), help="Base model directory (default: the one in peftko.json).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an earlier merged model in --output (only one peftko wrote).")
+@click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
 def merge(adapter_dir, output, base, dtype, force):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model."""
     from peftko.merge import run_merge

@@ -179,8 +179,9 @@ def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
         if not is_write_failure(e):
             raise
         kept = " The previous adapter there is intact." if (output / MANIFEST).exists() else ""
-        raise UserError(f"could not write the adapter to {output}: {describe_write_failure(e)} (disk full?)."
-                        f"{kept} Checkpoints, if any, are intact: free space and run again with --resume.") from None
+        raise UserError(f"could not write the adapter to {output}: {describe_write_failure(e)} "
+                        f"(disk full?).{kept} Checkpoints, if any, are intact: free space and run again "
+                        "with --resume.") from None
 
 
 def is_write_failure(e: BaseException) -> bool:

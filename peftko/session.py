@@ -108,9 +108,11 @@ class TrainingSession:
         self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
         self.trainer = make_trainer(self.model, self.cfg, self.precision, self.output,
                                     self.data.train, self.data.val, self.collator,
-                                    callbacks=[self.guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit)])
+                                    callbacks=[self.guard, StopOnSignal(self.stopper),
+                                               BeforeFirstStep(self.commit)])
         with self.stopper.during("train"):
-            result = self.trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+            resume = str(self.checkpoint) if self.checkpoint else None
+            result = self.trainer.train(resume_from_checkpoint=resume)
         self.results["train_loss"] = result.training_loss
         self.results["steps"] = self.trainer.state.global_step
         self.results["skipped_steps"] = self.guard.skipped

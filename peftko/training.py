@@ -245,8 +245,8 @@ def checkpoint_write_error(output: Path, step: int, e: Exception):
 
     previous = latest_checkpoint(output)
     kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-    return UserError(f"could not write checkpoint-{step} in {output}: {describe_write_failure(e)} (disk full?); "
-                     f"{kept}. Free space, then resume with --resume.")
+    return UserError(f"could not write checkpoint-{step} in {output}: {describe_write_failure(e)} "
+                     f"(disk full?); {kept}. Free space, then resume with --resume.")
 
 
 class BeforeFirstStep(TrainerCallback):
