@@ -13,10 +13,13 @@ from peftko.config import TrainConfig
 
 class TrainingSession:
     def __init__(self, cfg: TrainConfig, model_path: Path, precision, output: Path, markers, files,
-                 stopper, replace: list[Path] = ()):
+                 stopper=None, replace: list[Path] = ()):
+        from peftko.stopping import Stopper
+
         self.cfg, self.model_path, self.precision = cfg, model_path, precision
         self.output, self.markers, self.files = output, markers, files
-        self.stopper, self.replace = stopper, list(replace)  # replace: what --force removes
+        # stopper: the command's signal handler (peftko.stopping); replace: what --force removes
+        self.stopper, self.replace = stopper or Stopper("before training began"), list(replace)
         self.results: dict = {}
         self.checkpoint: Path | None = None
 
