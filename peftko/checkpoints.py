@@ -231,3 +231,36 @@ def check_resume(output: Path, identity: dict, force: bool) -> dict:
         raise UserError(f"--resume: this is not the run in {output}:\n{listing}\n"
                         "Undo the change, train into a new --output, or pass --force to continue anyway.")
     return record
+
+
+def check_adapter_shape(checkpoint: Path, record: dict | None, cfg, tokens) -> None:
+    """A checkpoint holds matrices of one LoRA rank, on one set of modules, and one set of marker
+    rows: no --force can load them into another shape, so a changed shape is always refused."""
+    changes = _shape_changes(checkpoint, record or {}, cfg, tokens)
+    if changes:
+        raise UserError(f"--resume cannot continue from {checkpoint}: the adapter's shape changed "
+                        f"({'; '.join(changes)}), and the checkpoint holds matrices of the old shape "
+                        "(--force cannot change that). Undo the change, or train into a new --output.")
+
+
+def _shape_changes(checkpoint: Path, record: dict, cfg, tokens) -> list[str]:
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    changes = []
+    if saved.get("r") not in (None, cfg.lora_r):
+        changes.append(f"lora_r {saved['r']} -> {cfg.lora_r}")
+    old_modules = record.get("identity", {}).get("config", {}).get("target_modules")
+    if old_modules is not None and _modules(old_modules) != _modules(cfg.target_modules):
+        changes.append(f"target_modules {old_modules} -> {cfg.target_modules}")
+    rows = saved.get("trainable_token_indices") or []
+    rows = sorted(next(iter(rows.values()), []) if isinstance(rows, dict) else rows)
+    if "r" in saved and rows != sorted(t.id for t in tokens):
+        changes.append(f"marker rows: {len(rows)} -> {len(tokens)}" if len(rows) != len(tokens)
+                       else "marker rows: other markers or token ids")
+    return changes
+
+
+def _modules(target_modules) -> set[str] | str:
+    return target_modules if isinstance(target_modules, str) else set(target_modules)

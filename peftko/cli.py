@@ -15,7 +15,7 @@ import warnings
 import click
 
 from peftko.config import FIELDS, TrainConfig
-from peftko.errors import UserError
+from peftko.errors import Interrupted, UserError
 
 
 # peft still asks transformers 5 for the old attribute name; the user can do nothing about it.
@@ -23,13 +23,17 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is depre
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+    """Turns UserError into one line on stderr and exit code 2 (or 3), and a stop by Ctrl-C or
+    SIGTERM into one line and 130 or 143 (peftko.stopping): never a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"peftko: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except Interrupted as e:
+            click.echo(f"peftko: {e}", err=True)
             ctx.exit(e.exit_code)
 
 
@@ -77,7 +81,8 @@ def _metavar(tp) -> str:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
-@click.option("--force", is_flag=True, help="Resume even if the config, corpus or base changed; replace a finished output.")
+@click.option("--force", is_flag=True,
+              help="Resume even if the config, corpus or base changed; replace an earlier run (only what peftko wrote).")
 @click.option("--dry-run", is_flag=True, help="Check config and corpus, print the memory plan, train nothing.")
 @click.option("--strict", is_flag=True, help="Refuse to train when the corpus has marker problems.")
 @_config_options
@@ -96,12 +101,12 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
 @click.option("--output", required=True, type=click.Path(), help="Directory for the standalone model.")
 @click.option("--base", type=click.Path(), help="Base model directory (default: the one in peftko.json).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--force", is_flag=True, help="Write into a non-empty --output (it is replaced).")
+@click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
 def merge(adapter_dir, output, base, dtype, force):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model."""
     from peftko.merge import run_merge
 
-    run_merge(adapter_dir, output, base=base, dtype=dtype, force=force)
+    sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force))
 
 
 @main.command("markers")

@@ -4,17 +4,16 @@ Exit codes (documented in the README):
   2    bad input or environment, nothing more to do (UserError; includes CUDA out of memory and
        a full or unwritable output disk)
   3    training diverged: max_bad_steps non-finite steps in a row (TrainingDiverged)
-  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (e.g. a preempted job): a checkpoint was
-       written after the current step; `--resume` continues from it
+  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (e.g. a preempted job): during training, a
+       checkpoint was written after the current step and `--resume` continues from it; before
+       training nothing was written; during the final save, the save completed (peftko.stopping)
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -22,9 +21,6 @@ import torch
 from transformers import TrainerCallback
 
 from peftko.errors import UserError
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row: the user must change a setting (exit 3, no traceback)."""
@@ -40,48 +36,15 @@ def resume_command(output: Path) -> str:
     return "peftko " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
 
 
-# --- SIGINT / SIGTERM
+# --- SIGINT / SIGTERM (the handler and its phases: peftko.stopping)
 class StopOnSignal(TrainerCallback):
-    """First SIGINT/SIGTERM: finish the step, write a checkpoint, stop. Second: exit at once.
+    """In the train phase, a signal stops training at the end of the step, with a checkpoint."""
 
-    Installed only around trainer.train() (`with stop.installed():`), so Ctrl-C while loading
-    still aborts immediately, and the previous handlers come back afterwards. A signal that was
-    ignored (e.g. SIGINT for a background job) stays ignored.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.getsignal(s) for s in SIGNALS}
-        for s in SIGNALS:
-            if previous[s] is not signal.SIG_IGN:
-                signal.signal(s, self._handle)
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            # Checkpoints are staged and renamed, so dying here cannot damage a complete one.
-            sys.stderr.write(f"\npeftko: {name} again: stopping at once; the last complete checkpoint is intact.\n")
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        self.signum = signum
-        sys.stderr.write(f"\npeftko: {name} received: finishing this step and writing a checkpoint "
-                         f"(send it again to stop at once)\n")
-        sys.stderr.flush()
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum if self.signum else 0
+    def __init__(self, stopper):
+        self.stopper = stopper
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if self.stopper.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -140,6 +103,20 @@ class NonFiniteGuard(TrainerCallback):
             "  - fp16 overflow (GPUs without bf16): a lower learning rate, or --max-grad-norm 1.0\n"
             "  - a corrupt or unusual document in the corpus (check `peftko markers` on it)\n"
             f"Continue with a lower rate: {resume_command(output)} --force --lr {cfg.lr / 10:g}"
+        )
+
+
+def check_finite_parameters(model, cfg) -> None:
+    """A run whose trainable parameters ended NaN or inf (a step that was finite itself but
+    overshot, e.g. lr inf) never exits 0 and never writes its adapter."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bad = sum(int((~p.isfinite()).sum()) for p in trainable)
+    if bad:
+        total = sum(p.numel() for p in trainable)
+        raise TrainingDiverged(
+            f"training ended with {bad:,} of {total:,} trainable values NaN or inf, so no adapter was "
+            "written (a previous one in --output is untouched). The learning rate is likely too high "
+            f"(lr {cfg.lr:g}, embedding_lr {cfg.embedding_lr:g}): try a tenth of it, in a new --output."
         )
 
 

@@ -4,6 +4,10 @@ Never merges into 4-bit weights (lossy: peft#2321, transformers#31293). The base
 the requested dtype, grown exactly as training grew it (the row count is in peftko.json), the
 adapter (LoRA + marker rows) is applied and merged, and a self-check compares the merged
 model's logits with the unmerged adapter on Korean sentences that contain the markers.
+
+The output follows peftko.ownership: never an input, replaced only when it is an earlier merge
+(marked by peftko-merge.json) and only with --force, checked for writability before the load,
+and locked (a sibling .NAME.peftko-lock) so two merges never write it at once.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import click
 import torch
 
 from peftko.errors import UserError
-from peftko.run_dir import fingerprint_base, read_manifest
+from peftko.ownership import OutputKind, check_place, entries_to_replace
+from peftko.run_dir import (FORMAT_VERSION, check_writable, fingerprint_base, read_json_object, read_manifest,
+                            write_json_atomic)
 
 # bf16/fp16 round the merged weights once; fp32 is exact up to summation order.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
@@ -39,11 +45,35 @@ def check_base(manifest: dict, base: str | None) -> Path:
     return path
 
 
-def check_output(output: Path, force: bool) -> None:
+MARK = "peftko-merge.json"  # written last into a merged model: what it is and which files are ours
+
+
+def _merge_files(output: Path):
+    files = read_json_object(output / MARK).get("files")
+    names = {MARK, *(files if isinstance(files, list) else [])}
+    return lambda name: name in names
+
+
+MERGE_KIND = OutputKind("a merged model", lambda out: (out / MARK).is_file(), _merge_files)
+
+
+def check_output(output: Path, inputs: dict[str, Path]) -> None:
+    """Place and writability first: a refusal costs seconds, not a model load."""
+    check_place(output, inputs)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise UserError(f"--output {output} exists and is not empty; choose another or pass --force")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {output.parent}: {e.strerror or e}") from None
+    for folder in (output.parent, output) if output.is_dir() else (output.parent,):
+        check_writable(folder)
+
+
+def claim_output(output: Path, force: bool) -> None:
+    """Under the lock: an earlier merged model is replaced only with --force, and only whole."""
+    entries_to_replace(output, MERGE_KIND, force, f"--output {output} already holds a merged model; "
+                       "pass --force to replace it, or choose another directory.")
 
 
 def load_merged_pair(run_dir: Path, base_path: Path, manifest: dict, dtype: torch.dtype):
@@ -63,7 +93,13 @@ def load_merged_pair(run_dir: Path, base_path: Path, manifest: dict, dtype: torc
     rows = manifest["vocab"]["rows_after"]
     if model.get_input_embeddings().weight.shape[0] < rows:
         model.resize_token_embeddings(rows, mean_resizing=False)
-    return PeftModel.from_pretrained(model, run_dir), tokenizer
+    try:
+        return PeftModel.from_pretrained(model, run_dir), tokenizer
+    except Exception as e:  # a damaged adapter from a run saved before its hash was recorded
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"cannot read {run_dir / 'adapter_model.safetensors'}: {e}. It was cut short "
+                        "or damaged: restore it, or train again.") from None
 
 
 def check_texts(manifest: dict) -> list[str]:
@@ -98,34 +134,65 @@ def stop_at_book_end(model, manifest: dict) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
 
 
-def save_atomically(model, tokenizer, output: Path) -> None:
-    """Write next to the target, then swap it in: an existing output is never half overwritten."""
+def save_atomically(model, tokenizer, output: Path, record: dict, stopper) -> None:
+    """Write next to the target, then swap it in: an existing output is never half overwritten.
+
+    The mark (peftko-merge.json, listing the files) is written last into the staging folder; the
+    swap is two renames that a first Ctrl-C does not cut.
+    """
     output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
     try:
         model.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(stage)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(stage, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
+        files = sorted(f.name for f in stage.iterdir())
+        write_json_atomic(stage / MARK, {"format": FORMAT_VERSION, **record, "files": files})
+        with stopper.during("save"):
+            _swap_in(stage, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _swap_in(stage: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(stage, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, output)
+
+
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
-              force: bool = False) -> None:
-    run_dir, out = Path(adapter_dir), Path(output)
+              force: bool = False) -> int:
+    from peftko.stopping import Stopper
+
+    stopper = Stopper("before the merged model was written; nothing was written.")
+    with stopper.installed():
+        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper)
+    if stopper.signum:
+        click.echo(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
+    return stopper.exit_code
+
+
+def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper) -> None:
+    from peftko.output_lock import hold
+
     manifest = read_manifest(run_dir)
     base_path = check_base(manifest, base)
-    check_output(out, force)
-    torch_dtype = getattr(torch, dtype)
+    check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
+    with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
+        claim_output(out, force)
+        merged, tokenizer = merge_and_check(run_dir, base_path, manifest, dtype)
+        record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
+        save_atomically(merged, tokenizer, out, record, stopper)
+    click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+
+
+def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
+    """The merged model, once its logits match the unmerged adapter's on marker sentences."""
     click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
-    peft_model, tokenizer = load_merged_pair(run_dir, base_path, manifest, torch_dtype)
+    peft_model, tokenizer = load_merged_pair(run_dir, base_path, manifest, getattr(torch, dtype))
     texts = check_texts(manifest)
     before = logits_for(peft_model, tokenizer, texts)
     merged = peft_model.merge_and_unload()
@@ -136,5 +203,4 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
         raise UserError(f"merge self-check failed: relative difference {diff:.2e} exceeds {tolerance:.0e}; "
                         "nothing was written. Try --dtype float32.")
     stop_at_book_end(merged, manifest)
-    save_atomically(merged, tokenizer, out)
-    click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+    return merged, tokenizer

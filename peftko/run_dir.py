@@ -21,10 +21,21 @@ import tempfile
 from pathlib import Path
 
 from peftko.errors import UserError
+from peftko.ownership import OutputKind, check_place, entries_to_replace
 
 MANIFEST = "peftko.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer_config.json",)
+METRICS = "metrics.jsonl"
+LOCK = ".peftko.lock"
+FINAL_STAGE = ".final-"
+WRITE_PROBE = ".write-test-"
+# The final files of a run whose peftko.json does not list them (saved before it did, or cut
+# short between the renames): the adapter, peft's model card, and every tokenizer file name.
+FINAL_FILES = (*ADAPTER_FILES, "README.md", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+               "chat_template.json")
 FORMAT_VERSION = 1
 
 
@@ -80,24 +91,17 @@ def _sampled_hash(path: Path, chunks: int = 64, chunk_size: int = 1 << 16) -> st
     return h.hexdigest()
 
 
-def prepare_output(output: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into a directory that holds something, unless told how."""
+def prepare_output(output: Path, resume: bool, inputs: dict[str, Path]) -> None:
+    """Refuse an output in the wrong place, create it, and check that it takes a file.
+
+    What is already in it is judged under the lock (claim_run_dir), so two runs never race.
+    """
     output = Path(output)
+    check_place(output, inputs)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
-    if resume:
-        if not output.is_dir():
-            raise UserError(f"--resume: {output} does not exist; start without --resume")
-        check_writable(output)
-        return
-    if output.is_dir() and any(output.iterdir()):
-        if not force:
-            what = "a finished run" if (output / MANIFEST).exists() else "files"
-            raise UserError(
-                f"--output {output} already holds {what}. Pass --resume to continue it, --force to "
-                "replace it, or choose another directory."
-            )
-        shutil.rmtree(output)
+    if resume and not output.is_dir():
+        raise UserError(f"--resume: {output} does not exist; start without --resume")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -105,36 +109,102 @@ def prepare_output(output: Path, resume: bool, force: bool) -> None:
     check_writable(output)
 
 
+def claim_run_dir(output: Path, resume: bool, force: bool) -> list[Path]:
+    """What --force replaces once the new run has passed its checks; refuses what it may not."""
+    if resume:
+        return []
+    what = "a finished run" if (output / MANIFEST).exists() else "an unfinished run"
+    refusal = (f"--output {output} already holds {what}. Pass --resume to continue it, --force to "
+               "replace it, or choose another directory.")
+    return entries_to_replace(output, RUN_KIND, force, refusal)
+
+
+def _is_run_dir(output: Path) -> bool:
+    from peftko.checkpoints import PREFIX, RUN_FILE, step_of
+
+    return ((output / MANIFEST).is_file() or (output / RUN_FILE).is_file()
+            or any(step_of(p) is not None for p in output.glob(PREFIX + "*") if p.is_dir()))
+
+
+def _run_files(output: Path):
+    """The entries of a run directory that peftko wrote: its own names, and the final files that
+    peftko.json lists (or, for a run saved without that list, the names those files always have)."""
+    from peftko import checkpoints as ck
+
+    manifest = read_json_object(output / MANIFEST)
+    listed = manifest.get("files") if isinstance(manifest.get("files"), list) else FINAL_FILES
+    names = {MANIFEST, ck.RUN_FILE, METRICS, LOCK, *listed}
+    # Hidden work files of an interrupted write: staging, deletion, atomic-rename temporaries.
+    hidden = (ck.STAGE_PREFIX, ck.TRASH_PREFIX, FINAL_STAGE, WRITE_PROBE, f".{MANIFEST}.",
+              f".{ck.RUN_FILE}.", f".{METRICS}.")
+    return lambda name: name in names or ck.step_of(Path(name)) is not None or name.startswith(hidden)
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+RUN_KIND = OutputKind("a training run", _is_run_dir, _run_files, keep=(LOCK,))
+
+
 def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
     """Adapter and tokenizer first (staged, then renamed in), peftko.json last.
 
     The previous peftko.json is removed only once the new files are fully written: a failed
     write (a full disk) leaves the previous adapter complete; during the renames, which need no
-    space, the directory reads as incomplete, which it is.
+    space, the directory reads as incomplete, which it is. peftko.json lists the files written
+    (what a later --force may replace) and the adapter's SHA-256 (checked by merge).
     """
     output = Path(output)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
+        stage = Path(tempfile.mkdtemp(prefix=FINAL_STAGE, dir=output))
         try:
             # save_embedding_layers=False: only the marker rows, never a full embedding matrix.
             peft_model.save_pretrained(stage, save_embedding_layers=False)
             tokenizer.save_pretrained(stage)
+            files = sorted(f.name for f in stage.iterdir())
+            digest = sha256_file(stage / ADAPTER_FILES[0])
             (output / MANIFEST).unlink(missing_ok=True)
-            for f in sorted(stage.iterdir()):
-                os.replace(f, output / f.name)
+            for name in files:
+                os.replace(stage / name, output / name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        write_json_atomic(output / MANIFEST, {"format": FORMAT_VERSION, **manifest})
-    except OSError as e:
+        write_json_atomic(output / MANIFEST, {"format": FORMAT_VERSION, **manifest, "files": files,
+                                              "adapter_sha256": digest})
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
         kept = " The previous adapter there is intact." if (output / MANIFEST).exists() else ""
-        raise UserError(f"could not write the adapter to {output}: {e.strerror or e} (disk full?).{kept} "
-                        "Checkpoints, if any, are intact: free space and run again with --resume.") from None
+        raise UserError(f"could not write the adapter to {output}: {describe_write_failure(e)} "
+                        f"(disk full?).{kept} Checkpoints, if any, are intact: free space and run again "
+                        "with --resume.") from None
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A failed file write, as each writer reports it: OSError from Python, SafetensorError
+    ("I/O error") from safetensors, RuntimeError ("unexpected pos", "file write failed") from
+    torch.save's C++ writer, which does not say why."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":
+        return "I/O error" in text or "os error" in text
+    return isinstance(e, RuntimeError) and any(s in text for s in ("unexpected pos", "file write failed",
+                                                                    "PytorchStreamWriter"))
+
+
+def describe_write_failure(e: BaseException) -> str:
+    return (e.strerror or str(e)) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
 
 
 def check_writable(output: Path) -> None:
     """Fail now, not after an hour of training, if the output directory cannot take a file."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=output)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=output)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -142,7 +212,8 @@ def check_writable(output: Path) -> None:
 
 
 def read_manifest(run_dir: Path) -> dict:
-    """The manifest of a COMPLETE run, or a UserError saying what is missing."""
+    """The manifest of a COMPLETE run, checked for shape and against the adapter file it lists,
+    or a UserError saying what is missing or wrong."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"adapter directory not found: {run_dir}")
@@ -153,6 +224,45 @@ def read_manifest(run_dir: Path) -> dict:
             f"Resume it with `peftko lora-train --output {run_dir} --resume`, or train again."
         )
     try:
-        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {run_dir / MANIFEST}: {e}") from None
+    problems = manifest_problems(manifest)
+    if problems:
+        raise UserError(f"{run_dir / MANIFEST} is not a peftko manifest: {'; '.join(problems)}. "
+                        "Restore the file from the training run, or train again.")
+    check_adapter_file(run_dir, manifest)
+    return manifest
+
+
+# What readers of peftko.json rely on; checked once, here.
+MANIFEST_SHAPE = {"base_model": str, "base_fingerprint": dict, "markers": list, "vocab": dict, "config": dict}
+
+
+def manifest_problems(data) -> list[str]:
+    if not isinstance(data, dict):
+        return [f"it holds a JSON {type(data).__name__}, not an object"]
+    problems = [f"'{k}' is missing" if k not in data else f"'{k}' must be a {t.__name__}"
+                for k, t in MANIFEST_SHAPE.items() if not isinstance(data.get(k), t)]
+    if isinstance(data.get("vocab"), dict) and not _is_int(data["vocab"].get("rows_after")):
+        problems.append("'vocab.rows_after' must be an integer")
+    if isinstance(data.get("markers"), list) and not all(
+            isinstance(m, dict) and isinstance(m.get("marker"), str) and _is_int(m.get("id"))
+            for m in data["markers"]):
+        problems.append("each entry of 'markers' needs a text 'marker' and an integer 'id'")
+    if not isinstance(data.get("adapter_sha256", ""), str):
+        problems.append("'adapter_sha256' must be a string")
+    return problems
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_adapter_file(run_dir: Path, manifest: dict) -> None:
+    """The adapter file is the one training wrote (runs saved before the hash was kept pass)."""
+    expected = manifest.get("adapter_sha256")
+    path = Path(run_dir) / ADAPTER_FILES[0]
+    if expected and sha256_file(path) != expected:
+        raise UserError(f"{path} is not the file training wrote (its SHA-256 differs from the one in "
+                        f"{MANIFEST}): it was cut short, damaged or replaced. Restore it, or train again.")

@@ -13,10 +13,16 @@ from peftko.training import passes_note
 
 
 class TrainingSession:
-    def __init__(self, cfg: TrainConfig, model_path: Path, precision, output: Path, markers, files):
+    def __init__(self, cfg: TrainConfig, model_path: Path, precision, output: Path, markers, files,
+                 stopper=None, replace: list[Path] = ()):
+        from peftko.stopping import Stopper
+
         self.cfg, self.model_path, self.precision = cfg, model_path, precision
         self.output, self.markers, self.files = output, markers, files
+        # stopper: the command's signal handler (peftko.stopping); replace: what --force removes
+        self.stopper, self.replace = stopper or Stopper("before training began"), list(replace)
         self.results: dict = {}
+        self.checkpoint: Path | None = None
 
     # --- setup
     def setup_tokenizer(self) -> None:
@@ -100,18 +106,19 @@ class TrainingSession:
                               self.precision.device)
         return bits_per_char(nll, self.data.val_chars)
 
-    def train(self, checkpoint: Path | None) -> None:
-        """trainer.train() with the Ctrl-C/SIGTERM and non-finite guards around it."""
-        from peftko.guards import NonFiniteGuard, StopOnSignal
-        from peftko.training import make_trainer
+    def train(self) -> None:
+        """trainer.train() with the stop-on-signal and non-finite guards around it."""
+        from peftko.guards import NonFiniteGuard, StopOnSignal, check_finite_parameters
+        from peftko.training import BeforeFirstStep, make_trainer
 
-        self.stop = StopOnSignal()
         self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
         self.trainer = make_trainer(self.model, self.cfg, self.precision, self.output,
                                     self.data.train, self.data.val, self.collator,
-                                    callbacks=[self.guard, self.stop])
-        with self.stop.installed():
-            result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                                    callbacks=[self.guard, StopOnSignal(self.stopper),
+                                               BeforeFirstStep(self.commit)])
+        with self.stopper.during("train"):
+            resume = str(self.checkpoint) if self.checkpoint else None
+            result = self.trainer.train(resume_from_checkpoint=resume)
         self.results["train_loss"] = result.training_loss
         self.results["steps"] = self.trainer.state.global_step
         self.results["skipped_steps"] = self.guard.skipped
@@ -119,8 +126,26 @@ class TrainingSession:
             from peftko.checkpoints import latest_checkpoint
 
             raise self.guard.diverged_error(self.cfg, self.output, latest_checkpoint(self.output))
-        if self.data.val is not None and not self.stop.signum:
+        check_finite_parameters(self.model, self.cfg)
+
+    def commit(self) -> None:
+        """The run's first write, once every check has passed and the trainer has loaded what it
+        resumes from: remove what --force replaces, trim the log, record the run."""
+        from peftko.checkpoints import step_of, trim_metrics, write_run_record
+        from peftko.ownership import remove_entries
+        from peftko.run_dir import MANIFEST
+
+        remove_entries(self.replace, first=MANIFEST)
+        extra = {"bpc_before": self.results["bpc_before"]}
+        if self.checkpoint is not None:
+            trim_metrics(self.output, step_of(self.checkpoint))
+            extra["resumed_from"] = self.checkpoint.name
+        write_run_record(self.output, self.identity, **extra)
+
+    def evaluate(self) -> None:
+        if self.data.val is not None:
             self.results["eval_loss"] = self.trainer.evaluate()["eval_loss"]
+        self.results["bpc_after"] = self.held_out_bpc()
 
     def manifest(self) -> dict:
         return {
@@ -137,23 +162,21 @@ class TrainingSession:
             "results": self.results,
         }
 
-    def check_identity(self, checkpoint: Path | None, force: bool) -> None:
-        """What this run trains on; on --resume, refuse (before loading) if run.json says otherwise."""
-        from peftko.checkpoints import check_resume, run_identity, trim_metrics, write_run_record
+    def check_identity(self, force: bool) -> None:
+        """What this run trains on; on --resume, refuse (before loading) a checkpoint of another
+        shape, and, unless forced, a changed config, corpus or base. Nothing is written here."""
+        from peftko.checkpoints import check_adapter_shape, check_resume, read_run_record, run_identity
         from peftko.run_dir import fingerprint_base
 
         self.fingerprint = fingerprint_base(self.model_path)
         self.identity = run_identity(self.cfg, self.files, self.tokenizer, self.fingerprint)
-        if checkpoint is None:
-            return  # written in run(), with the held-out bpc of the untrained model
+        if self.checkpoint is None:
+            return
+        check_adapter_shape(self.checkpoint, read_run_record(self.output), self.cfg, self.tokens)
         record = check_resume(self.output, self.identity, force)
         # Held-out bpc before training was measured on the untrained model: keep that number.
         self.results["bpc_before"] = record.get("bpc_before")
-        step = int(checkpoint.name.rsplit("-", 1)[1])
-        trim_metrics(self.output, step)
-        write_run_record(self.output, self.identity, bpc_before=self.results["bpc_before"],
-                         resumed_from=checkpoint.name)
-        click.echo(f"resuming from {checkpoint} (step {step})")
+        click.echo(f"resuming from {self.checkpoint} (step {self.checkpoint.name.rsplit('-', 1)[1]})")
 
     def check_disk(self) -> None:
         from peftko.guards import check_disk_space, output_bytes_needed
@@ -165,43 +188,59 @@ class TrainingSession:
         check_disk_space(self.output, need)
 
     def run(self, resume: bool = False, force: bool = False) -> int:
-        from peftko.checkpoints import clean_leftovers, resume_point, write_run_record
+        from peftko.checkpoints import clean_leftovers, resume_point
         from peftko.guards import translate_oom
-        from peftko.run_dir import save_final
 
-        checkpoint = resume_point(self.output) if resume else None  # before any slow step
+        self.checkpoint = resume_point(self.output) if resume else None  # before any slow step
         clean_leftovers(self.output)
         self.setup_tokenizer()
         self.setup_data()
-        self.check_identity(checkpoint, force)
+        self.check_identity(force)
         with translate_oom(self.cfg, "loading the model"):
             self.setup_model()
         self.check_disk()
         with translate_oom(self.cfg, "training"):
-            if checkpoint is None:
+            if self.checkpoint is None:
                 self.results["bpc_before"] = self.held_out_bpc()
-                write_run_record(self.output, self.identity, bpc_before=self.results["bpc_before"])
-            self.train(checkpoint)
-            if self.stop.signum:
-                return echo_stopped(self.output, self.stop)
-            self.results["bpc_after"] = self.held_out_bpc()
-        log_bpc(self.output, self.results)
-        save_final(self.output, self.model, self.tokenizer, self.manifest())
+            self.train()
+        if self.stopper.signum:
+            return self.stop_with_checkpoint()
+        return self.finish()
+
+    def finish(self) -> int:
+        """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
+        instead; one during the save lets the save complete, then stops."""
+        from peftko.errors import Interrupted
+        from peftko.guards import translate_oom
+        from peftko.run_dir import save_final
+
+        try:
+            with self.stopper.during("evaluate"), translate_oom(self.cfg, "evaluating"):
+                self.evaluate()
+        except Interrupted:
+            return self.stop_with_checkpoint()
+        with self.stopper.during("save"):
+            log_bpc(self.output, self.results)
+            save_final(self.output, self.model, self.tokenizer, self.manifest())
         echo_done(self.output, self.results)
-        return 0
+        if self.stopper.signum:
+            click.echo(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
+                       "the run is complete.", err=True)
+        return self.stopper.exit_code
+
+    def stop_with_checkpoint(self) -> int:
+        with self.stopper.during("save"):
+            self.trainer.save_checkpoint_now()
+        return echo_stopped(self.output, self.stopper)
 
 
-def echo_stopped(output: Path, stop) -> int:
-    import signal
-
+def echo_stopped(output: Path, stopper) -> int:
     from peftko.checkpoints import latest_checkpoint
     from peftko.guards import resume_command
 
-    name = signal.Signals(stop.signum).name
-    checkpoint = latest_checkpoint(output)
-    click.echo(f"peftko: stopped by {name}; checkpoint written to {checkpoint}.\n"
+    click.echo(f"peftko: stopped by {stopper.name}; checkpoint written to {latest_checkpoint(output)}.\n"
                f"Continue with: {resume_command(output)}", err=True)
-    return stop.exit_code
+    return stopper.exit_code
 
 
 def echo_markers(tokens) -> None:

@@ -2,7 +2,8 @@
 
 Order matters for the user: everything that can fail on bad input (config, corpus, markers,
 output directory, base path) is checked before the model is loaded, so a typo costs seconds,
-not a model load.
+not a model load. One signal handler covers the whole command (peftko.stopping), and the output
+is locked (peftko.output_lock) before anything in it is judged or removed.
 """
 
 from __future__ import annotations
@@ -91,8 +92,18 @@ def refuse_overlaps(markers: list[str]) -> None:
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
                    strict: bool = False) -> int:
+    from peftko.stopping import Stopper
+
+    stopper = Stopper("before training began; nothing in --output was changed. Run the same command "
+                      "again to start.")
+    with stopper.installed():
+        return _run_lora_train(cfg, stopper, resume, force, dry_run, strict)
+
+
+def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool) -> int:
     from peftko.base_model import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                    resolve_seq_len)
+    from peftko.tiny_base import resolve_data_paths
     from peftko.training import check_target_modules
 
     # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
@@ -114,10 +125,14 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
             click.echo(f"warning: {w}")
         echo_plan(cfg, model_path, precision, markers=markers)
         return 0
-    from peftko.run_dir import prepare_output
-
-    output = Path(cfg.output)
-    prepare_output(output, resume=resume, force=force)
+    from peftko.output_lock import hold
+    from peftko.run_dir import LOCK, claim_run_dir, prepare_output
     from peftko.session import TrainingSession
 
-    return TrainingSession(cfg, model_path, precision, output, markers, files).run(resume=resume, force=force)
+    output = Path(cfg.output)
+    inputs = {f"--data {d}": d for d in resolve_data_paths(cfg.data)} | {"the base model": model_path}
+    prepare_output(output, resume=resume, inputs=inputs)
+    with hold(output / LOCK, f"--output {output}"):
+        replace = claim_run_dir(output, resume=resume, force=force)
+        session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
+        return session.run(resume=resume, force=force)

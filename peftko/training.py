@@ -220,6 +220,23 @@ class PeftkoTrainer(Trainer):
         with quantized_layers_kept(self.model):
             return super().evaluate(*args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Trainer.train, except for a checkpoint already at max_steps (a stop after the last
+        step, or a shortened run): Trainer.train would run one more step when that checkpoint
+        falls inside an epoch, so the checkpoint is loaded and no step runs."""
+        from peftko.checkpoints import step_of
+
+        if resume_from_checkpoint is None or step_of(Path(resume_from_checkpoint)) < self.args.max_steps:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, 0.0, {})
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -231,6 +248,7 @@ class PeftkoTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         from peftko.checkpoints import rotate, staged_checkpoint
+        from peftko.run_dir import is_write_failure
 
         output, step = Path(self.args.output_dir), self.state.global_step
         info = {"epoch": self.state.epoch, "tokens_seen": int(self.state.num_input_tokens_seen or 0)}
@@ -239,20 +257,43 @@ class PeftkoTrainer(Trainer):
                 self._staging = stage
                 super()._save_checkpoint(model, trial)
             rotate(output, self.args.save_total_limit or 0)
-        except OSError as e:
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
             raise checkpoint_write_error(output, step, e) from None
         finally:
             self._staging = None
 
+    def save_checkpoint_now(self) -> None:
+        """A checkpoint of the current step, unless one exists (a stop after the last step)."""
+        from peftko.checkpoints import latest_checkpoint, step_of
 
-def checkpoint_write_error(output: Path, step: int, e: OSError):
+        latest = latest_checkpoint(Path(self.args.output_dir))
+        if latest is None or step_of(latest) != self.state.global_step:
+            self._save_checkpoint(self.model, None)
+
+
+def checkpoint_write_error(output: Path, step: int, e: Exception):
     from peftko.checkpoints import latest_checkpoint
     from peftko.errors import UserError
+    from peftko.run_dir import describe_write_failure
 
     previous = latest_checkpoint(output)
     kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-    return UserError(f"could not write checkpoint-{step} in {output}: {e.strerror or e} (disk full?); "
-                     f"{kept}. Free space, then resume with --resume.")
+    return UserError(f"could not write checkpoint-{step} in {output}: {describe_write_failure(e)} "
+                     f"(disk full?); {kept}. Free space, then resume with --resume.")
+
+
+class BeforeFirstStep(TrainerCallback):
+    """Calls `action` once the Trainer has loaded all it needs (a resumed checkpoint's weights,
+    optimizer and schedule included), before the first step: a run that fails to start has
+    rewritten nothing."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.action()
 
 
 def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator, callbacks=()):

@@ -152,13 +152,13 @@ def test_merge_refuses_a_missing_adapter_dir(tmp_path):
     assert_refused(invoke("merge", str(tmp_path / "nope"), "--output", str(tmp_path / "m")), "nope")
 
 
-def test_merge_with_force_replaces_the_output_whole(trained, tmp_path):
+def test_merge_with_force_replaces_an_earlier_merge_whole(trained, tmp_path):
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old", encoding="utf-8")
+    assert invoke("merge", str(trained), "--output", str(out)).exit_code == 0
+    (out / "model.safetensors").write_bytes(b"stale")  # ours (listed in peftko-merge.json): replaced
     r = invoke("merge", str(trained), "--output", str(out), "--force")
     assert r.exit_code == 0, r.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").read_bytes() != b"stale"
     assert json.loads((out / "config.json").read_text())["vocab_size"] > 0
 
 

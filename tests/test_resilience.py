@@ -464,3 +464,87 @@ def test_remote_code_is_not_trusted_unless_asked(env, tmp_path, monkeypatch):
         r = invoke(args(env, tmp_path / str(expected), "--max-steps", "1", *flags))
         assert isinstance(r.exception, Loaded), r.output
         assert seen == {"AutoTokenizer": expected, "AutoModelForCausalLM": expected}
+
+
+# --- 8. what a failed --resume leaves, full disks as the real writers report them, NaN parameters
+def test_a_resume_into_another_adapter_shape_is_refused_even_forced(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = args(env, out, "--max-steps", "4")
+    with monkeypatch.context() as mp:
+        add_callback(mp, SignalDuringStep(2))
+        assert invoke(argv).exit_code == 130
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = invoke([*argv, "--resume", "--force", "--lora-r", "8"])
+    refused(r, 2, "cannot continue from", "lora_r 4 -> 8", "new --output")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # run.json, metrics
+    assert invoke([*argv, "--resume"]).exit_code == 0  # the original command still works
+
+
+class FileSizeLimit(TrainerCallback):
+    """From step `step` on, no file may grow past `limit` bytes (RLIMIT_FSIZE): the real writers
+    (torch.save's C++ writer, safetensors' Rust one) fail as on a full disk, each in its own way."""
+
+    def __init__(self, step: int, limit: int, at_train_end: bool = False):
+        import resource
+
+        self.step, self.limit, self.at_train_end = step, limit, at_train_end
+        self.original = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def _limit(self):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.original[1]))
+
+    def restore(self):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.original)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.at_train_end and state.global_step == self.step:
+            self._limit()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.at_train_end:
+            self._limit()
+
+
+def test_a_checkpoint_that_cannot_be_written_by_torch_save_is_a_clear_error(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # 60 kB: the adapter (40 kB) is written, the optimizer state (~100 kB, torch.save) is not.
+    limit = FileSizeLimit(step=4, limit=60_000)
+    add_callback(monkeypatch, limit)
+    try:
+        r = invoke(args(env, out, "--max-steps", "4", "--save-steps", "2"))
+    finally:
+        limit.restore()
+    refused(r, 2, "could not write checkpoint-4", "disk full?", "checkpoint-2 is intact")
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging") or p.name == "checkpoint-4"]
+
+
+def files_except_logs(out: Path) -> dict:
+    """What a resumed run leaves alone (it appends to run.json's record and metrics.jsonl by design)."""
+    logs = ("run.json", "metrics.jsonl")
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in logs}
+
+
+def test_an_adapter_that_cannot_be_written_by_safetensors_is_a_clear_error(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert invoke(args(env, out, "--max-steps", "2", "--save-steps", "2")).exit_code == 0
+    before = files_except_logs(out)
+    limit = FileSizeLimit(step=0, limit=20_000, at_train_end=True)  # the adapter is 40 kB
+    add_callback(monkeypatch, limit)
+    try:
+        r = invoke(args(env, out, "--max-steps", "3", "--save-steps", "0", "--resume"))
+    finally:
+        limit.restore()
+    refused(r, 2, "could not write the adapter", "SafetensorError", "previous adapter there is intact")
+    assert files_except_logs(out) == before
+
+
+def test_parameters_that_end_not_finite_never_exit_0_nor_write_an_adapter(env, tmp_path):
+    out = tmp_path / "run"
+    r = invoke(args(env, out, "--max-steps", "4", "--lr", "inf"))
+    refused(r, 3, "NaN or inf", "no adapter was written", "learning rate")
+    assert not (out / "peftko.json").exists() and not (out / "adapter_model.safetensors").exists()
