@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftko.config import TrainConfig
 from peftko.errors import UserError
 from peftko.run_dir import sha256_file, write_json_atomic
 
@@ -178,7 +179,9 @@ def read_run_record(output: Path) -> dict | None:
 def identity_changes(old: dict, new: dict) -> list[str]:
     """Each difference that makes a resumed run something other than a continuation."""
     changes = []
-    oc, nc = old["config"], new["config"]
+    # A key added to TrainConfig after the run started reads as its default: that is what ran.
+    defaults = TrainConfig().to_dict()
+    oc, nc = {**defaults, **old["config"]}, {**defaults, **new["config"]}
     for key in sorted(set(oc) | set(nc)):
         if key not in RESUMABLE_KEYS and oc.get(key) != nc.get(key):
             changes.append(f"config {key}: {oc.get(key)!r} -> {nc.get(key)!r}")

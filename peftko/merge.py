@@ -23,7 +23,7 @@ import torch
 from peftko.errors import UserError
 from peftko.ownership import OutputKind, check_place, entries_to_replace
 from peftko.run_dir import (FORMAT_VERSION, check_writable, fingerprint_base, read_json_object, read_manifest,
-                            write_json_atomic)
+                            publish, write_json_atomic)
 
 # bf16/fp16 round the merged weights once; fp32 is exact up to summation order.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
@@ -146,6 +146,7 @@ def save_atomically(model, tokenizer, output: Path, record: dict, stopper) -> No
         model.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(stage)
         files = sorted(f.name for f in stage.iterdir())
+        publish(stage)  # the stage becomes the output
         write_json_atomic(stage / MARK, {"format": FORMAT_VERSION, **record, "files": files})
         with stopper.during("save"):
             _swap_in(stage, output)

@@ -44,6 +44,7 @@ def write_json_atomic(path: Path, data) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp makes 0600: others could not read the result
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=2)
             f.write("\n")
@@ -53,6 +54,26 @@ def write_json_atomic(path: Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` as the user's umask would leave it for a newly created file or folder.
+
+    tempfile's staging files and folders are private (0600/0700) by design; whatever becomes a
+    result gets the permissions an ordinary write would have given it.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def publish(folder: Path) -> None:
+    """Give a staged folder and its files the permissions of an ordinary write (safetensors and
+    tempfile create them 0600/0700), so a model server run as another user can read the result."""
+    folder.chmod(umask_mode(0o777))
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(umask_mode(0o666))
 
 
 def fingerprint_base(path: Path) -> dict:
@@ -167,6 +188,7 @@ def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
             peft_model.save_pretrained(stage, save_embedding_layers=False)
             tokenizer.save_pretrained(stage)
             files = sorted(f.name for f in stage.iterdir())
+            publish(stage)
             digest = sha256_file(stage / ADAPTER_FILES[0])
             (output / MANIFEST).unlink(missing_ok=True)
             for name in files:

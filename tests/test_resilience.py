@@ -548,3 +548,13 @@ def test_parameters_that_end_not_finite_never_exit_0_nor_write_an_adapter(env, t
     r = invoke(args(env, out, "--max-steps", "4", "--lr", "inf"))
     refused(r, 3, "NaN or inf", "no adapter was written", "learning rate")
     assert not (out / "peftko.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_config_key_added_after_the_run_started_reads_as_its_default():
+    from peftko.checkpoints import identity_changes
+    from peftko.config import TrainConfig
+
+    new = {"config": TrainConfig().to_dict(), "corpus": [], "tokenizer": "t", "base": {"weights": {}}}
+    old = {**new, "config": {k: v for k, v in new["config"].items() if k != "dtype"}}
+    assert identity_changes(old, new) == []
+    assert identity_changes(old, {**new, "config": {**new["config"], "dtype": "bfloat16"}}) != []

@@ -138,3 +138,26 @@ def test_merged_generation_stops_at_the_book_end_marker(run):
     end_id = next(m["id"] for m in manifest(run)["markers"] if m["marker"] == "|END_OF_BOOK|>")
     eos = GenerationConfig.from_pretrained(run["merged"]).eos_token_id
     assert end_id in eos and AutoTokenizer.from_pretrained(run["merged"]).eos_token_id in eos
+
+
+def test_outputs_follow_the_users_umask(tiny_bases, small_corpus, tmp_path):
+    """Other users and services (a model server) must be able to read what peftko writes."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        runner = CliRunner()
+        args = train_args(tiny_bases["llama-tied"], small_corpus, tmp_path / "run", "--max-steps", "1",
+                          "--quant", "none")
+        assert runner.invoke(main, args).exit_code == 0
+        merged = runner.invoke(main, ["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")])
+        assert merged.exit_code == 0, merged.output
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "merged") == 0o755
+    for folder in (tmp_path / "run", tmp_path / "merged"):
+        for f in folder.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                assert mode(f) == 0o644, f
