@@ -18,12 +18,13 @@ from typing import Any
 
 import click
 
+from peftko import textfiles
 from peftko.config import DEFAULT_MARKER_PATTERN
 from peftko.errors import UserError
 from peftko.markers import Problem, lint_corpus
 from peftko.textfiles import Document, FileScan, find_files, iter_located_documents, scan_file
 
-BAD_STATUSES = ("binary", "undecodable")
+BAD_STATUSES = ("binary", "undecodable", "unreadable")
 HANGUL_SYLLABLE = re.compile("[\uac00-\ud7a3]")
 SUMMARY_MARKERS = 8
 SUMMARY_PROBLEMS = 3
@@ -112,9 +113,16 @@ def _documents(
         if scan.status != "ok":
             continue
         assert scan.encoding is not None
-        for doc in iter_located_documents(scan.path, scan.encoding, jsonl_field, doc_end_marker):
-            stats.add(doc.text)
-            yield str(scan.path), doc
+        # The same document cap as training: memory stays bounded on a file with no line breaks,
+        # and the lint sees the documents the model will see.
+        docs = iter_located_documents(scan.path, scan.encoding, jsonl_field, doc_end_marker,
+                                      textfiles.MAX_DOC_CHARS)
+        try:
+            for doc in docs:
+                stats.add(doc.text)
+                yield str(scan.path), doc
+        except OSError as e:  # readable a moment ago in scan_file
+            raise UserError(f"cannot read {scan.path}: {e.strerror or e}; did it change?") from None
 
 
 class _TokenStats:
@@ -148,7 +156,8 @@ def _pieces(tokenizer, counts: Counter) -> dict[str, int]:
 
 def _file_json(f: FileScan) -> dict[str, Any]:
     return {
-        "path": str(f.path), "encoding": f.encoding, "status": f.status, "chars": f.chars, "preview": f.preview,
+        "path": str(f.path), "encoding": f.encoding, "status": f.status, "detail": f.detail,
+        "chars": f.chars, "preview": f.preview,
     }
 
 
@@ -178,8 +187,7 @@ def _files_table(files: list[FileScan]) -> str:
     header = ("path", "encoding", "status", "chars", "starts with")
     lines = [f"Files ({len(files)})", _table(header, rows, right={3})]
     lines += [f"warning: {f.path} is empty (nothing to train on)" for f in files if f.status == "empty"]
-    lines += [f"warning: {f.path} is {f.status}, not text (skipped)"
-              for f in files if f.status in BAD_STATUSES]
+    lines += [f"warning: {f.path} is {f.describe()} (skipped)" for f in files if f.status in BAD_STATUSES]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ import numpy as np
 from peftko.errors import UserError
 
 CACHE_VERSION = "3"
+# A build happens in CACHE/.build-HOST-PID-RANDOM and is renamed into place when complete. The host
+# and pid say whose it is: one left by a process that no longer runs is removed by the next run.
+BUILD_PREFIX = ".build-"
 
 
 @dataclass
@@ -64,8 +68,11 @@ def _documents(files: list[tuple[str, str]], jsonl_field: str, doc_end_marker: s
     from peftko.textfiles import iter_documents
 
     for path, encoding in files:
-        for text in iter_documents(Path(path), encoding, jsonl_field, doc_end_marker):
-            yield {"text": text}
+        try:
+            for text in iter_documents(Path(path), encoding, jsonl_field, doc_end_marker):
+                yield {"text": text}
+        except OSError as e:  # scanned a moment ago, so it was moved or changed since
+            raise UserError(f"cannot read {path}: {e.strerror or e}; did it change?") from None
 
 
 def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
@@ -76,33 +83,34 @@ def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(n_docs), n_val))
 
 
-def _rebase(pos: np.ndarray) -> np.ndarray:
-    """A document cut at a block edge restarts at position 0 in the next block."""
-    if pos.size and pos[0] != 0:
-        zeros = np.flatnonzero(pos == 0)
-        end = zeros[0] if zeros.size else pos.size
-        pos = pos.copy()
-        pos[:end] -= pos[0]
-    return pos
-
-
 def pack_blocks(token_ds, seq_len: int):
     """Concatenate documents and cut every seq_len tokens; only the last block is short.
+
+    Positions count from 0 at each document start and again at each block start (a document cut at
+    a block edge goes on at 0 in the next block). Each token is copied once into a block buffer, so
+    time is linear in the corpus however long its documents are.
 
     token_ds: a Dataset with an input_ids column, or any iterable of {"input_ids": [...]} batches.
     """
     token_batches = token_ds.iter(batch_size=512) if hasattr(token_ds, "iter") else token_ds
-    ids_buf = np.empty(0, dtype=np.int64)
-    pos_buf = np.empty(0, dtype=np.int32)
+    ids_block = np.empty(seq_len, dtype=np.int64)
+    pos_block = np.empty(seq_len, dtype=np.int32)
+    counting = np.arange(seq_len, dtype=np.int32)
+    fill = 0
     for batch in token_batches:
-        for ids in batch["input_ids"]:
-            ids_buf = np.concatenate([ids_buf, np.asarray(ids, dtype=np.int64)])
-            pos_buf = np.concatenate([pos_buf, np.arange(len(ids), dtype=np.int32)])
-            while ids_buf.size >= seq_len:
-                yield {"input_ids": ids_buf[:seq_len].tolist(), "position_ids": pos_buf[:seq_len].tolist()}
-                ids_buf, pos_buf = ids_buf[seq_len:], _rebase(pos_buf[seq_len:])
-    if ids_buf.size:
-        yield {"input_ids": ids_buf.tolist(), "position_ids": pos_buf.tolist()}
+        for doc in batch["input_ids"]:
+            ids = np.asarray(doc, dtype=np.int64)
+            start = 0
+            while start < ids.size:
+                take = min(seq_len - fill, ids.size - start)
+                ids_block[fill : fill + take] = ids[start : start + take]
+                pos_block[fill : fill + take] = counting[:take]
+                fill, start = fill + take, start + take
+                if fill == seq_len:
+                    yield {"input_ids": ids_block.tolist(), "position_ids": pos_block.tolist()}
+                    fill = 0
+    if fill:
+        yield {"input_ids": ids_block[:fill].tolist(), "position_ids": pos_block[:fill].tolist()}
 
 
 def _tokenize_fn(tokenizer, eos_id: int):
@@ -128,7 +136,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
     if eos_id is None:
         raise UserError("the tokenizer has no eos_token, which peftko puts between documents; "
                         "set eos_token in the model's tokenizer_config.json")
-    docs = datasets.Dataset.from_generator(
+    docs = _from_generator(
         _documents,
         gen_kwargs={"files": [(str(f.path), f.encoding) for f in files],
                     "jsonl_field": cfg.jsonl_field, "doc_end_marker": cfg.doc_end_marker},
@@ -152,12 +160,26 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
         if len(part) == 0:
             continue
         block_len = stats["block_len"] if name == "train" else cfg.seq_len
-        blocks = datasets.Dataset.from_generator(
+        blocks = _from_generator(
             pack_blocks, gen_kwargs={"token_ds": part, "seq_len": block_len},
             cache_dir=str(workdir / f"raw-{name}"),
         )
         blocks.save_to_disk(str(workdir / name))
     return stats
+
+
+def _from_generator(generator, **kwargs):
+    """Dataset.from_generator, with a UserError raised inside the generator passed on as itself
+    (datasets wraps every error in DatasetGenerationError, which would show as a traceback)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.Dataset.from_generator(generator, **kwargs)
+    except DatasetGenerationError as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def even_block_len(total_tokens: int, seq_len: int) -> int:
@@ -182,7 +204,10 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     from_cache = (target / "stats.json").exists()
     if not from_cache:
         cache_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
+        remove_stale_builds(cache_root)
+        # Every file datasets writes for the build (Arrow shards, map caches, index mappings, lock
+        # files) goes under cache_dir, i.e. inside `work`; nothing lands in ~/.cache or /tmp.
+        work = Path(tempfile.mkdtemp(prefix=_build_prefix(), dir=cache_root))
         try:
             stats = build_packed(files, tokenizer, cfg, work)
             (work / "stats.json").write_text(json.dumps(stats))
@@ -200,3 +225,36 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     fraction = total / (len(train) * stats["block_len"])  # every batch pads to the longest block
     return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["val_chars"],
                       total, fraction, stats["block_len"], target, from_cache)
+
+
+def _build_prefix(pid: int | None = None) -> str:
+    return f"{BUILD_PREFIX}{socket.gethostname()}-{pid or os.getpid()}-"
+
+
+def remove_stale_builds(cache_root: Path) -> list[Path]:
+    """Remove build folders whose process is gone (killed mid-build); return what was removed.
+
+    Only folders named by this host's builds are judged: a folder of another host sharing the cache
+    (NFS) or of a process that still runs is left alone, and so is anything not named like a build.
+    """
+    removed = []
+    host_prefix = f"{BUILD_PREFIX}{socket.gethostname()}-"
+    for folder in cache_root.glob(f"{BUILD_PREFIX}*"):
+        rest = folder.name[len(host_prefix):] if folder.name.startswith(host_prefix) else ""
+        pid = rest.split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

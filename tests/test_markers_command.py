@@ -77,7 +77,7 @@ def test_json_output_has_the_required_shape(clean_corpus):
     assert [(Path(f["path"]).name, f["encoding"], f["status"]) for f in data["files"]] == [
         ("01.txt", "utf-8", "ok"), ("02.txt", "cp949", "ok"), ("03.md", "utf-16", "ok"),
     ]
-    assert set(data["files"][0]) == {"path", "encoding", "status", "chars", "preview"}
+    assert set(data["files"][0]) == {"path", "encoding", "status", "detail", "chars", "preview"}
     assert data["files"][0]["preview"].startswith("|START_OF_BOOK|>\n|START_OF_TITLE|>노란")
     assert data["markers"]["|SOUND|>"] == 6 and data["markers"]["|START_OF_DIALOGUE|>"] == 6
     assert data["marker_files"]["|SOUND|>"] == 3
