@@ -264,37 +264,48 @@ def iter_pieces(
     partial: list[str] = []
     size = 0
     held_cr = ""
-    first = True
+    at_start = True
     try:
         with Path(path).open("rb") as f:
             while True:
                 chunk = f.read(CHUNK_BYTES)
                 text = held_cr + decoder.decode(chunk, final=not chunk)
+                if at_start:  # BOMs at the start of the file are encoding marks, not text
+                    text = text.lstrip(BOM)
+                    at_start = not text
                 # A CR at a chunk edge may be half of a CRLF: decide once the next chunk is in.
                 held_cr = "\r" if chunk and text.endswith("\r") else ""
                 text = text[:-1] if held_cr else text
-                pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-                for piece in pieces[:-1]:
-                    partial.append(piece)
-                    yield _finish_line("".join(partial) + "\n", first), True
-                    partial, size, first = [], 0, False
-                partial.append(pieces[-1])
-                size += len(pieces[-1])
+                lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                for line in lines[:-1]:
+                    partial.append(line)
+                    yield from _pieces_of("".join(partial) + "\n", max_chars, protect)
+                    partial, size = [], 0
+                partial.append(lines[-1])
+                size += len(lines[-1])
                 if max_chars and size > max_chars:
-                    line = "".join(partial)
-                    while len(line) > max_chars:
-                        cut = _cut_point(line, max_chars, protect)
-                        yield _finish_line(line[:cut], first), False
-                        line, first = line[cut:], False
-                    partial, size = [line], len(line)
+                    rest = yield from _pieces_of("".join(partial), max_chars, protect, last_ends_line=None)
+                    partial, size = [rest], len(rest)
                 if not chunk:
                     break
     except UnicodeDecodeError as e:
         # Detection read the same bytes cleanly, so the file changed while we were reading it.
         raise UserError(f"{path}: cannot decode as {encoding} ({e.reason}); did it change?") from None
-    last = "".join(partial)
-    if last:
-        yield _finish_line(last, first), True
+    if last := "".join(partial):
+        yield _nfc(last), True
+
+
+def _pieces_of(line: str, max_chars: int | None, protect: str, last_ends_line: bool | None = True):
+    """Yield `line` in pieces of at most max_chars; with last_ends_line None, keep the final
+    piece back (more of the line is still to come) and return it."""
+    while max_chars and len(line) > max_chars:
+        cut = _cut_point(line, max_chars, protect)
+        yield _nfc(line[:cut]), False
+        line = line[cut:]
+    if last_ends_line is None:
+        return line
+    yield _nfc(line), True
+    return ""
 
 
 def _cut_point(line: str, limit: int, protect: str = "") -> int:
@@ -325,10 +336,10 @@ def _inside_marker(line: str, cut: int, protect: str = "") -> bool:
     return 0 <= found < cut < found + len(protect)
 
 
-def _finish_line(line: str, first: bool) -> str:
+def _nfc(text: str) -> str:
     # Per-line NFC equals whole-text NFC: a newline never composes with its neighbours, and a
     # piece of a long line is cut only before a character nothing composes with.
-    return unicodedata.normalize("NFC", line.lstrip(BOM) if first else line)
+    return unicodedata.normalize("NFC", text)
 
 
 def iter_documents(
