@@ -26,7 +26,12 @@ import numpy as np
 
 from peftko.errors import UserError
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: documents cut at textfiles.MAX_DOC_CHARS = 256k characters (was 4M)
+# Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
+# character while it works, so this, not the corpus, sets the peak (see benchmarks/RESULTS.md).
+TOKENIZE_BATCH_CHARS = 1 << 20
+# Rows the Arrow writers buffer before flushing: a document row holds up to MAX_DOC_CHARS.
+WRITER_BATCH_ROWS = 64
 # A build happens in CACHE/.build-HOST-PID-RANDOM and is renamed into place when complete. The host
 # and pid say whose it is: one left by a process that no longer runs is removed by the next run.
 BUILD_PREFIX = ".build-"
@@ -92,34 +97,96 @@ def pack_blocks(token_ds, seq_len: int):
 
     token_ds: a Dataset with an input_ids column, or any iterable of {"input_ids": [...]} batches.
     """
-    token_batches = token_ds.iter(batch_size=512) if hasattr(token_ds, "iter") else token_ds
     ids_block = np.empty(seq_len, dtype=np.int64)
     pos_block = np.empty(seq_len, dtype=np.int32)
     counting = np.arange(seq_len, dtype=np.int32)
     fill = 0
-    for batch in token_batches:
-        for doc in batch["input_ids"]:
-            ids = np.asarray(doc, dtype=np.int64)
-            start = 0
-            while start < ids.size:
-                take = min(seq_len - fill, ids.size - start)
-                ids_block[fill : fill + take] = ids[start : start + take]
-                pos_block[fill : fill + take] = counting[:take]
-                fill, start = fill + take, start + take
-                if fill == seq_len:
-                    yield {"input_ids": ids_block.tolist(), "position_ids": pos_block.tolist()}
-                    fill = 0
+    for ids in _token_rows(token_ds):
+        start = 0
+        while start < ids.size:
+            take = min(seq_len - fill, ids.size - start)
+            ids_block[fill : fill + take] = ids[start : start + take]
+            pos_block[fill : fill + take] = counting[:take]
+            fill, start = fill + take, start + take
+            if fill == seq_len:
+                yield {"input_ids": ids_block.tolist(), "position_ids": pos_block.tolist()}
+                fill = 0
     if fill:
         yield {"input_ids": ids_block[:fill].tolist(), "position_ids": pos_block[:fill].tolist()}
 
 
+def _token_rows(token_ds):
+    """Each document's ids as an int64 array. A Dataset is read as Arrow, a few rows at a time and
+    without copying to Python lists, so a long document costs its size once, not ~5x."""
+    if not hasattr(token_ds, "with_format"):
+        for batch in token_ds:
+            for ids in batch["input_ids"]:
+                yield np.asarray(ids, dtype=np.int64)
+        return
+    for table in token_ds.with_format("arrow", columns=["input_ids"]).iter(batch_size=WRITER_BATCH_ROWS):
+        column = table.column("input_ids").combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        for k in range(len(column)):
+            yield values[offsets[k] : offsets[k + 1]]
+
+
 def _tokenize_fn(tokenizer, eos_id: int):
     def tokenize(batch):
-        enc = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+        enc = tokenizer(batch["text"], add_special_tokens=True, return_attention_mask=False)["input_ids"]
         ids = [e + [eos_id] if not e or e[-1] != eos_id else e for e in enc]
         return {"input_ids": ids, "chars": [len(t) for t in batch["text"]], "n_tokens": [len(i) for i in ids]}
 
     return tokenize
+
+
+def _token_features():
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                              "chars": datasets.Value("int64"), "n_tokens": datasets.Value("int64")})
+
+
+def _block_features():
+    import datasets
+
+    # Stated, not inferred: inference walks every token in Python (most of the packing time).
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                              "position_ids": datasets.List(datasets.Value("int64"))})
+
+
+def _shards(n_docs: int, num_proc: int) -> list[tuple[int, int]]:
+    """Contiguous document ranges, in order: at least one per process."""
+    n = max(1, min(n_docs, num_proc * 4 if num_proc > 1 else 1))
+    bounds = [round(i * n_docs / n) for i in range(n + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int):
+    """Token rows of docs[lo:hi] for each shard, in order. Documents go to the tokenizer in groups
+    of at most TOKENIZE_BATCH_CHARS characters (a longer one alone), so its memory stays bounded
+    whatever the documents' lengths."""
+    tokenize = _tokenize_fn(tokenizer, eos_id)
+    for lo, hi in shards:
+        texts = docs.select(range(lo, hi)).with_format("arrow").iter(batch_size=WRITER_BATCH_ROWS)
+        for group in _char_groups(v.as_py() for table in texts for v in table.column("text")):
+            out = tokenize({"text": group})
+            for ids, chars, n in zip(out["input_ids"], out["chars"], out["n_tokens"]):
+                yield {"input_ids": np.asarray(ids, dtype=np.int64), "chars": chars, "n_tokens": n}
+
+
+def _char_groups(texts, budget: int | None = None):
+    budget = budget or TOKENIZE_BATCH_CHARS
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if group and size + len(text) > budget:
+            yield group
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        yield group
 
 
 def pack_texts(texts, tokenizer, seq_len: int) -> list[dict]:
@@ -142,11 +209,19 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
                     "jsonl_field": cfg.jsonl_field, "doc_end_marker": cfg.doc_end_marker},
         cache_dir=str(workdir / "raw"),
         features=datasets.Features({"text": datasets.Value("string")}),
+        writer_batch_size=WRITER_BATCH_ROWS,
     )
     if len(docs) == 0:
         raise UserError("the corpus holds no text: every file is empty")
-    tokens = docs.map(_tokenize_fn(tokenizer, eos_id), batched=True, remove_columns=["text"],
-                      num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenising")
+    shards = _shards(len(docs), cfg.num_proc)
+    tokens = _from_generator(
+        _tokenized,
+        gen_kwargs={"shards": shards, "docs": docs, "tokenizer": tokenizer, "eos_id": eos_id},
+        cache_dir=str(workdir / "raw-tokens"),
+        features=_token_features(),
+        writer_batch_size=WRITER_BATCH_ROWS,
+        num_proc=min(cfg.num_proc, len(shards)) if cfg.num_proc > 1 else None,
+    )
     val_ids = choose_val_docs(len(tokens), cfg.val_fraction, cfg.seed)
     if val_ids:  # the held-out texts, for measuring the untouched base with its own tokenizer
         docs.select(sorted(val_ids)).save_to_disk(str(workdir / "val_text"))
@@ -162,7 +237,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
         block_len = stats["block_len"] if name == "train" else cfg.seq_len
         blocks = _from_generator(
             pack_blocks, gen_kwargs={"token_ds": part, "seq_len": block_len},
-            cache_dir=str(workdir / f"raw-{name}"),
+            cache_dir=str(workdir / f"raw-{name}"), features=_block_features(),
         )
         blocks.save_to_disk(str(workdir / name))
     return stats

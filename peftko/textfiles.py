@@ -23,7 +23,9 @@ from peftko.errors import UserError
 SUFFIXES = (".txt", ".md", ".jsonl")
 CHUNK_BYTES = 1 << 20
 PREVIEW_CHARS = 200
-MAX_DOC_CHARS = 1 << 22  # 4M characters, about ten long novels
+# Training documents are cut at this length (at a line end): the tokenizer holds 100-350 bytes per
+# character of the text it is given, so 256k characters (a long book) keep it under ~100 MB.
+MAX_DOC_CHARS = 1 << 18
 # A line longer than this is read in pieces (see _cut_point): a file with no line breaks must not
 # become one string the size of the file.
 MAX_LINE_CHARS = 1 << 20

@@ -311,3 +311,21 @@ packing.prepare_data(files, tok, TrainConfig(seq_len=128, val_fraction=0.0), Pat
     assert len(_builds(cache)) == 1  # left behind, as after a power cut
     data = packed(corpus, tokenizer, cache)
     assert _builds(cache) == [] and not data.from_cache
+
+
+def test_tokenising_in_several_processes_gives_the_same_blocks(tokenizer, tmp_path):
+    corpus = tmp_path / "c"
+    for i in range(6):
+        write(corpus, f"{i}.txt", story(i), "utf-8")
+    one = packed(corpus, tokenizer, tmp_path / "cache1", val_fraction=0.2)
+    two = packed(corpus, tokenizer, tmp_path / "cache2", val_fraction=0.2, num_proc=2)
+    assert one.train["input_ids"] == two.train["input_ids"] and one.val["input_ids"] == two.val["input_ids"]
+    assert one.train["position_ids"] == two.train["position_ids"]
+
+
+def test_long_documents_are_tokenised_in_bounded_groups(tokenizer, monkeypatch):
+    from peftko import packing
+
+    monkeypatch.setattr(packing, "TOKENIZE_BATCH_CHARS", 10)
+    groups = list(packing._char_groups(["abcd", "efgh", "ij", "a" * 30, "k"]))
+    assert groups == [["abcd", "efgh", "ij"], ["a" * 30], ["k"]]

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Speed and memory of the whole data path, corpus file -> packed token blocks, against corpus size.
+
+    python benchmarks/data_path.py                         # 1, 10, 100 MB; lines and one-line
+    python benchmarks/data_path.py --sizes 1 10 --shapes one-line
+
+What is timed is what `peftko lora-train` does before the model loads, in the same order: the
+corpus scan (encoding detection, character count, marker lint: `scan_corpus`), then
+`prepare_data` (split into documents, tokenise, hold out, pack, save; the cache starts empty).
+The tokenizer is the built-in demo's (a byte-level BPE trained on the bundled stories, see
+peftko/tiny_base.py), with the markers the scan found registered, as training registers them.
+
+Each (size, shape) runs in a fresh process (this script with --child), so a peak RSS
+(`resource.getrusage`, the process's high-water mark) belongs to that size alone; `base MiB` is the
+same high-water mark just before the scan (imports and the tokenizer), so `peak - base` is what
+the data path itself added.
+
+Corpora are generated from the bundled Korean stories (peftko/sample_corpus), markers included:
+  lines     books of lines as written (|START_OF_BOOK|> ... |END_OF_BOOK|>, a line per paragraph)
+  one-line  the same text with every line break turned into a space and no |END_OF_BOOK|>: the
+            file is one line and one document, the worst case for reading and packing
+Lines are drawn at random from all stories and one word in ten is replaced by a made-up Hangul
+word, so the corpus is not the same 100 kB repeated (the tokenizer caches words it has seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+def generate(path: Path, size_mb: float, shape: str, seed: int = 0) -> Path:
+    """Write a corpus of about size_mb MiB of UTF-8 Korean text with markers."""
+    from peftko.tiny_base import sample_corpus_dir
+
+    rng = random.Random(seed)
+    stories = [p.read_text(encoding="utf-8") for p in sorted(sample_corpus_dir().glob("*.txt"))]
+    body = [ln for s in stories for ln in s.splitlines() if ln.strip() and "_OF_BOOK|>" not in ln]
+    target = int(size_mb * MIB)
+    written = 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < target:
+            lines = [_vary(rng.choice(body), rng) for _ in range(rng.randint(20, 80))]
+            if shape == "lines":
+                text = "|START_OF_BOOK|>\n" + "\n".join(lines) + "\n|END_OF_BOOK|>\n"
+            else:
+                text = " ".join(lines) + " "
+            f.write(text)
+            written += len(text.encode("utf-8"))
+    return path
+
+
+def _vary(line: str, rng: random.Random) -> str:
+    words = line.split(" ")
+    for i, word in enumerate(words):
+        if rng.random() < 0.1 and re.fullmatch("[가-힣]+", word):
+            words[i] = "".join(chr(rng.randint(0xAC00, 0xD7A3)) for _ in range(len(word)))
+    return " ".join(words)
+
+
+def child(path: Path) -> dict:
+    """Scan + prepare_data on one corpus file; run in a fresh process."""
+    import resource
+
+    from peftko.config import DEFAULT_MARKER_PATTERN, TrainConfig
+    from peftko.corpus_report import scan_corpus
+    from peftko.packing import prepare_data
+    from peftko.tiny_base import sample_texts, train_tokenizer
+    from peftko.token_rows import register_markers
+
+    tokenizer = train_tokenizer(sample_texts())
+    cfg = TrainConfig(data=[str(path)])
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    report = scan_corpus([path], DEFAULT_MARKER_PATTERN, cfg.jsonl_field, doc_end_marker=cfg.doc_end_marker)
+    t1 = time.perf_counter()
+    register_markers(tokenizer, sorted(report.marker_counts))
+    files = [f for f in report.files if f.status == "ok"]
+    with tempfile.TemporaryDirectory() as cache:
+        data = prepare_data(files, tokenizer, cfg, Path(cache))
+        blocks = len(data.train)
+    t2 = time.perf_counter()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = path.stat().st_size / MIB
+    return {
+        "mib": round(mb, 1), "scan_s": round(t1 - t0, 2), "prepare_s": round(t2 - t1, 2),
+        "total_s": round(t2 - t0, 2), "mib_per_s": round(mb / (t2 - t0), 2),
+        "base_mib": round(base_kib / 1024), "peak_mib": round(peak_kib / 1024),
+        "docs": data.train_docs + data.val_docs, "train_tokens": data.train_tokens, "blocks": blocks,
+        "seq_len": cfg.seq_len,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 100], help="corpus sizes in MiB")
+    parser.add_argument("--shapes", nargs="+", default=["lines", "one-line"], choices=["lines", "one-line"])
+    parser.add_argument("--workdir", type=Path, default=None, help="where corpora are written (default: a temp dir)")
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child)), flush=True)
+        return
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="peftko-datapath-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PEFTKO_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    rows = []
+    for shape in args.shapes:
+        for size in args.sizes:
+            corpus = generate(work / f"{shape}-{size:g}mb.txt", size, shape)
+            out = subprocess.run([sys.executable, __file__, "--child", str(corpus)], env=env,
+                                 capture_output=True, text=True, check=True)
+            row = {"shape": shape, **json.loads(out.stdout.strip().splitlines()[-1])}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            corpus.unlink()
+    print(f"\npython {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs\n")
+    print("| shape | MiB | scan s | prepare s | total s | MiB/s | base MiB | peak MiB | docs | train tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mib']} | {r['scan_s']} | {r['prepare_s']} | {r['total_s']} | "
+              f"{r['mib_per_s']} | {r['base_mib']} | {r['peak_mib']} | {r['docs']:,} | {r['train_tokens']:,} |")
+
+
+if __name__ == "__main__":
+    main()
