@@ -10,10 +10,16 @@ corpus scan (encoding detection, character count, marker lint: `scan_corpus`), t
 The tokenizer is the built-in demo's (a byte-level BPE trained on the bundled stories, see
 peftko/tiny_base.py), with the markers the scan found registered, as training registers them.
 
-Each (size, shape) runs in a fresh process (this script with --child), so a peak RSS
-(`resource.getrusage`, the process's high-water mark) belongs to that size alone; `base MiB` is the
-same high-water mark just before the scan (imports and the tokenizer), so `peak - base` is what
-the data path itself added.
+Each (size, shape) runs in a fresh process (this script with --child), so its peaks belong to that
+size alone. Two peaks are reported:
+  peak RSS   `resource.getrusage` high-water mark. It includes pages of the memory-mapped Arrow
+             files that were read (clean page cache, given back under pressure), so it grows with
+             the corpus even when the process holds nothing more.
+  peak anon  the largest RssAnon in /proc/self/status, sampled every 20 ms: memory the process
+             itself allocated (Python objects, tokenizer buffers). This is the figure that must
+             not grow with the corpus. `base` is its value before the scan (imports, tokenizer).
+MiB/s is given for wall time and for CPU time (all threads of the process): the machine is shared,
+so wall time depends on the load (printed with each run), CPU time much less.
 
 Corpora are generated from the bundled Korean stories (peftko/sample_corpus), markers included:
   lines     books of lines as written (|START_OF_BOOK|> ... |END_OF_BOOK|>, a line per paragraph)
@@ -36,6 +42,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MIB = 1 << 20
 
@@ -69,6 +79,35 @@ def _vary(line: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def _rss_anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _AnonPeak:
+    """Samples RssAnon in a thread; peak is the largest value seen."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = _rss_anon_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_anon_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss_anon_mib())
+
+
 def child(path: Path) -> dict:
     """Scan + prepare_data on one corpus file; run in a fresh process."""
     import resource
@@ -81,8 +120,10 @@ def child(path: Path) -> dict:
 
     tokenizer = train_tokenizer(sample_texts())
     cfg = TrainConfig(data=[str(path)])
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    base_anon = _rss_anon_mib()
+    anon = _AnonPeak()
+    load = os.getloadavg()[0]
+    c0, t0 = time.process_time(), time.perf_counter()
     report = scan_corpus([path], DEFAULT_MARKER_PATTERN, cfg.jsonl_field, doc_end_marker=cfg.doc_end_marker)
     t1 = time.perf_counter()
     register_markers(tokenizer, sorted(report.marker_counts))
@@ -90,13 +131,15 @@ def child(path: Path) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         data = prepare_data(files, tokenizer, cfg, Path(cache))
         blocks = len(data.train)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
+    peak_anon = anon.stop()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mb = path.stat().st_size / MIB
     return {
-        "mib": round(mb, 1), "scan_s": round(t1 - t0, 2), "prepare_s": round(t2 - t1, 2),
-        "total_s": round(t2 - t0, 2), "mib_per_s": round(mb / (t2 - t0), 2),
-        "base_mib": round(base_kib / 1024), "peak_mib": round(peak_kib / 1024),
+        "mib": round(mb, 1), "load": round(load, 1), "scan_s": round(t1 - t0, 2), "prepare_s": round(t2 - t1, 2),
+        "total_s": round(t2 - t0, 2), "cpu_s": round(c2 - c0, 2), "mib_per_s": round(mb / (t2 - t0), 2),
+        "cpu_mib_per_s": round(mb / (c2 - c0), 2), "peak_rss_mib": round(peak_kib / 1024),
+        "base_anon_mib": round(base_anon), "peak_anon_mib": round(peak_anon),
         "docs": data.train_docs + data.val_docs, "train_tokens": data.train_tokens, "blocks": blocks,
         "seq_len": cfg.seq_len,
     }
@@ -127,11 +170,13 @@ def main() -> None:
             rows.append(row)
             corpus.unlink()
     print(f"\npython {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs\n")
-    print("| shape | MiB | scan s | prepare s | total s | MiB/s | base MiB | peak MiB | docs | train tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | MiB | load | scan s | prepare s | total s | MiB/s wall | CPU s | MiB/s CPU "
+          "| peak RSS MiB | anon base -> peak MiB | docs | train tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['mib']} | {r['scan_s']} | {r['prepare_s']} | {r['total_s']} | "
-              f"{r['mib_per_s']} | {r['base_mib']} | {r['peak_mib']} | {r['docs']:,} | {r['train_tokens']:,} |")
+        print(f"| {r['shape']} | {r['mib']} | {r['load']} | {r['scan_s']} | {r['prepare_s']} | {r['total_s']} "
+              f"| {r['mib_per_s']} | {r['cpu_s']} | {r['cpu_mib_per_s']} | {r['peak_rss_mib']} "
+              f"| {r['base_anon_mib']} -> {r['peak_anon_mib']} | {r['docs']:,} | {r['train_tokens']:,} |")
 
 
 if __name__ == "__main__":

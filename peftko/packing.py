@@ -97,9 +97,15 @@ def pack_blocks(token_ds, seq_len: int):
 
     token_ds: a Dataset with an input_ids column, or any iterable of {"input_ids": [...]} batches.
     """
+    for block in _packed_arrays(token_ds, seq_len):
+        yield {name: values.tolist() for name, values in block.items()}
+
+
+def _packed_arrays(token_ds, seq_len: int):
+    """pack_blocks as numpy arrays, which datasets writes to Arrow without a Python loop."""
     ids_block = np.empty(seq_len, dtype=np.int64)
-    pos_block = np.empty(seq_len, dtype=np.int32)
-    counting = np.arange(seq_len, dtype=np.int32)
+    pos_block = np.empty(seq_len, dtype=np.int64)
+    counting = np.arange(seq_len, dtype=np.int64)
     fill = 0
     for ids in _token_rows(token_ds):
         start = 0
@@ -109,10 +115,10 @@ def pack_blocks(token_ds, seq_len: int):
             pos_block[fill : fill + take] = counting[:take]
             fill, start = fill + take, start + take
             if fill == seq_len:
-                yield {"input_ids": ids_block.tolist(), "position_ids": pos_block.tolist()}
+                yield {"input_ids": ids_block.copy(), "position_ids": pos_block.copy()}
                 fill = 0
     if fill:
-        yield {"input_ids": ids_block[:fill].tolist(), "position_ids": pos_block[:fill].tolist()}
+        yield {"input_ids": ids_block[:fill].copy(), "position_ids": pos_block[:fill].copy()}
 
 
 def _token_rows(token_ds):
@@ -236,7 +242,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
             continue
         block_len = stats["block_len"] if name == "train" else cfg.seq_len
         blocks = _from_generator(
-            pack_blocks, gen_kwargs={"token_ds": part, "seq_len": block_len},
+            _packed_arrays, gen_kwargs={"token_ds": part, "seq_len": block_len},
             cache_dir=str(workdir / f"raw-{name}"), features=_block_features(),
         )
         blocks.save_to_disk(str(workdir / name))

@@ -384,7 +384,7 @@ def iter_located_documents(
 def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | None = None) -> Iterator[Document]:
     parts: list[str] = []
     size, start, number = 0, 1, 1  # number: the file line the next piece starts on
-    for piece, ends_line in iter_pieces(path, encoding, MAX_LINE_CHARS, protect=marker):
+    for piece, ends_line in iter_pieces(path, encoding, min(MAX_LINE_CHARS, max_chars or MAX_LINE_CHARS), marker):
         rest = piece
         while marker and (cut := rest.find(marker)) >= 0:
             cut += len(marker)

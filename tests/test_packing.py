@@ -220,7 +220,7 @@ def test_an_interrupted_build_writes_nothing_outside_its_folder_and_leaves_nothi
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
     seen = {}
-    real_pack = packing.pack_blocks
+    real_pack = packing._packed_arrays
 
     def pack_then_interrupt(token_ds, seq_len):
         yield from real_pack(token_ds, seq_len)
@@ -230,7 +230,7 @@ def test_an_interrupted_build_writes_nothing_outside_its_folder_and_leaves_nothi
                            and "corpus" not in p.parts]
         raise KeyboardInterrupt  # what Ctrl-C / SIGTERM become before training starts
 
-    monkeypatch.setattr(packing, "pack_blocks", pack_then_interrupt)
+    monkeypatch.setattr(packing, "_packed_arrays", pack_then_interrupt)
     corpus = tmp_path / "corpus"
     for i in range(3):
         write(corpus, f"{i}.txt", story(i), "utf-8")
@@ -292,7 +292,7 @@ def stuck(token_ds, seq_len):
     Path({str(started)!r}).write_text("x")
     time.sleep(120)
     yield {{}}
-packing.pack_blocks = stuck
+packing._packed_arrays = stuck
 tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
 files = [scan_file(p) for p in find_files([{str(corpus)!r}])]
 packing.prepare_data(files, tok, TrainConfig(seq_len=128, val_fraction=0.0), Path({str(cache)!r}))
