@@ -29,8 +29,9 @@ from peftko.errors import UserError
 CACHE_VERSION = "4"  # 4: documents cut at textfiles.MAX_DOC_CHARS = 256k characters (was 4M)
 # Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
 # character while it works, so this, not the corpus, sets the peak (see benchmarks/RESULTS.md).
-TOKENIZE_BATCH_CHARS = 1 << 20
-# Rows the Arrow writers buffer before flushing: a document row holds up to MAX_DOC_CHARS.
+TOKENIZE_BATCH_CHARS = 1 << 18
+# Rows the Arrow writers buffer before flushing (datasets' default is 1000): a document row holds
+# up to MAX_DOC_CHARS, a block row seq_len tokens.
 WRITER_BATCH_ROWS = 64
 # A build happens in CACHE/.build-HOST-PID-RANDOM and is renamed into place when complete. The host
 # and pid say whose it is: one left by a process that no longer runs is removed by the next run.
@@ -244,6 +245,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
         blocks = _from_generator(
             _packed_arrays, gen_kwargs={"token_ds": part, "seq_len": block_len},
             cache_dir=str(workdir / f"raw-{name}"), features=_block_features(),
+            writer_batch_size=WRITER_BATCH_ROWS,
         )
         blocks.save_to_disk(str(workdir / name))
     return stats
