@@ -53,8 +53,9 @@ _SPACE = re.compile(r"\s+")
 # Characters a cut may fall just before without changing NFC: none of them composes with what
 # precedes it (Latin/ASCII below U+0300, CJK, kana, precomposed Hangul, leading jamo).
 _SAFE_START = re.compile("[\x00-\u02ff\u1100-\u1112\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff\uac00-\ud7a3]")
-# Anything shaped like a marker or a slip of one (`|SOUND|>`, `|SOUND |>`): never cut inside.
-_MARKER_SHAPE = re.compile(r"<?\|+[^|\n]{0,80}\|+>?")
+# Anything shaped like a marker or a slip of one (`|SOUND|>`, `|SOUND |>`), matched from its first
+# bar: never cut inside. No '>' inside, so a match never starts at the closing bar of a marker.
+_MARKER_SHAPE = re.compile(r"\|+[^|\n>]{0,80}\|+>?")
 
 
 @dataclass(frozen=True)
@@ -329,9 +330,16 @@ def _cut_point(line: str, limit: int, protect: str = "") -> int:
 
 
 def _inside_marker(line: str, cut: int, protect: str = "") -> bool:
-    near = _MARKER_SHAPE.finditer(line, max(0, cut - 100), cut + 100)
-    if any(m.start() < cut < m.end() for m in near):
+    # Try a match at every bar shortly before the cut: a scan that started mid-marker could pair
+    # that marker's closing bar with the next marker's opening one and miss the marker at the cut.
+    if line.startswith("<|", cut - 1):  # `<|SOUND|>`, a slip the lint should still see whole
         return True
+    bar = line.find("|", max(0, cut - 90), cut)
+    while bar >= 0:
+        m = _MARKER_SHAPE.match(line, bar)
+        if m and m.end() > cut:
+            return True
+        bar = line.find("|", bar + 1, cut)
     if not protect:
         return False
     found = line.find(protect, max(0, cut - len(protect) + 1), cut + len(protect) - 1)
@@ -399,9 +407,10 @@ def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | Non
                 start = number
             parts.append(rest)
             size += len(rest)
-        if max_chars and size >= max_chars:
+        if max_chars and (size >= max_chars or not ends_line):
             # A file with no end marker must not become one multi-GB string: cut at a line end, or
-            # where iter_pieces cut an over-long line.
+            # where iter_pieces cut an over-long line (no longer than max_chars, so a document of
+            # a line-free file is one piece).
             if doc := _trim("".join(parts), start):
                 yield doc
             parts, size = [], 0

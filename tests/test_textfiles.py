@@ -401,3 +401,14 @@ def test_a_file_without_read_permission_is_unreadable(tmp_path):
         assert scan_file(path).describe() == "unreadable: Permission denied"
     finally:
         path.chmod(0o644)
+
+
+def test_no_cut_falls_inside_a_marker_wherever_the_limit_falls():
+    import re
+
+    line = "달빛우체부|END_OF_TITLE|>하늘이는창문을열었습니다<|SOUND|>" * 40  # no space to cut after
+    spans = [m.span() for m in re.finditer(r"<?\|[A-Z_]+\|>", line)]
+    for limit in range(40, 600):
+        cut = textfiles._cut_point(line, limit)
+        assert 0 < cut <= limit
+        assert not any(start < cut < end for start, end in spans), (limit, line[cut - 15 : cut + 15])
