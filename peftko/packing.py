@@ -30,8 +30,10 @@ CACHE_VERSION = "4"  # 4: documents cut at textfiles.MAX_DOC_CHARS = 256k charac
 # Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
 # character while it works, so this, not the corpus, sets the peak (see benchmarks/RESULTS.md).
 TOKENIZE_BATCH_CHARS = 1 << 18
-# Rows the Arrow writers buffer before flushing (datasets' default is 1000): a document row holds
-# up to MAX_DOC_CHARS, a block row seq_len tokens.
+# Rows the Arrow writers buffer before flushing (datasets' default is 1000, which for 256k-character
+# documents and their tokens held ~250 MiB). A document or token row holds up to MAX_DOC_CHARS'
+# worth; a block row seq_len tokens.
+DOC_WRITER_ROWS = 16
 WRITER_BATCH_ROWS = 64
 # A build happens in CACHE/.build-HOST-PID-RANDOM and is renamed into place when complete. The host
 # and pid say whose it is: one left by a process that no longer runs is removed by the next run.
@@ -130,7 +132,7 @@ def _token_rows(token_ds):
             for ids in batch["input_ids"]:
                 yield np.asarray(ids, dtype=np.int64)
         return
-    for table in token_ds.with_format("arrow", columns=["input_ids"]).iter(batch_size=WRITER_BATCH_ROWS):
+    for table in token_ds.with_format("arrow", columns=["input_ids"]).iter(batch_size=DOC_WRITER_ROWS):
         column = table.column("input_ids").combine_chunks()
         offsets = column.offsets.to_numpy()
         values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -175,7 +177,7 @@ def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int):
     whatever the documents' lengths."""
     tokenize = _tokenize_fn(tokenizer, eos_id)
     for lo, hi in shards:
-        texts = docs.select(range(lo, hi)).with_format("arrow").iter(batch_size=WRITER_BATCH_ROWS)
+        texts = docs.select(range(lo, hi)).with_format("arrow").iter(batch_size=DOC_WRITER_ROWS)
         for group in _char_groups(v.as_py() for table in texts for v in table.column("text")):
             out = tokenize({"text": group})
             for ids, chars, n in zip(out["input_ids"], out["chars"], out["n_tokens"]):
@@ -216,7 +218,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
                     "jsonl_field": cfg.jsonl_field, "doc_end_marker": cfg.doc_end_marker},
         cache_dir=str(workdir / "raw"),
         features=datasets.Features({"text": datasets.Value("string")}),
-        writer_batch_size=WRITER_BATCH_ROWS,
+        writer_batch_size=DOC_WRITER_ROWS,
     )
     if len(docs) == 0:
         raise UserError("the corpus holds no text: every file is empty")
@@ -226,7 +228,7 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
         gen_kwargs={"shards": shards, "docs": docs, "tokenizer": tokenizer, "eos_id": eos_id},
         cache_dir=str(workdir / "raw-tokens"),
         features=_token_features(),
-        writer_batch_size=WRITER_BATCH_ROWS,
+        writer_batch_size=DOC_WRITER_ROWS,
         num_proc=min(cfg.num_proc, len(shards)) if cfg.num_proc > 1 else None,
     )
     val_ids = choose_val_docs(len(tokens), cfg.val_fraction, cfg.seed)
