@@ -21,9 +21,12 @@ import click
 from peftko.config import DEFAULT_MARKER_PATTERN
 from peftko.errors import UserError
 from peftko.markers import Problem, lint_corpus
-from peftko.textfiles import Document, FileScan, find_files, iter_located_documents, scan_file
+from peftko.textfiles import MAX_DOC_CHARS, Document, FileScan, find_files, iter_located_documents, scan_file
 
-BAD_STATUSES = ("binary", "undecodable")
+BAD_STATUSES = ("binary", "undecodable", "unreadable")
+# The lint needs whole documents (a BOOK pair may span one), so it cuts far later than training
+# does: no real book is cut, and a file with no document end marker or no line break still is.
+LINT_MAX_DOC_CHARS = 1 << 22
 HANGUL_SYLLABLE = re.compile("[\uac00-\ud7a3]")
 SUMMARY_MARKERS = 8
 SUMMARY_PROBLEMS = 3
@@ -114,9 +117,13 @@ def _documents(
         if scan.status != "ok":
             continue
         assert scan.encoding is not None
-        for doc in iter_located_documents(scan.path, scan.encoding, jsonl_field, doc_end_marker):
-            stats.add(doc.text)
-            yield str(scan.path), doc
+        docs = iter_located_documents(scan.path, scan.encoding, jsonl_field, doc_end_marker, LINT_MAX_DOC_CHARS)
+        try:
+            for doc in docs:
+                stats.add(doc.text)
+                yield str(scan.path), doc
+        except OSError as e:  # readable a moment ago in scan_file
+            raise UserError(f"cannot read {scan.path}: {e.strerror or e}; did it change?") from None
 
 
 class _TokenStats:
@@ -130,15 +137,30 @@ class _TokenStats:
     def add(self, text: str) -> None:
         if self.tokenizer is None:
             return
-        # verbose=False: a whole book is longer than model_max_length, which is fine for counting.
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        self.tokens += len(ids)
-        self.syllables += len(text) - len(HANGUL_SYLLABLE.sub("", text))
+        # In slices: the tokenizer holds ~100-350 bytes per character it is given. A cut between
+        # lines shifts a count by a token at most. verbose=False: a book is longer than
+        # model_max_length, which is fine for counting.
+        for piece in _slices(text, MAX_DOC_CHARS):
+            self.tokens += len(self.tokenizer(piece, add_special_tokens=False, verbose=False,
+                                              return_attention_mask=False)["input_ids"])
+        self.syllables += len(HANGUL_SYLLABLE.findall(text))
 
     def ratio(self) -> float | None:
         if self.tokenizer is None or self.syllables == 0:
             return None
         return self.tokens / self.syllables
+
+
+def _slices(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive slices of about `size` characters, cut after a line end where one is near."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            newline = text.rfind("\n", start, end)
+            end = newline + 1 if newline > start else end
+        yield text[start:end]
+        start = end
 
 
 def _pieces(tokenizer, counts: Counter) -> dict[str, int]:
@@ -150,7 +172,8 @@ def _pieces(tokenizer, counts: Counter) -> dict[str, int]:
 
 def _file_json(f: FileScan) -> dict[str, Any]:
     return {
-        "path": str(f.path), "encoding": f.encoding, "status": f.status, "chars": f.chars, "preview": f.preview,
+        "path": str(f.path), "encoding": f.encoding, "status": f.status, "detail": f.detail,
+        "chars": f.chars, "preview": f.preview,
     }
 
 
@@ -180,8 +203,7 @@ def _files_table(files: list[FileScan]) -> str:
     header = ("path", "encoding", "status", "chars", "starts with")
     lines = [f"Files ({len(files)})", _table(header, rows, right={3})]
     lines += [f"warning: {f.path} is empty (nothing to train on)" for f in files if f.status == "empty"]
-    lines += [f"warning: {f.path} is {f.status}, not text (skipped)"
-              for f in files if f.status in BAD_STATUSES]
+    lines += [f"warning: {f.path} is {f.describe()} (skipped)" for f in files if f.status in BAD_STATUSES]
     return "\n".join(lines)
 
 

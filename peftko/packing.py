@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,18 @@ import numpy as np
 
 from peftko.errors import UserError
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: documents cut at textfiles.MAX_DOC_CHARS = 256k characters (was 4M)
+# Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
+# character while it works, so this, not the corpus, sets the peak (see benchmarks/RESULTS.md).
+TOKENIZE_BATCH_CHARS = 1 << 18
+# Rows the Arrow writers buffer before flushing (datasets' default is 1000, which for 256k-character
+# documents and their tokens held ~250 MiB). A document or token row holds up to MAX_DOC_CHARS'
+# worth; a block row seq_len tokens.
+DOC_WRITER_ROWS = 16
+WRITER_BATCH_ROWS = 64
+# A build happens in CACHE/.build-HOST-PID-RANDOM and is renamed into place when complete. The host
+# and pid say whose it is: one left by a process that no longer runs is removed by the next run.
+BUILD_PREFIX = ".build-"
 
 
 @dataclass
@@ -64,8 +76,11 @@ def _documents(files: list[tuple[str, str]], jsonl_field: str, doc_end_marker: s
     from peftko.textfiles import iter_documents
 
     for path, encoding in files:
-        for text in iter_documents(Path(path), encoding, jsonl_field, doc_end_marker):
-            yield {"text": text}
+        try:
+            for text in iter_documents(Path(path), encoding, jsonl_field, doc_end_marker):
+                yield {"text": text}
+        except OSError as e:  # scanned a moment ago, so it was moved or changed since
+            raise UserError(f"cannot read {path}: {e.strerror or e}; did it change?") from None
 
 
 def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
@@ -76,42 +91,111 @@ def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(n_docs), n_val))
 
 
-def _rebase(pos: np.ndarray) -> np.ndarray:
-    """A document cut at a block edge restarts at position 0 in the next block."""
-    if pos.size and pos[0] != 0:
-        zeros = np.flatnonzero(pos == 0)
-        end = zeros[0] if zeros.size else pos.size
-        pos = pos.copy()
-        pos[:end] -= pos[0]
-    return pos
-
-
 def pack_blocks(token_ds, seq_len: int):
     """Concatenate documents and cut every seq_len tokens; only the last block is short.
 
+    Positions count from 0 at each document start and again at each block start (a document cut at
+    a block edge goes on at 0 in the next block). Each token is copied once into a block buffer, so
+    time is linear in the corpus however long its documents are.
+
     token_ds: a Dataset with an input_ids column, or any iterable of {"input_ids": [...]} batches.
     """
-    token_batches = token_ds.iter(batch_size=512) if hasattr(token_ds, "iter") else token_ds
-    ids_buf = np.empty(0, dtype=np.int64)
-    pos_buf = np.empty(0, dtype=np.int32)
-    for batch in token_batches:
-        for ids in batch["input_ids"]:
-            ids_buf = np.concatenate([ids_buf, np.asarray(ids, dtype=np.int64)])
-            pos_buf = np.concatenate([pos_buf, np.arange(len(ids), dtype=np.int32)])
-            while ids_buf.size >= seq_len:
-                yield {"input_ids": ids_buf[:seq_len].tolist(), "position_ids": pos_buf[:seq_len].tolist()}
-                ids_buf, pos_buf = ids_buf[seq_len:], _rebase(pos_buf[seq_len:])
-    if ids_buf.size:
-        yield {"input_ids": ids_buf.tolist(), "position_ids": pos_buf.tolist()}
+    for block in _packed_arrays(token_ds, seq_len):
+        yield {name: values.tolist() for name, values in block.items()}
+
+
+def _packed_arrays(token_ds, seq_len: int):
+    """pack_blocks as numpy arrays, which datasets writes to Arrow without a Python loop."""
+    ids_block = np.empty(seq_len, dtype=np.int64)
+    pos_block = np.empty(seq_len, dtype=np.int64)
+    counting = np.arange(seq_len, dtype=np.int64)
+    fill = 0
+    for ids in _token_rows(token_ds):
+        start = 0
+        while start < ids.size:
+            take = min(seq_len - fill, ids.size - start)
+            ids_block[fill : fill + take] = ids[start : start + take]
+            pos_block[fill : fill + take] = counting[:take]
+            fill, start = fill + take, start + take
+            if fill == seq_len:
+                yield {"input_ids": ids_block.copy(), "position_ids": pos_block.copy()}
+                fill = 0
+    if fill:
+        yield {"input_ids": ids_block[:fill].copy(), "position_ids": pos_block[:fill].copy()}
+
+
+def _token_rows(token_ds):
+    """Each document's ids as an int64 array. A Dataset is read as Arrow, a few rows at a time and
+    without copying to Python lists, so a long document costs its size once, not ~5x."""
+    if not hasattr(token_ds, "with_format"):
+        for batch in token_ds:
+            for ids in batch["input_ids"]:
+                yield np.asarray(ids, dtype=np.int64)
+        return
+    for table in token_ds.with_format("arrow", columns=["input_ids"]).iter(batch_size=DOC_WRITER_ROWS):
+        column = table.column("input_ids").combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        for k in range(len(column)):
+            yield values[offsets[k] : offsets[k + 1]]
 
 
 def _tokenize_fn(tokenizer, eos_id: int):
     def tokenize(batch):
-        enc = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+        enc = tokenizer(batch["text"], add_special_tokens=True, return_attention_mask=False)["input_ids"]
         ids = [e + [eos_id] if not e or e[-1] != eos_id else e for e in enc]
         return {"input_ids": ids, "chars": [len(t) for t in batch["text"]], "n_tokens": [len(i) for i in ids]}
 
     return tokenize
+
+
+def _token_features():
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                              "chars": datasets.Value("int64"), "n_tokens": datasets.Value("int64")})
+
+
+def _block_features():
+    import datasets
+
+    # Stated, not inferred: inference walks every token in Python (most of the packing time).
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                              "position_ids": datasets.List(datasets.Value("int64"))})
+
+
+def _shards(n_docs: int, num_proc: int) -> list[tuple[int, int]]:
+    """Contiguous document ranges, in order: at least one per process."""
+    n = max(1, min(n_docs, num_proc * 4 if num_proc > 1 else 1))
+    bounds = [round(i * n_docs / n) for i in range(n + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int):
+    """Token rows of docs[lo:hi] for each shard, in order. Documents go to the tokenizer in groups
+    of at most TOKENIZE_BATCH_CHARS characters (a longer one alone), so its memory stays bounded
+    whatever the documents' lengths."""
+    tokenize = _tokenize_fn(tokenizer, eos_id)
+    for lo, hi in shards:
+        texts = docs.select(range(lo, hi)).with_format("arrow").iter(batch_size=DOC_WRITER_ROWS)
+        for group in _char_groups(v.as_py() for table in texts for v in table.column("text")):
+            out = tokenize({"text": group})
+            for ids, chars, n in zip(out["input_ids"], out["chars"], out["n_tokens"]):
+                yield {"input_ids": np.asarray(ids, dtype=np.int64), "chars": chars, "n_tokens": n}
+
+
+def _char_groups(texts, budget: int | None = None):
+    budget = budget or TOKENIZE_BATCH_CHARS
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if group and size + len(text) > budget:
+            yield group
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        yield group
 
 
 def pack_texts(texts, tokenizer, seq_len: int) -> list[dict]:
@@ -128,17 +212,25 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
     if eos_id is None:
         raise UserError("the tokenizer has no eos_token, which peftko puts between documents; "
                         "set eos_token in the model's tokenizer_config.json")
-    docs = datasets.Dataset.from_generator(
+    docs = _from_generator(
         _documents,
         gen_kwargs={"files": [(str(f.path), f.encoding) for f in files],
                     "jsonl_field": cfg.jsonl_field, "doc_end_marker": cfg.doc_end_marker},
         cache_dir=str(workdir / "raw"),
         features=datasets.Features({"text": datasets.Value("string")}),
+        writer_batch_size=DOC_WRITER_ROWS,
     )
     if len(docs) == 0:
         raise UserError("the corpus holds no text: every file is empty")
-    tokens = docs.map(_tokenize_fn(tokenizer, eos_id), batched=True, remove_columns=["text"],
-                      num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc="tokenising")
+    shards = _shards(len(docs), cfg.num_proc)
+    tokens = _from_generator(
+        _tokenized,
+        gen_kwargs={"shards": shards, "docs": docs, "tokenizer": tokenizer, "eos_id": eos_id},
+        cache_dir=str(workdir / "raw-tokens"),
+        features=_token_features(),
+        writer_batch_size=DOC_WRITER_ROWS,
+        num_proc=min(cfg.num_proc, len(shards)) if cfg.num_proc > 1 else None,
+    )
     val_ids = choose_val_docs(len(tokens), cfg.val_fraction, cfg.seed)
     if val_ids:  # the held-out texts, for measuring the untouched base with its own tokenizer
         docs.select(sorted(val_ids)).save_to_disk(str(workdir / "val_text"))
@@ -152,12 +244,27 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
         if len(part) == 0:
             continue
         block_len = stats["block_len"] if name == "train" else cfg.seq_len
-        blocks = datasets.Dataset.from_generator(
-            pack_blocks, gen_kwargs={"token_ds": part, "seq_len": block_len},
-            cache_dir=str(workdir / f"raw-{name}"),
+        blocks = _from_generator(
+            _packed_arrays, gen_kwargs={"token_ds": part, "seq_len": block_len},
+            cache_dir=str(workdir / f"raw-{name}"), features=_block_features(),
+            writer_batch_size=WRITER_BATCH_ROWS,
         )
         blocks.save_to_disk(str(workdir / name))
     return stats
+
+
+def _from_generator(generator, **kwargs):
+    """Dataset.from_generator, with a UserError raised inside the generator passed on as itself
+    (datasets wraps every error in DatasetGenerationError, which would show as a traceback)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.Dataset.from_generator(generator, **kwargs)
+    except DatasetGenerationError as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def even_block_len(total_tokens: int, seq_len: int) -> int:
@@ -182,7 +289,10 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     from_cache = (target / "stats.json").exists()
     if not from_cache:
         cache_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
+        remove_stale_builds(cache_root)
+        # Every file datasets writes for the build (Arrow shards, map caches, index mappings, lock
+        # files) goes under cache_dir, i.e. inside `work`; nothing lands in ~/.cache or /tmp.
+        work = Path(tempfile.mkdtemp(prefix=_build_prefix(), dir=cache_root))
         try:
             stats = build_packed(files, tokenizer, cfg, work)
             (work / "stats.json").write_text(json.dumps(stats))
@@ -200,3 +310,36 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     fraction = total / (len(train) * stats["block_len"])  # every batch pads to the longest block
     return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["val_chars"],
                       total, fraction, stats["block_len"], target, from_cache)
+
+
+def _build_prefix(pid: int | None = None) -> str:
+    return f"{BUILD_PREFIX}{socket.gethostname()}-{pid or os.getpid()}-"
+
+
+def remove_stale_builds(cache_root: Path) -> list[Path]:
+    """Remove build folders whose process is gone (killed mid-build); return what was removed.
+
+    Only folders named by this host's builds are judged: a folder of another host sharing the cache
+    (NFS) or of a process that still runs is left alone, and so is anything not named like a build.
+    """
+    removed = []
+    host_prefix = f"{BUILD_PREFIX}{socket.gethostname()}-"
+    for folder in cache_root.glob(f"{BUILD_PREFIX}*"):
+        rest = folder.name[len(host_prefix):] if folder.name.startswith(host_prefix) else ""
+        pid = rest.split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

@@ -23,7 +23,20 @@ from peftko.errors import UserError
 SUFFIXES = (".txt", ".md", ".jsonl")
 CHUNK_BYTES = 1 << 20
 PREVIEW_CHARS = 200
-MAX_DOC_CHARS = 1 << 22  # 4M characters, about ten long novels
+# Training documents are cut at this length (at a line end): the tokenizer holds 100-350 bytes per
+# character of the text it is given, so 256k characters (a long book) keep it under ~100 MB.
+MAX_DOC_CHARS = 1 << 18
+# A line longer than this is read in pieces (see _cut_point): a file with no line breaks must not
+# become one string the size of the file.
+MAX_LINE_CHARS = 1 << 20
+# How far back from MAX_LINE_CHARS a piece may end: room enough to find a sentence end.
+CUT_WINDOW = 1 << 16
+# A .jsonl record is one JSON value and cannot be cut; longer lines are refused with their number.
+MAX_RECORD_CHARS = 1 << 25
+# Decoding this many Hangul syllables as UTF-8 before the first invalid byte means the file is
+# damaged UTF-8: CP949 text fails UTF-8 at (nearly) its first syllable, and reading UTF-8 as CP949
+# would train on mojibake.
+UTF8_EVIDENCE_SYLLABLES = 8
 BOM = "\ufeff"
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 # Bytes that never appear in text files except as damage: C0 controls other than tab, LF, FF,
@@ -32,6 +45,17 @@ CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C
 # Above this share of control bytes a file that decodes is still treated as binary.
 BINARY_CONTROL_FRACTION = 0.1
 _NOT_SPACE = re.compile(r"[^\s\ufeff]")
+_HANGUL = re.compile("[\uac00-\ud7a3]")
+# Where a long line is best cut, in order of preference; each cut falls after the whitespace.
+_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s+")
+_KOREAN_END = re.compile(r"(?:니다|[어아에해예]요|[었였했한는이]다|죠)\s+")  # sentence-final forms
+_SPACE = re.compile(r"\s+")
+# Characters a cut may fall just before without changing NFC: none of them composes with what
+# precedes it (Latin/ASCII below U+0300, CJK, kana, precomposed Hangul, leading jamo).
+_SAFE_START = re.compile("[\x00-\u02ff\u1100-\u1112\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff\uac00-\ud7a3]")
+# Anything shaped like a marker or a slip of one (`|SOUND|>`, `|SOUND |>`), matched from its first
+# bar: never cut inside. No '>' inside, so a match never starts at the closing bar of a marker.
+_MARKER_SHAPE = re.compile(r"\|+[^|\n>]{0,80}\|+>?")
 
 
 @dataclass(frozen=True)
@@ -40,9 +64,14 @@ class FileScan:
 
     path: Path
     encoding: str | None  # "utf-8", "utf-8-sig", "utf-16", "cp949", or None when not text
-    status: str  # "ok" | "empty" | "binary" | "undecodable"
+    status: str  # "ok" | "empty" | "binary" | "undecodable" | "unreadable"
     chars: int  # characters after decoding + normalising (for .jsonl: of the text fields)
     preview: str  # first 200 characters after decoding + NFC ("" unless ok)
+    detail: str = ""  # why, for undecodable ("invalid UTF-8 at line ...") and unreadable (the OS reason)
+
+    def describe(self) -> str:
+        """The status with its reason, as messages show it."""
+        return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
 @dataclass(frozen=True)
@@ -104,36 +133,82 @@ def normalize_text(text: str) -> str:
 
 
 class _Trial:
-    """One candidate decoding fed chunk by chunk; remembers failure and whether any text was seen."""
+    """One candidate decoding fed chunk by chunk.
+
+    Remembers whether any text was seen, how many Hangul syllables it decoded, and where it first
+    failed (byte offset from 0, 1-based line, the byte), so a damaged file can be fixed in place.
+    """
 
     def __init__(self, encoding: str):
         self.encoding = encoding
         self.decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-        self.failed = False
+        self.failure: tuple[int, int, int] | None = None  # (byte offset, line, byte value)
         self.has_text = False
+        self.syllables = 0  # counted up to UTF8_EVIDENCE_SYLLABLES only
+        self.offset = 0  # bytes fed so far
+        self.line_ends = 0
+        self.last_cr = False
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
 
     def feed(self, chunk: bytes, final: bool = False) -> None:
         if self.failed:
             return
+        state = self.decoder.getstate()
         try:
             text = self.decoder.decode(chunk, final=final)
-        except UnicodeDecodeError:
-            self.failed = True
+        except UnicodeDecodeError as e:
+            self._fail(e, state, chunk)
             return
+        self.offset += len(chunk)
+        self._count(text)
+
+    def _count(self, text: str) -> None:
         if not self.has_text and _NOT_SPACE.search(text):
             self.has_text = True
+        if self.syllables < UTF8_EVIDENCE_SYLLABLES:
+            self.syllables += len(_HANGUL.findall(text, 0, 4096))
+        # CRLF, CR and LF each end one line, as iter_lines reads them.
+        self.line_ends += text.count("\n") + text.count("\r") - text.count("\r\n")
+        if self.last_cr and text.startswith("\n"):
+            self.line_ends -= 1
+        if text:
+            self.last_cr = text.endswith("\r")
+
+    def _fail(self, e: UnicodeDecodeError, state: tuple[bytes, int], chunk: bytes) -> None:
+        # e.object is the decoder's held-back bytes followed by this chunk.
+        base = self.offset + len(chunk) - len(e.object)
+        before = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+        before.setstate((b"", state[1]))
+        self._count(before.decode(e.object[: e.start]))
+        self.failure = (base + e.start, self.line_ends + 1, e.object[e.start])
+
+    def describe_failure(self) -> str:
+        assert self.failure is not None
+        offset, line, byte = self.failure
+        name = {"utf-8-sig": "UTF-8", "cp949": "CP949"}.get(self.encoding, self.encoding.upper())
+        return f"invalid {name} at line {line}, byte offset {offset} (0x{byte:02x})"
 
 
 def detect_encoding(path: Path) -> tuple[str | None, str]:
-    """(encoding, status) after reading the whole file once, in chunks.
+    """(encoding, status) after reading the whole file once, in chunks (see detect_file)."""
+    encoding, status, _ = detect_file(path)
+    return encoding, status
+
+
+def detect_file(path: Path) -> tuple[str | None, str, str]:
+    """(encoding, status, detail) after reading the whole file once, in chunks.
 
     UTF-8 and CP949 are tried side by side over every chunk: CP949 bytes are rarely valid UTF-8,
-    but "rarely" is decided by the whole file, not a prefix.
+    but "rarely" is decided by the whole file, not a prefix. detail says where an undecodable
+    file first goes wrong.
     """
     with Path(path).open("rb") as f:
         head = f.read(CHUNK_BYTES)
         if not head:
-            return None, "empty"
+            return None, "empty", ""
         if head.startswith(UTF16_BOMS):
             trials = [_Trial("utf-16")]
         else:
@@ -153,53 +228,128 @@ def detect_encoding(path: Path) -> tuple[str | None, str]:
     return _verdict(trials, nul, control / size)
 
 
-def _verdict(trials: list[_Trial], nul: bool, control_fraction: float) -> tuple[str | None, str]:
+def _verdict(trials: list[_Trial], nul: bool, control_fraction: float) -> tuple[str | None, str, str]:
     # UTF-16 text is full of NUL bytes by design, so only BOM-less files are judged by bytes.
     utf16 = trials[0].encoding == "utf-16"
     if not utf16 and (nul or control_fraction > BINARY_CONTROL_FRACTION):
-        return None, "binary"
+        return None, "binary", ""
+    first = trials[0]
+    if first.failed and first.syllables >= UTF8_EVIDENCE_SYLLABLES and not utf16:
+        # Korean UTF-8 with a damaged stretch: CP949 might decode it, but only as mojibake.
+        return None, "undecodable", first.describe_failure() + "; the text before it is UTF-8"
     for trial in trials:
         if not trial.failed:
-            return trial.encoding, "ok" if trial.has_text else "empty"
-    return None, "undecodable"
+            return trial.encoding, "ok" if trial.has_text else "empty", ""
+    # The encoding that read furthest is the one the file was most likely meant to be in.
+    furthest = max(trials, key=lambda t: t.failure[0])  # type: ignore[index]
+    return None, "undecodable", furthest.describe_failure()
 
 
 # --- reading
 
 
-def iter_lines(path: Path, encoding: str) -> Iterator[str]:
-    """Normalised lines, each ending in "\\n" except possibly the last, streamed in chunks."""
+def iter_lines(path: Path, encoding: str, max_chars: int | None = None) -> Iterator[str]:
+    """Normalised lines, each ending in "\\n" except possibly the last, streamed in chunks.
+
+    max_chars: a longer line comes in pieces of at most max_chars (see _cut_point), only the last
+    of which ends in "\\n"; memory then stays bounded however long a line is.
+    """
+    for text, _ in iter_pieces(path, encoding, max_chars):
+        yield text
+
+
+def iter_pieces(
+    path: Path, encoding: str, max_chars: int | None, protect: str = ""
+) -> Iterator[tuple[str, bool]]:
+    """(text, ends_line): lines as iter_lines gives them; ends_line is False for a piece of a
+    line longer than max_chars that the next piece continues. No cut splits `protect`."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     partial: list[str] = []
+    size = 0
     held_cr = ""
-    first = True
+    at_start = True
     try:
         with Path(path).open("rb") as f:
             while True:
                 chunk = f.read(CHUNK_BYTES)
                 text = held_cr + decoder.decode(chunk, final=not chunk)
+                if at_start:  # BOMs at the start of the file are encoding marks, not text
+                    text = text.lstrip(BOM)
+                    at_start = not text
                 # A CR at a chunk edge may be half of a CRLF: decide once the next chunk is in.
                 held_cr = "\r" if chunk and text.endswith("\r") else ""
                 text = text[:-1] if held_cr else text
-                pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-                for piece in pieces[:-1]:
-                    partial.append(piece)
-                    yield _finish_line("".join(partial) + "\n", first)
-                    partial, first = [], False
-                partial.append(pieces[-1])
+                lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                for line in lines[:-1]:
+                    partial.append(line)
+                    yield from _pieces_of("".join(partial) + "\n", max_chars, protect)
+                    partial, size = [], 0
+                partial.append(lines[-1])
+                size += len(lines[-1])
+                if max_chars and size > max_chars:
+                    rest = yield from _pieces_of("".join(partial), max_chars, protect, last_ends_line=None)
+                    partial, size = [rest], len(rest)
                 if not chunk:
                     break
     except UnicodeDecodeError as e:
         # Detection read the same bytes cleanly, so the file changed while we were reading it.
         raise UserError(f"{path}: cannot decode as {encoding} ({e.reason}); did it change?") from None
-    last = "".join(partial)
-    if last:
-        yield _finish_line(last, first)
+    if last := "".join(partial):
+        yield _nfc(last), True
 
 
-def _finish_line(line: str, first: bool) -> str:
-    # Per-line NFC equals whole-text NFC: a newline never composes with its neighbours.
-    return unicodedata.normalize("NFC", line.lstrip(BOM) if first else line)
+def _pieces_of(line: str, max_chars: int | None, protect: str, last_ends_line: bool | None = True):
+    """Yield `line` in pieces of at most max_chars; with last_ends_line None, keep the final
+    piece back (more of the line is still to come) and return it."""
+    while max_chars and len(line) > max_chars:
+        cut = _cut_point(line, max_chars, protect)
+        yield _nfc(line[:cut]), False
+        line = line[cut:]
+    if last_ends_line is None:
+        return line
+    yield _nfc(line), True
+    return ""
+
+
+def _cut_point(line: str, limit: int, protect: str = "") -> int:
+    """Where to end a piece of an over-long line: 0 < cut <= limit.
+
+    Prefer the last sentence end (. ! ? 。, then a Korean sentence-final form) followed by space,
+    then any space, then a character boundary that NFC cannot join across. Never inside anything
+    shaped like a marker, so `|END_OF_TITLE|>` stays one piece of text, nor inside `protect`.
+    """
+    low = max(1, limit - CUT_WINDOW)
+    for rx in (_SENTENCE_END, _KOREAN_END, _SPACE):
+        for m in reversed(list(rx.finditer(line, low, limit))):
+            if not _inside_marker(line, m.end(), protect):
+                return m.end()
+    for cut in range(limit, low - 1, -1):
+        if _SAFE_START.match(line, cut) and not _inside_marker(line, cut, protect):
+            return cut
+    return limit  # no safe boundary in the window: text this odd is cut where it stands
+
+
+def _inside_marker(line: str, cut: int, protect: str = "") -> bool:
+    # Try a match at every bar shortly before the cut: a scan that started mid-marker could pair
+    # that marker's closing bar with the next marker's opening one and miss the marker at the cut.
+    if line.startswith("<|", cut - 1):  # `<|SOUND|>`, a slip the lint should still see whole
+        return True
+    bar = line.find("|", max(0, cut - 90), cut)
+    while bar >= 0:
+        m = _MARKER_SHAPE.match(line, bar)
+        if m and m.end() > cut:
+            return True
+        bar = line.find("|", bar + 1, cut)
+    if not protect:
+        return False
+    found = line.find(protect, max(0, cut - len(protect) + 1), cut + len(protect) - 1)
+    return 0 <= found < cut < found + len(protect)
+
+
+def _nfc(text: str) -> str:
+    # Per-line NFC equals whole-text NFC: a newline never composes with its neighbours, and a
+    # piece of a long line is cut only before a character nothing composes with.
+    return unicodedata.normalize("NFC", text)
 
 
 def iter_documents(
@@ -210,8 +360,8 @@ def iter_documents(
 ) -> Iterator[str]:
     """Normalised documents of one file (see iter_located_documents for the rules).
 
-    For training, a document longer than MAX_DOC_CHARS is cut at a line end into pieces, so memory
-    stays bounded whatever the file; each piece is then packed as a document of its own.
+    For training, a document longer than MAX_DOC_CHARS is cut into pieces, so memory stays bounded
+    whatever the file; each piece is then packed as a document of its own.
     """
     for doc in iter_located_documents(path, encoding, jsonl_field, doc_end_marker, MAX_DOC_CHARS):
         yield doc.text
@@ -229,7 +379,8 @@ def iter_located_documents(
     .jsonl: one document per record's `jsonl_field`. .txt/.md: split after each
     `doc_end_marker` (which stays at the end of its document); "" means one document per file.
     Leading and trailing blank lines are dropped; whitespace-only documents are skipped.
-    max_chars: cut a longer .txt/.md document at the next line end (None: never; lint needs whole ones).
+    max_chars: cut a longer .txt/.md document at the next line end, or, on a line longer than
+    MAX_LINE_CHARS, at the next piece of it (a sentence end where there is one; None: never).
     """
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
@@ -240,9 +391,9 @@ def iter_located_documents(
 
 def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | None = None) -> Iterator[Document]:
     parts: list[str] = []
-    size, start = 0, 1
-    for number, line in enumerate(iter_lines(path, encoding), start=1):
-        rest = line
+    size, start, number = 0, 1, 1  # number: the file line the next piece starts on
+    for piece, ends_line in iter_pieces(path, encoding, min(MAX_LINE_CHARS, max_chars or MAX_LINE_CHARS), marker):
+        rest = piece
         while marker and (cut := rest.find(marker)) >= 0:
             cut += len(marker)
             if not parts:
@@ -256,11 +407,14 @@ def _text_documents(path: Path, encoding: str, marker: str, max_chars: int | Non
                 start = number
             parts.append(rest)
             size += len(rest)
-        if max_chars and size >= max_chars and rest.endswith("\n"):
-            # A file with no end marker must not become one multi-GB string: cut at a line end.
+        if max_chars and (size >= max_chars or not ends_line):
+            # A file with no end marker must not become one multi-GB string: cut at a line end, or
+            # where iter_pieces cut an over-long line (no longer than max_chars, so a document of
+            # a line-free file is one piece).
             if doc := _trim("".join(parts), start):
                 yield doc
             parts, size = [], 0
+        number += ends_line
     if doc := _trim("".join(parts), start):
         yield doc
 
@@ -279,12 +433,21 @@ def _trim(text: str, start: int, one_line: bool = False) -> Document | None:
 
 
 def _jsonl_documents(path: Path, encoding: str, field: str) -> Iterator[Document]:
-    for number, line in enumerate(iter_lines(path, encoding), start=1):
+    for number, line in _jsonl_lines(path, encoding):
         if not line.strip():
             continue  # blank lines between records are common and harmless
         value = _jsonl_text(path, number, line, field)
         if doc := _trim(normalize_text(value), number, one_line=True):
             yield doc
+
+
+def _jsonl_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line): whole lines, or a UserError for one too long to be a record."""
+    for number, (line, ends_line) in enumerate(iter_pieces(path, encoding, MAX_RECORD_CHARS), start=1):
+        if not ends_line:
+            raise UserError(f"{path}:{number}: a record longer than {MAX_RECORD_CHARS:,} characters; "
+                            "split it into several records (one document each)")
+        yield number, line
 
 
 def _jsonl_text(path: Path, number: int, line: str, field: str) -> str:
@@ -308,12 +471,14 @@ def scan_file(path: Path, jsonl_field: str = "text") -> FileScan:
     """Encoding, status, size and a preview of one file (two streamed passes when it is text)."""
     path = Path(path)
     try:
-        encoding, status = detect_encoding(path)
+        encoding, status, detail = detect_file(path)
         if status != "ok":
-            return FileScan(path, encoding, status, 0, "")
+            return FileScan(path, encoding, status, 0, "", detail)
         chars, preview, has_text = _measure(path, encoding, jsonl_field)
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        # Permission denied, a dangling link, an I/O error: reported like binary files, so
+        # --skip-bad-files can train on the rest and the refusal lists every such file.
+        return FileScan(path, None, "unreadable", 0, "", e.strerror or str(e))
     if not has_text:  # e.g. a .jsonl whose text fields are all blank
         return FileScan(path, encoding, "empty", 0, "")
     return FileScan(path, encoding, "ok", chars, preview)
@@ -323,7 +488,7 @@ def _measure(path: Path, encoding: str, jsonl_field: str) -> tuple[int, str, boo
     """(chars, preview, any non-space text); for .jsonl only the text fields count."""
     jsonl = path.suffix.lower() == ".jsonl"
     chars, head, has_text = 0, [], False
-    for text in _jsonl_texts(path, encoding, jsonl_field) if jsonl else iter_lines(path, encoding):
+    for text in _jsonl_texts(path, encoding, jsonl_field) if jsonl else iter_lines(path, encoding, MAX_LINE_CHARS):
         if chars < PREVIEW_CHARS:
             head.append(text)
         chars += len(text)
@@ -332,6 +497,6 @@ def _measure(path: Path, encoding: str, jsonl_field: str) -> tuple[int, str, boo
 
 
 def _jsonl_texts(path: Path, encoding: str, field: str) -> Iterator[str]:
-    for number, line in enumerate(iter_lines(path, encoding), start=1):
+    for number, line in _jsonl_lines(path, encoding):
         if line.strip():
             yield normalize_text(_jsonl_text(path, number, line, field))

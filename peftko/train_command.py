@@ -29,11 +29,12 @@ def read_corpus(cfg: TrainConfig, strict: bool = False):
     warn_problems(cfg, report, strict)
     bad = report.bad_files
     if bad and not cfg.skip_bad_files:
-        listing = "\n".join(f"  {f.path}: {f.status}" for f in bad)
+        listing = "\n".join(f"  {f.path}: {f.describe()}" for f in bad)
         raise UserError(f"{len(bad)} corpus file(s) are not readable text:\n{listing}\n"
                         "Fix or remove them, or pass --skip-bad-files to train on the rest.")
     if bad:
-        click.echo(f"skipping {len(bad)} unreadable file(s): " + ", ".join(str(f.path) for f in bad))
+        shown = ", ".join(f"{f.path} ({f.describe()})" for f in bad)
+        click.echo(f"skipping {len(bad)} unreadable file(s): {shown}")
     files = [f for f in report.files if f.status == "ok"]
     if not files:
         raise UserError("no readable, non-empty corpus file was found in --data")

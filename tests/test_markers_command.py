@@ -77,7 +77,7 @@ def test_json_output_has_the_required_shape(clean_corpus):
     assert [(Path(f["path"]).name, f["encoding"], f["status"]) for f in data["files"]] == [
         ("01.txt", "utf-8", "ok"), ("02.txt", "cp949", "ok"), ("03.md", "utf-16", "ok"),
     ]
-    assert set(data["files"][0]) == {"path", "encoding", "status", "chars", "preview"}
+    assert set(data["files"][0]) == {"path", "encoding", "status", "detail", "chars", "preview"}
     assert data["files"][0]["preview"].startswith("|START_OF_BOOK|>\n|START_OF_TITLE|>노란")
     assert data["markers"]["|SOUND|>"] == 6 and data["markers"]["|START_OF_DIALOGUE|>"] == 6
     assert data["marker_files"]["|SOUND|>"] == 3
@@ -166,3 +166,43 @@ def test_summary_is_short_and_lists_problems(bad_corpus):
     assert lines[1].startswith("markers: 7 (") and "|SOUND|> x6" in lines[1]
     assert lines[2].startswith("problems: 1") and "04.txt:2 near-miss" in lines[3]
     assert report.bad_files == []
+
+
+def _deny(monkeypatch, denied: Path) -> None:
+    """EACCES on opening one file, as chmod 000 gives every user but root (tests may run as root)."""
+    real_open = Path.open
+
+    def open_or_deny(self, *args, **kwargs):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_or_deny)
+
+
+def test_unreadable_and_damaged_files_are_listed_with_the_reason(clean_corpus, monkeypatch):
+    _deny(monkeypatch, clean_corpus / "01.txt")
+    (clean_corpus / "05.txt").write_bytes(BOOK.encode("utf-8") + b"\xff" + BOOK.encode("utf-8"))
+    result = run(str(clean_corpus))
+    assert result.exit_code == 0, result.output
+    assert "01.txt is unreadable: Permission denied (skipped)" in result.output
+    assert "05.txt is undecodable: invalid UTF-8 at line 8, byte offset" in result.output
+    data = json.loads(run(str(clean_corpus), "--json").output)
+    by_name = {Path(f["path"]).name: f for f in data["files"]}
+    assert (by_name["01.txt"]["status"], by_name["01.txt"]["detail"]) == ("unreadable", "Permission denied")
+    assert by_name["05.txt"]["status"] == "undecodable"
+    assert data["markers"]["|SOUND|>"] == 4  # the two readable books, 02.txt and 03.md, still count
+
+
+def test_training_refuses_unreadable_files_unless_told_to_skip_them(clean_corpus, monkeypatch):
+    from peftko.config import TrainConfig
+    from peftko.errors import UserError
+    from peftko.train_command import read_corpus
+
+    locked = clean_corpus / "02.txt"
+    _deny(monkeypatch, locked)
+    with pytest.raises(UserError) as e:
+        read_corpus(TrainConfig(data=[str(clean_corpus)]))
+    assert f"{locked}: unreadable: Permission denied" in str(e.value) and "--skip-bad-files" in str(e.value)
+    _, files = read_corpus(TrainConfig(data=[str(clean_corpus)], skip_bad_files=True))
+    assert [f.path.name for f in files] == ["01.txt", "03.md"]

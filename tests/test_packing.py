@@ -160,3 +160,172 @@ def test_jsonl_records_are_documents_with_a_custom_field(tokenizer, tmp_path):
                  tokenizer, tmp_path / "cache")
     assert data.train_docs == 3 == txt.train_docs
     assert data.train["input_ids"] == txt.train["input_ids"]
+
+
+def _reference_blocks(docs: list[list[int]], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """The plain definition: concatenate, cut every seq_len; positions count from each document
+    start and restart at each block start."""
+    ids = [t for d in docs for t in d]
+    pos = [p for d in docs for p in range(len(d))]
+    blocks = []
+    for b in range(0, len(ids), seq_len):
+        chunk_pos = pos[b : b + seq_len]
+        shift, fixed = chunk_pos[0], []
+        for k, p in enumerate(chunk_pos):
+            if p == 0 and k > 0:
+                shift = 0
+            fixed.append(p - shift)
+        blocks.append((ids[b : b + seq_len], fixed))
+    return blocks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_blocks_matches_the_plain_definition_on_random_documents(seed):
+    import random
+
+    rng = random.Random(seed)
+    seq_len = rng.choice([1, 2, 7, 64, 128])
+    lengths = [rng.choice([1, 2, rng.randint(1, 40), rng.randint(100, 700)]) for _ in range(rng.randint(1, 60))]
+    docs = [[rng.randint(0, 999) for _ in range(n)] for n in lengths]
+    batches = [{"input_ids": docs[i : i + 5]} for i in range(0, len(docs), 5)]
+    got = [(b["input_ids"], b["position_ids"]) for b in pack_blocks(batches, seq_len)]
+    assert got == _reference_blocks(docs, seq_len)
+
+
+def test_pack_blocks_handles_a_long_document_in_one_pass():
+    # One 300k-token document used to be re-concatenated per block (quadratic); now it streams.
+    doc = list(range(300_000))
+    blocks = list(pack_blocks([{"input_ids": [doc]}], seq_len=64))
+    assert len(blocks) == -(-300_000 // 64)
+    assert blocks[-1]["input_ids"] == doc[-(300_000 % 64):]
+    assert all(b["position_ids"] == list(range(len(b["input_ids"]))) for b in blocks[:3] + blocks[-2:])
+
+
+# --- the build folder: nothing outside it, nothing left behind
+
+
+def _builds(cache) -> list:
+    return sorted(p.name for p in cache.glob(".build-*")) if cache.exists() else []
+
+
+def test_an_interrupted_build_writes_nothing_outside_its_folder_and_leaves_nothing(tokenizer, tmp_path, monkeypatch):
+    import datasets
+    import tempfile
+
+    from peftko import packing
+
+    scratch, hf_cache, cache = tmp_path / "tmp", tmp_path / "hf", tmp_path / "cache"
+    scratch.mkdir()
+    hf_cache.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    seen = {}
+    real_pack = packing._packed_arrays
+
+    def pack_then_interrupt(token_ds, seq_len):
+        yield from real_pack(token_ds, seq_len)
+        # Mid-build, after documents, tokens and blocks were written: where did datasets write?
+        seen["builds"] = _builds(cache)
+        seen["outside"] = [p for p in tmp_path.rglob("*") if ".build-" not in str(p) and p.is_file()
+                           and "corpus" not in p.parts]
+        raise KeyboardInterrupt  # what Ctrl-C / SIGTERM become before training starts
+
+    monkeypatch.setattr(packing, "_packed_arrays", pack_then_interrupt)
+    corpus = tmp_path / "corpus"
+    for i in range(3):
+        write(corpus, f"{i}.txt", story(i), "utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        packed(corpus, tokenizer, cache, val_fraction=0.3)
+    assert len(seen["builds"]) == 1 and seen["outside"] == []
+    assert _builds(cache) == [] and list(cache.iterdir()) == []
+    assert list(scratch.iterdir()) == [] and list(hf_cache.iterdir()) == []
+
+
+def test_stale_builds_of_dead_processes_are_removed_but_not_live_ones(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from peftko.packing import BUILD_PREFIX, remove_stale_builds
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cache = tmp_path / "cache"
+        names = {
+            "dead": f"{BUILD_PREFIX}{host}-{dead.pid}-abc",
+            "live": f"{BUILD_PREFIX}{host}-{live.pid}-def",
+            "other-host": f"{BUILD_PREFIX}elsewhere-{dead.pid}-ghi",
+            "unnamed": f"{BUILD_PREFIX}x1y2z3",  # not ours to judge
+            "finished": "0123456789abcdef0123",
+        }
+        for name in names.values():
+            (cache / name).mkdir(parents=True)
+            (cache / name / "part.arrow").write_bytes(b"x")
+        assert remove_stale_builds(cache) == [cache / names["dead"]]
+        assert sorted(p.name for p in cache.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_build_killed_outright_is_cleaned_up_by_the_next_run(tokenizer, tmp_path):
+    """SIGKILL runs no finally: the next run sees the dead pid in the folder name and removes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = write(tmp_path / "corpus", "a.txt", story(0), "utf-8")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cache, started = tmp_path / "cache", tmp_path / "started"
+    child = f"""
+import sys, time
+from pathlib import Path
+from transformers import AutoTokenizer
+from peftko import packing
+from peftko.config import TrainConfig
+from peftko.textfiles import find_files, scan_file
+def stuck(token_ds, seq_len):
+    Path({str(started)!r}).write_text("x")
+    time.sleep(120)
+    yield {{}}
+packing._packed_arrays = stuck
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
+files = [scan_file(p) for p in find_files([{str(corpus)!r}])]
+packing.prepare_data(files, tok, TrainConfig(seq_len=128, val_fraction=0.0), Path({str(cache)!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), "the child never reached the packing step"
+        assert len(_builds(cache)) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert len(_builds(cache)) == 1  # left behind, as after a power cut
+    data = packed(corpus, tokenizer, cache)
+    assert _builds(cache) == [] and not data.from_cache
+
+
+def test_tokenising_in_several_processes_gives_the_same_blocks(tokenizer, tmp_path):
+    corpus = tmp_path / "c"
+    for i in range(6):
+        write(corpus, f"{i}.txt", story(i), "utf-8")
+    one = packed(corpus, tokenizer, tmp_path / "cache1", val_fraction=0.2)
+    two = packed(corpus, tokenizer, tmp_path / "cache2", val_fraction=0.2, num_proc=2)
+    assert one.train["input_ids"] == two.train["input_ids"] and one.val["input_ids"] == two.val["input_ids"]
+    assert one.train["position_ids"] == two.train["position_ids"]
+
+
+def test_long_documents_are_tokenised_in_bounded_groups(tokenizer, monkeypatch):
+    from peftko import packing
+
+    monkeypatch.setattr(packing, "TOKENIZE_BATCH_CHARS", 10)
+    groups = list(packing._char_groups(["abcd", "efgh", "ij", "a" * 30, "k"]))
+    assert groups == [["abcd", "efgh", "ij"], ["a" * 30], ["k"]]

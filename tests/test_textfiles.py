@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import unicodedata
 from pathlib import Path
 
@@ -231,3 +232,183 @@ def test_training_documents_are_cut_at_line_ends_when_huge(tmp_path, monkeypatch
     assert "\n".join(docs) == "\n".join(lines)  # nothing lost, every cut at a line end
     located = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker=""))
     assert len(located) == 1  # lint still sees the whole document
+
+
+# --- over-long lines: bounded memory, cuts that change nothing
+
+
+def _one_line(repeats: int) -> str:
+    sentence = "|START_OF_DIALOGUE|>\"엄마, 우산 어디 있어요?\"|END_OF_DIALOGUE|> 하늘이는 창문을 열었습니다. |SOUND|>쿵! "
+    return sentence * repeats
+
+
+def test_a_line_without_line_breaks_is_read_in_pieces_cut_after_sentence_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 300)
+    text = _one_line(40)
+    path = write(tmp_path / "one.txt", text)
+    pieces = list(textfiles.iter_pieces(path, "utf-8", textfiles.MAX_LINE_CHARS))
+    assert len(pieces) > 5 and all(len(p) <= 300 for p, _ in pieces)
+    assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(p for p, _ in pieces) == text
+    for piece, _ in pieces[:-1]:
+        assert piece.endswith(("다. ", "! ", "? ")), piece[-20:]
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFD"])
+def test_a_line_without_spaces_is_cut_between_characters_never_inside_a_marker(tmp_path, monkeypatch, form):
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 97)
+    unit = "달빛우체부|END_OF_TITLE|>하늘이는창문을열었습니다"  # no space, no sentence end
+    text = unit * 60
+    path = write(tmp_path / "dense.txt", unicodedata.normalize(form, text))
+    pieces = [p for p, _ in textfiles.iter_pieces(path, "utf-8", textfiles.MAX_LINE_CHARS)]
+    assert len(pieces) > 10
+    assert "".join(pieces) == text  # NFD jamo are never cut apart from the syllable they build
+    assert sum(p.count("|END_OF_TITLE|>") for p in pieces) == 60
+    assert all(unicodedata.is_normalized("NFC", p) for p in pieces)
+
+
+def test_a_custom_document_end_marker_is_never_cut(tmp_path, monkeypatch):
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 50)
+    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 50)
+    books = [f"이야기{i}" * 7 + "<<끝>>" for i in range(30)]  # not marker-shaped, no spaces
+    path = write(tmp_path / "books.txt", "".join(books))
+    assert list(iter_documents(path, "utf-8", doc_end_marker="<<끝>>"))[-1].endswith("<<끝>>")
+    docs = list(iter_documents(path, "utf-8", doc_end_marker="<<끝>>"))
+    assert "".join(docs) == "".join(books)
+    assert sum(d.count("<<끝>>") for d in docs) == 30 and all(len(d) <= 100 for d in docs)
+
+
+def test_training_documents_of_a_one_line_file_are_bounded_and_lose_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 1000)
+    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 3000)
+    text = _one_line(300)
+    path = write(tmp_path / "one.txt", text)
+    docs = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))
+    assert len(docs) > 5 and all(len(d.text) <= 4000 for d in docs)
+    assert all(d.line == 1 for d in docs)
+    assert "".join(d.text for d in docs) == text
+    # Lines after a cut line keep their numbers.
+    path = write(tmp_path / "two.txt", text + "\n둘째 줄\n")
+    last = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))[-1]
+    assert last.text.endswith("둘째 줄") and last.line <= 2
+
+
+def _peak_bytes(path: Path) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for _ in iter_documents(path, "utf-8", doc_end_marker=""):
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_length_of_a_line(tmp_path, monkeypatch):
+    # Small caps keep the test quick; the property is the same with the real ones.
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 1 << 16)
+    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 1 << 18)
+    unit = _one_line(1).encode("utf-8")
+    small = write(tmp_path / "small.txt", unit * ((1 << 20) // len(unit)))
+    big = write(tmp_path / "big.txt", unit * ((8 << 20) // len(unit)))
+    small_peak, big_peak = _peak_bytes(small), _peak_bytes(big)
+    # Read whole, the 8 MB line alone would take over 8 MB as a str (2.7 M Hangul-wide chars).
+    assert big_peak < small_peak * 1.5 + (1 << 20), (small_peak, big_peak)
+    assert big_peak < 8 << 20
+
+
+def test_a_jsonl_record_longer_than_the_cap_is_refused_with_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(textfiles, "MAX_RECORD_CHARS", 100)
+    path = _jsonl(tmp_path / "d.jsonl", [{"text": "짧다"}, {"text": "길다" * 200}], blank_lines=False)
+    with pytest.raises(UserError, match=r"d\.jsonl:2: a record longer than 100 characters"):
+        list(iter_documents(path, "utf-8"))
+
+
+# --- where an undecodable file goes wrong
+
+
+def test_invalid_utf8_names_line_and_byte_offset(tmp_path, monkeypatch):
+    lines = [f"{i}번째 줄: 하늘이는 창문을 열었습니다.\r\n" for i in range(40)]
+    good = "".join(lines).encode("utf-8")
+    cut = len("".join(lines[:25]).encode("utf-8")) + len("25번".encode("utf-8"))
+    path = write(tmp_path / "bad.txt", good[:cut] + b"\xff" + good[cut:])
+    expected = f"invalid UTF-8 at line 26, byte offset {cut} (0xff)"
+    scan = scan_file(path)
+    assert (scan.encoding, scan.status) == (None, "undecodable")
+    assert scan.detail.startswith(expected), scan.detail
+    assert scan.describe().startswith("undecodable: " + expected)
+    monkeypatch.setattr(textfiles, "CHUNK_BYTES", 5)  # the bad byte after a held-back partial character
+    assert scan_file(path).detail.startswith(expected)
+
+
+def test_damaged_utf8_that_cp949_would_read_is_not_taken_for_cp949(tmp_path):
+    data = "각각각각 각각각각 각각\n".encode("utf-8") + b"\xb0\xa1\n"  # then CP949 "가"
+    data.decode("cp949")  # the whole file is valid CP949: it used to be read as mojibake
+    path = write(tmp_path / "mixed.txt", data)
+    scan = scan_file(path)
+    assert scan.status == "undecodable"
+    assert scan.detail.startswith("invalid UTF-8 at line 2, byte offset 33 (0xb0)"), scan.detail
+
+
+def test_damaged_cp949_names_where_cp949_fails(tmp_path):
+    data = ("똠이는 장터에 갔습니다.\n" * 3).encode("cp949") + b"\xff\xff\n"
+    scan = scan_file(write(tmp_path / "old.txt", data))
+    assert scan.status == "undecodable"
+    assert scan.detail == f"invalid CP949 at line 4, byte offset {len(data) - 3} (0xff)"
+
+
+def test_damaged_utf16_names_where_it_fails(tmp_path):
+    data = codecs.BOM_UTF16_BE + "가\n나\n".encode("utf-16-be") + b"\xdc\x00" + "다".encode("utf-16-be")
+    scan = scan_file(write(tmp_path / "u16.txt", data))
+    assert scan.status == "undecodable" and scan.detail.startswith("invalid UTF-16 at line 3, byte offset 10")
+
+
+# --- files that cannot be opened
+
+
+def _deny(monkeypatch, denied: Path) -> None:
+    real_open = Path.open
+
+    def open_or_deny(self, *args, **kwargs):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_or_deny)
+
+
+def test_a_file_that_cannot_be_opened_is_unreadable_with_the_reason(tmp_path, monkeypatch):
+    path = write(tmp_path / "locked.txt", KOREAN)
+    _deny(monkeypatch, path)
+    scan = scan_file(path)
+    assert (scan.status, scan.encoding, scan.detail) == ("unreadable", None, "Permission denied")
+
+
+def test_a_dangling_link_in_a_folder_is_unreadable(tmp_path):
+    write(tmp_path / "c" / "a.txt", KOREAN)
+    (tmp_path / "c" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    scans = {p.name: scan_file(p) for p in find_files([tmp_path / "c"])}
+    assert scans["a.txt"].status == "ok"
+    assert (scans["gone.txt"].status, scans["gone.txt"].detail) == ("unreadable", "No such file or directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file; see the two tests above")
+def test_a_file_without_read_permission_is_unreadable(tmp_path):
+    path = write(tmp_path / "locked.txt", KOREAN)
+    path.chmod(0)
+    try:
+        assert scan_file(path).describe() == "unreadable: Permission denied"
+    finally:
+        path.chmod(0o644)
+
+
+def test_no_cut_falls_inside_a_marker_wherever_the_limit_falls():
+    import re
+
+    line = "달빛우체부|END_OF_TITLE|>하늘이는창문을열었습니다<|SOUND|>" * 40  # no space to cut after
+    spans = [m.span() for m in re.finditer(r"<?\|[A-Z_]+\|>", line)]
+    for limit in range(40, 600):
+        cut = textfiles._cut_point(line, limit)
+        assert 0 < cut <= limit
+        assert not any(start < cut < end for start, end in spans), (limit, line[cut - 15 : cut + 15])
