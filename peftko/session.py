@@ -9,6 +9,7 @@ import click
 
 from peftko import __version__
 from peftko.config import TrainConfig
+from peftko.report import write_report_or_warn
 from peftko.training import passes_note
 
 
@@ -103,7 +104,7 @@ class TrainingSession:
     def train(self, checkpoint: Path | None) -> None:
         """trainer.train() with the Ctrl-C/SIGTERM and non-finite guards around it."""
         from peftko.guards import NonFiniteGuard, StopOnSignal
-        from peftko.training import make_trainer
+        from peftko.training import final_eval_loss, make_trainer
 
         self.stop = StopOnSignal()
         self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
@@ -120,7 +121,7 @@ class TrainingSession:
 
             raise self.guard.diverged_error(self.cfg, self.output, latest_checkpoint(self.output))
         if self.data.val is not None and not self.stop.signum:
-            self.results["eval_loss"] = self.trainer.evaluate()["eval_loss"]
+            self.results["eval_loss"] = final_eval_loss(self.trainer)
 
     def manifest(self) -> dict:
         return {
@@ -188,6 +189,7 @@ class TrainingSession:
         log_bpc(self.output, self.results)
         save_final(self.output, self.model, self.tokenizer, self.manifest())
         echo_done(self.output, self.results)
+        write_report_or_warn(self.output)
         return 0
 
 
