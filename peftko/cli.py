@@ -9,6 +9,7 @@ the fields name (config.GROUPS), so the first screen answers "what do I need to 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 import warnings
@@ -45,6 +46,7 @@ def main():
     \b
     peftko lora-train --config configs/demo.yaml     # built-in demo, CPU, minutes
     peftko markers corpus/                            # inspect and lint a corpus
+    peftko report runs/demo                           # loss curves -> runs/demo/report.png
     peftko merge runs/demo --output runs/demo-merged  # standalone HF model
     """
 
@@ -104,6 +106,10 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
     Writes OUTPUT/report.png at the end (loss curves and bits per character); the flags below
     override the --config file, which overrides the defaults.
     """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # Bars redraw with carriage returns, which a log file keeps; set before the libraries load.
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(var, "1")
     from peftko.config import load_config
     from peftko.train_command import run_lora_train
 

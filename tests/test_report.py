@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -124,13 +125,18 @@ def test_progress_is_a_bar_only_when_both_streams_are_terminals(monkeypatch):
 # --- one real run: tensorboard, log lines, metrics.jsonl and report.png together
 @pytest.fixture(scope="module")
 def watched_run(tiny_bases, small_corpus, tmp_path_factory):
+    """`peftko lora-train ... > train.log 2>&1` in a real process, so the libraries load as they do for users."""
     pytest.importorskip("tensorboard")
     out = tmp_path_factory.mktemp("watched") / "run"
     args = train_args(tiny_bases["llama-untied"], small_corpus, out, "--report-to", "tensorboard",
                       "--eval-steps", "3", "--logging-steps", "2")
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return out, result.output
+    log = out.parent / "train.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "peftko", *args], stdout=f, stderr=subprocess.STDOUT,
+                              cwd=Path(__file__).resolve().parents[1])
+    output = log.read_text(encoding="utf-8")
+    assert proc.returncode == 0, output
+    return out, output
 
 
 def test_tensorboard_events_are_written_inside_the_run_dir(watched_run):
@@ -167,3 +173,60 @@ def test_lora_train_writes_the_report(watched_run):
     history = read_history(out)
     assert history.results["bpc_after"] is not None and len(history.evals) == 2
     assert draw_strictly(out) == out / "report.png"  # the real run's records draw with every glyph
+
+
+# --- W&B: never a prompt, never a wait
+class _Closed:
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE",
+                "WANDB_BASE_URL", "WANDB_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: _Closed())
+    return monkeypatch
+
+
+def test_wandb_without_a_key_logs_offline_into_the_run_dir(wandb_env, tmp_path, capsys):
+    import os
+
+    from peftko.training import prepare_wandb
+
+    prepare_wandb(tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert os.environ["WANDB_DIR"] == str((tmp_path / "run").resolve())
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no API key" in out and "wandb sync" in out
+
+
+def test_wandb_with_a_key_but_no_network_logs_offline(wandb_env, tmp_path, capsys):
+    import os
+
+    from peftko.training import prepare_wandb
+
+    def unreachable(*a, **k):
+        raise OSError("network is unreachable")
+
+    wandb_env.setenv("WANDB_API_KEY", "x" * 40)
+    wandb_env.setattr("socket.create_connection", unreachable)
+    prepare_wandb(tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "offline" and "not reachable" in capsys.readouterr().out
+
+
+def test_wandb_online_when_a_key_and_the_server_are_there_or_the_user_chose(wandb_env, tmp_path, capsys):
+    import os
+
+    from peftko.training import prepare_wandb
+
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    wandb_env.setenv("NETRC", str(tmp_path / "netrc"))
+    prepare_wandb(tmp_path / "run")
+    assert "WANDB_MODE" not in os.environ and capsys.readouterr().out == ""
+    wandb_env.delenv("NETRC")
+    wandb_env.setenv("WANDB_MODE", "disabled")  # the user's own choice wins
+    prepare_wandb(tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "disabled"
