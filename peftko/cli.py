@@ -16,7 +16,7 @@ import warnings
 
 import rich_click as click
 
-from peftko.config import FIELDS, GROUPS, REPORT_TARGETS, TrainConfig
+from peftko.config import FIELDS, GROUPS, TrainConfig
 from peftko.errors import UserError
 
 
@@ -60,9 +60,9 @@ def _config_options(func):
         if hints[f.name] is bool:
             opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, **common)
         elif f.metadata.get("multiple"):
-            opt = click.option(flag, f.name, multiple=True, metavar=_metavar(hints[f.name], f.name), **common)
+            opt = click.option(flag, f.name, multiple=True, metavar=_metavar(f, hints[f.name]), **common)
         else:
-            opt = click.option(flag, f.name, default=None, metavar=_metavar(hints[f.name], f.name), **common)
+            opt = click.option(flag, f.name, default=None, metavar=_metavar(f, hints[f.name]), **common)
         func = opt(func)
     # Panels are shown in the order they are declared: how to run first, then the config groups.
     for group in reversed((RUN, *GROUPS)):
@@ -79,11 +79,9 @@ def _show_default(f: dataclasses.Field) -> str:
     return str(f.default)
 
 
-def _metavar(tp, name: str) -> str:
-    if name == "report_to":
-        return "[" + "|".join(REPORT_TARGETS) + "]"
-    if name == "data":
-        return "PATH"
+def _metavar(f: dataclasses.Field, tp) -> str:
+    if "metavar" in f.metadata:
+        return f.metadata["metavar"]
     if typing.get_origin(tp) is typing.Literal:
         return "[" + "|".join(typing.get_args(tp)) + "]"
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
@@ -106,10 +104,7 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
     Writes OUTPUT/report.png at the end (loss curves and bits per character); the flags below
     override the --config file, which overrides the defaults.
     """
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        # Bars redraw with carriage returns, which a log file keeps; set before the libraries load.
-        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
-            os.environ.setdefault(var, "1")
+    _no_library_bars_in_files()
     from peftko.config import load_config
     from peftko.train_command import run_lora_train
 
@@ -117,6 +112,17 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
         flags[name] = list(flags[name]) or None
     cfg = load_config(config_file, flags, list(sets))
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
+
+
+def _no_library_bars_in_files() -> None:
+    """Off a terminal, the loading and tokenising bars of transformers and datasets go too.
+
+    A bar redraws itself with carriage returns, which `> train.log 2>&1` keeps as clutter; the
+    switches are environment variables read when those libraries load, so set them first.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(var, "1")
 
 
 @main.command("merge")

@@ -47,7 +47,7 @@ class TrainConfig:
     # --- what to train on
     model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory (or builtin:tiny-llama).", group=MODEL)
     data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.", group=DATA,
-                             multiple=True)
+                             multiple=True, metavar="PATH")
     output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.", group=OUTPUT)
     jsonl_field: str = _opt("text", "Field holding the text in .jsonl files.", group=DATA)
     doc_end_marker: str = _opt(
@@ -92,7 +92,7 @@ class TrainConfig:
     logging_steps: int = _opt(10, "Log loss every N optimizer steps.", group=OUTPUT)
     report_to: list[str] | str = _opt(
         "none", "Also log to tensorboard (OUTPUT/tensorboard) and/or wandb; repeatable.", group=OUTPUT,
-        multiple=True)
+        multiple=True, metavar="[" + "|".join(REPORT_TARGETS) + "]")
     eval_steps: int = _opt(50, "Evaluate on the held-out documents every N steps (0: only at the end).", group=EVAL)
     save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).", group=EVAL)
     save_total_limit: int = _opt(2, "Keep this many checkpoints.", group=EVAL)

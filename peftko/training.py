@@ -18,7 +18,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from peftko.config import report_targets
-
 from peftko.token_rows import MarkerToken, trainable_token_indices
 
 TOKEN_ROW_PARAM = "trainable_tokens_delta"
@@ -127,8 +126,10 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps or None,
+        # eval_steps 0 means only at the end: the Trainer evaluates the last step whatever the interval,
+        # so that evaluation is logged (metrics.jsonl, TensorBoard, W&B) like every other one.
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps or steps,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit or None,
@@ -309,8 +310,8 @@ def wandb_offline_reason() -> str | None:
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("WANDB_OFFLINE"):
-        return "offline mode is set (HF_HUB_OFFLINE)"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     has_key = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"))
     if not has_key:
@@ -334,7 +335,8 @@ def set_up_reporting(trainer, cfg, output: Path) -> None:
     from transformers.integrations import TensorBoardCallback
 
     for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # None: no TENSORBOARD_LOGGING_DIR
+        # logging_dir is None unless the user set TENSORBOARD_LOGGING_DIR, which then wins.
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(Path(output) / "tensorboard")
 
 

@@ -184,7 +184,7 @@ class _Closed:
 @pytest.fixture
 def wandb_env(monkeypatch, tmp_path):
     for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE",
-                "WANDB_BASE_URL", "WANDB_OFFLINE", "HF_HUB_OFFLINE"):
+                "WANDB_BASE_URL", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setattr("socket.create_connection", lambda *a, **k: _Closed())
@@ -230,3 +230,15 @@ def test_wandb_online_when_a_key_and_the_server_are_there_or_the_user_chose(wand
     wandb_env.setenv("WANDB_MODE", "disabled")  # the user's own choice wins
     prepare_wandb(tmp_path / "run")
     assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_eval_steps_zero_still_evaluates_once_at_the_end_inside_the_trainer(tmp_path):
+    """So the last held-out loss reaches metrics.jsonl, TensorBoard and W&B like every other one."""
+    from peftko.base_model import pick_precision
+    from peftko.config import load_config
+    from peftko.training import training_arguments
+
+    cfg = load_config(None, {"eval_steps": "0", "max_steps": "7", "device": "cpu"})
+    args = training_arguments(cfg, pick_precision("cpu"), tmp_path, n_blocks=10, has_eval=True)
+    assert args.eval_strategy == "steps" and args.eval_steps == 7
+    assert training_arguments(cfg, pick_precision("cpu"), tmp_path, 10, has_eval=False).eval_strategy == "no"
