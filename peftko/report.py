@@ -129,8 +129,9 @@ def write_report(run_dir: Path) -> Path:
         fig = Figure(figsize=(12, 8), dpi=110, layout="constrained")
         (loss_ax, lr_ax), (grad_ax, bpc_ax) = fig.subplots(2, 2)
         _plot_loss(loss_ax, history)
-        _plot_line(lr_ax, history.train, "lr", LR)
-        _plot_line(grad_ax, history.train, "grad_norm", GRAD_NORM)
+        _plot_line(lr_ax, history.train, "lr", LR, "tab:green")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        _plot_line(grad_ax, history.train, "grad_norm", GRAD_NORM, "tab:purple")
         _mark_skipped(grad_ax, history)
         _plot_bpc(bpc_ax, history.results)
         steps = history.results.get("steps") or max(r["step"] for r in history.train + history.evals)
@@ -168,11 +169,9 @@ def _plot_loss(ax, history: RunHistory) -> None:
     ax.legend()
 
 
-def _plot_line(ax, records: list[dict], key: str, title: str) -> None:
-    ax.plot(*_series(records, key), color="tab:green" if key == "lr" else "tab:purple")
+def _plot_line(ax, records: list[dict], key: str, title: str, color: str) -> None:
+    ax.plot(*_series(records, key), color=color)
     _tokens_axis(ax, title)
-    if key == "lr":
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
 def _mark_skipped(ax, history: RunHistory) -> None:
