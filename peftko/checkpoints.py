@@ -37,12 +37,13 @@ TRASH_PREFIX = ".deleting-"
 
 # Keys that may change on --resume without --force. max_steps/epochs extend or shorten a run (the
 # LR schedule is recomputed for the new length from the resumed step on); the rest change how
-# often things are logged or saved, or how (not what) is computed. data and model are compared
+# often or where things are logged or saved, or how (not what) is computed. data and model are compared
 # by content (corpus and base fingerprints), so moving the files is not a change.
 RESUMABLE_KEYS = frozenset({
     "output", "data", "model", "max_steps", "epochs", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "max_bad_steps", "num_proc", "device", "attn_implementation",
     "gradient_checkpointing", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
+    "report_to",
 })
 
 

@@ -1,20 +1,22 @@
 """The command line: parse, then call one function per command.
 
-Heavy imports (torch, transformers) happen inside the commands, so `peftko --help` is instant.
-Every TrainConfig field is also a `lora-train` flag, generated from the dataclass, so the config
-file, the flags and `--help` can never drift apart.
+Heavy imports (torch, transformers, matplotlib) happen inside the commands, so `peftko --help` is
+instant. Every TrainConfig field is also a `lora-train` flag, generated from the dataclass, so the
+config file, the flags and `--help` can never drift apart; rich-click shows them in the groups that
+the fields name (config.GROUPS), so the first screen answers "what do I need to set".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 import warnings
 
-import click
+import rich_click as click
 
-from peftko.config import FIELDS, TrainConfig
+from peftko.config import FIELDS, GROUPS, TrainConfig
 from peftko.errors import Interrupted, UserError
 
 
@@ -22,7 +24,10 @@ from peftko.errors import Interrupted, UserError
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
-class _Group(click.Group):
+RUN = "실행 (run)"
+
+
+class _Group(click.RichGroup):
     """Turns UserError into one line on stderr and exit code 2 (or 3), and a stop by Ctrl-C or
     SIGTERM into one line and 130 or 143 (peftko.stopping): never a traceback."""
 
@@ -45,6 +50,7 @@ def main():
     \b
     peftko lora-train --config configs/demo.yaml     # built-in demo, CPU, minutes
     peftko markers corpus/                            # inspect and lint a corpus
+    peftko report runs/demo                           # loss curves -> runs/demo/report.png
     peftko merge runs/demo --output runs/demo-merged  # standalone HF model
     """
 
@@ -54,15 +60,21 @@ def _config_options(func):
     hints = typing.get_type_hints(TrainConfig)
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + f"  [default: {_show_default(f)}]"
+        common = {"help": f.metadata["help"] + f"  [default: {_show_default(f)}]", "panel": f.metadata["group"]}
         if hints[f.name] is bool:
-            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-        elif f.name == "data":
-            opt = click.option(flag, f.name, multiple=True, metavar="PATH", help=help_text)
+            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, **common)
+        elif f.metadata.get("multiple"):
+            opt = click.option(flag, f.name, multiple=True, metavar=_metavar(f, hints[f.name]), **common)
         else:
-            opt = click.option(flag, f.name, default=None, metavar=_metavar(hints[f.name]), help=help_text)
+            opt = click.option(flag, f.name, default=None, metavar=_metavar(f, hints[f.name]), **common)
         func = opt(func)
+    # Panels are shown in the order they are declared: how to run first, then the config groups.
+    for group in reversed((RUN, *GROUPS)):
+        func = click.option_panel(group)(func)
     return func
+
+
+MULTIPLE = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("multiple")]
 
 
 def _show_default(f: dataclasses.Field) -> str:
@@ -71,29 +83,50 @@ def _show_default(f: dataclasses.Field) -> str:
     return str(f.default)
 
 
-def _metavar(tp) -> str:
+def _metavar(f: dataclasses.Field, tp) -> str:
+    if "metavar" in f.metadata:
+        return f.metadata["metavar"]
     if typing.get_origin(tp) is typing.Literal:
         return "[" + "|".join(typing.get_args(tp)) + "]"
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
 
 
 @main.command("lora-train")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
-@click.option("--force", is_flag=True,
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), panel=RUN,
+              help="YAML config; flags override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", panel=RUN, help="Override any config key.")
+@click.option("--dry-run", is_flag=True, panel=RUN, help="Check config and corpus, print the memory plan, train nothing.")
+@click.option("--resume", is_flag=True, panel=RUN, help="Continue from the latest checkpoint in --output.")
+@click.option("--force", is_flag=True, panel=RUN,
               help="Resume even if the config, corpus or base changed; replace an earlier run (only what peftko wrote).")
-@click.option("--dry-run", is_flag=True, help="Check config and corpus, print the memory plan, train nothing.")
-@click.option("--strict", is_flag=True, help="Refuse to train when the corpus has marker problems.")
+@click.option("--strict", is_flag=True, panel=RUN, help="Refuse to train when the corpus has marker problems.")
+@click.help_option("-h", "--help", panel=RUN)
 @_config_options
 def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
-    """Train LoRA adapters plus the marker embedding rows on a (quantized) base."""
+    """Train LoRA adapters plus the marker embedding rows on a (quantized) base.
+
+    Writes OUTPUT/report.png at the end (loss curves and bits per character); the flags below
+    override the --config file, which overrides the defaults.
+    """
+    _no_library_bars_in_files()
     from peftko.config import load_config
     from peftko.train_command import run_lora_train
 
-    flags["data"] = list(flags["data"]) or None
+    for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
+        flags[name] = list(flags[name]) or None
     cfg = load_config(config_file, flags, list(sets))
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
+
+
+def _no_library_bars_in_files() -> None:
+    """Off a terminal, the loading and tokenising bars of transformers and datasets go too.
+
+    A bar redraws itself with carriage returns, which `> train.log 2>&1` keeps as clutter; the
+    switches are environment variables read when those libraries load, so set them first.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(var, "1")
 
 
 @main.command("merge")
@@ -107,6 +140,15 @@ def merge(adapter_dir, output, base, dtype, force):
     from peftko.merge import run_merge
 
     sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force))
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path())
+def report(run_dir):
+    """Plot a run (loss, learning rate, gradient norm, bits per character) into RUN_DIR/report.png."""
+    from peftko.report import run_report
+
+    run_report(run_dir)
 
 
 @main.command("markers")

@@ -24,6 +24,19 @@ DEFAULT_MARKER_PATTERN = r"\|[A-Z][A-Z0-9_]*\|>"
 MIN_SEQ_LEN = 2
 
 
+# --help groups, in the order `peftko lora-train --help` shows them (Korean first, then English).
+DATA = "데이터 (data)"
+MARKERS = "마커 (markers)"
+MODEL = "모델과 양자화 (model and quantization)"
+LORA = "LoRA"
+OPTIM = "최적화 (optimisation)"
+EVAL = "평가와 체크포인트 (evaluation and checkpoints)"
+OUTPUT = "출력과 기록 (output and logging)"
+GROUPS = (DATA, MARKERS, MODEL, LORA, OPTIM, EVAL, OUTPUT)
+
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
+
+
 def _opt(default, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -33,57 +46,65 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory (or builtin:tiny-llama).")
-    data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.")
-    output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.")
-    jsonl_field: str = _opt("text", "Field holding the text in .jsonl files.")
+    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory (or builtin:tiny-llama).", group=MODEL)
+    data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.", group=DATA,
+                             multiple=True, metavar="PATH")
+    output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.", group=OUTPUT)
+    jsonl_field: str = _opt("text", "Field holding the text in .jsonl files.", group=DATA)
     doc_end_marker: str = _opt(
-        "|END_OF_BOOK|>", "Marker that ends a document inside a file ('' = one document per file)."
+        "|END_OF_BOOK|>", "Marker that ends a document inside a file ('' = one document per file).", group=DATA
     )
-    skip_bad_files: bool = _opt(False, "Train on the readable files and list binary/undecodable ones.")
-    val_fraction: float = _opt(0.1, "Fraction of whole documents held out for evaluation.")
+    skip_bad_files: bool = _opt(False, "Train on the readable files and list binary/undecodable ones.", group=DATA)
+    val_fraction: float = _opt(0.1, "Fraction of whole documents held out for evaluation.", group=EVAL)
     # --- markers
-    markers: list[str] | str = _opt("auto", "'auto' (find |NAME|> in the corpus) or a list of markers.")
-    marker_pattern: str = _opt(DEFAULT_MARKER_PATTERN, "Regex that finds markers when markers=auto.")
+    markers: list[str] | str = _opt(
+        "auto", "'auto' (find |NAME|> in the corpus) or a list of markers.", group=MARKERS)
+    marker_pattern: str = _opt(DEFAULT_MARKER_PATTERN, "Regex that finds markers when markers=auto.", group=MARKERS)
     # --- base model
-    quant: Literal["4bit", "8bit", "none"] = _opt("4bit", "Base weights: NF4, LLM.int8 or unquantized.")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    quant: Literal["4bit", "8bit", "none"] = _opt("4bit", "Base weights: NF4, LLM.int8 or unquantized.", group=MODEL)
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.", group=MODEL)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
-        "auto", "Compute dtype of the frozen weights; auto: bf16 where fast, else fp16 (CUDA) or fp32 (CPU)."
+        "auto", "Compute dtype of the frozen weights; auto: bf16 where fast, else fp16 (CUDA) or fp32 (CPU).",
+        group=MODEL,
     )
-    attn_implementation: str = _opt("auto", "auto, sdpa, eager or flash_attention_2.")
-    trust_remote_code: bool = _opt(False, "Run Python code shipped with the model (off: safer).")
-    allow_pickle: bool = _opt(False, "Allow .bin/.pt pickle weights (off: safetensors only).")
+    attn_implementation: str = _opt("auto", "auto, sdpa, eager or flash_attention_2.", group=MODEL)
+    trust_remote_code: bool = _opt(False, "Run Python code shipped with the model (off: safer).", group=MODEL)
+    allow_pickle: bool = _opt(False, "Allow .bin/.pt pickle weights (off: safetensors only).", group=MODEL)
     # --- LoRA and the marker rows
-    lora_r: int = _opt(16, "LoRA rank.")
-    lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = _opt(0.0, "LoRA dropout.")
-    target_modules: list[str] | str = _opt("all-linear", "'all-linear' or a list of module names.")
+    lora_r: int = _opt(16, "LoRA rank.", group=LORA)
+    lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r).", group=LORA)
+    lora_dropout: float = _opt(0.0, "LoRA dropout.", group=LORA)
+    target_modules: list[str] | str = _opt("all-linear", "'all-linear' or a list of module names.", group=LORA)
     # --- optimisation
-    max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
-    epochs: float = _opt(1.0, "Passes over the training blocks when max_steps is -1.")
+    max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use epochs).", group=OPTIM)
+    epochs: float = _opt(1.0, "Passes over the training blocks when max_steps is -1.", group=OPTIM)
     seq_len: int | Literal["auto"] = _opt(
-        "auto", "Longest packed block (auto: min(2048, the base's context)); blocks are evened out below it."
+        "auto", "Longest packed block (auto: min(2048, the base's context)); blocks are evened out below it.",
+        group=OPTIM,
     )
-    batch_size: int = _opt(1, "Blocks per micro-batch.")
-    grad_accum: int = _opt(4, "Micro-batches per optimizer step.")
-    lr: float = _opt(2e-4, "Learning rate of the LoRA adapters.")
-    embedding_lr: float = _opt(1e-4, "Learning rate of the marker embedding rows.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (LoRA only; never the marker rows).")
-    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "LR schedule after warmup.")
-    warmup_ratio: float = _opt(0.05, "Fraction of steps spent warming up.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
-    optimizer: Literal["adamw", "paged_adamw_8bit"] = _opt("adamw", "adamw or bitsandbytes paged 8-bit AdamW.")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward (saves memory).")
-    liger: Literal["auto", "on", "off"] = _opt("auto", "Liger kernels on CUDA when installed.")
-    seed: int = _opt(42, "Seed for data order, initialisation and dropout.")
+    batch_size: int = _opt(1, "Blocks per micro-batch.", group=OPTIM)
+    grad_accum: int = _opt(4, "Micro-batches per optimizer step.", group=OPTIM)
+    lr: float = _opt(2e-4, "Learning rate of the LoRA adapters.", group=OPTIM)
+    embedding_lr: float = _opt(1e-4, "Learning rate of the marker embedding rows.", group=OPTIM)
+    weight_decay: float = _opt(0.0, "AdamW weight decay (LoRA only; never the marker rows).", group=OPTIM)
+    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", "LR schedule after warmup.", group=OPTIM)
+    warmup_ratio: float = _opt(0.05, "Fraction of steps spent warming up.", group=OPTIM)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).", group=OPTIM)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = _opt("adamw", "adamw or bitsandbytes paged 8-bit AdamW.",
+                                                           group=OPTIM)
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward (saves memory).", group=OPTIM)
+    liger: Literal["auto", "on", "off"] = _opt("auto", "Liger kernels on CUDA when installed.", group=OPTIM)
+    seed: int = _opt(42, "Seed for data order, initialisation and dropout.", group=OPTIM)
     # --- logging, evaluation, checkpoints
-    logging_steps: int = _opt(10, "Log loss every N optimizer steps.")
-    eval_steps: int = _opt(50, "Evaluate on the held-out documents every N steps (0: only at the end).")
-    save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).")
-    save_total_limit: int = _opt(2, "Keep this many checkpoints.")
-    max_bad_steps: int = _opt(5, "Stop after this many non-finite steps in a row.")
-    num_proc: int = _opt(1, "Processes for tokenisation.")
+    logging_steps: int = _opt(10, "Log loss every N optimizer steps.", group=OUTPUT)
+    report_to: list[str] | str = _opt(
+        "none", "Also log to tensorboard (OUTPUT/tensorboard) and/or wandb; repeatable.", group=OUTPUT,
+        multiple=True, metavar="[" + "|".join(REPORT_TARGETS) + "]")
+    eval_steps: int = _opt(50, "Evaluate on the held-out documents every N steps (0: only at the end).", group=EVAL)
+    save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).", group=EVAL)
+    save_total_limit: int = _opt(2, "Keep this many checkpoints.", group=EVAL)
+    max_bad_steps: int = _opt(5, "Stop after this many non-finite steps in a row.", group=OPTIM)
+    num_proc: int = _opt(1, "Processes for tokenisation.", group=DATA)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,6 +303,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"target_modules: must be 'all-linear' or a list, got {cfg.target_modules!r}")
     if not cfg.data:
         p.append("data: give at least one file or folder")
+    p += report_problems(cfg.report_to)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         p.append(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.dtype == "float16" and cfg.device == "cpu":
@@ -300,3 +322,23 @@ def validate(cfg: TrainConfig) -> list[str]:
     except re.error as e:
         p.append(f"marker_pattern: not a valid regular expression ({e})")
     return p
+
+
+def report_targets(report_to: list[str] | str) -> list[str]:
+    """The integrations to log to, without 'none': from a YAML string or list, or repeated flags."""
+    items = [report_to] if isinstance(report_to, str) else report_to
+    names = [name.strip() for item in items for name in item.split(",") if name.strip()]
+    return [name for name in dict.fromkeys(names) if name != "none"]
+
+
+def report_problems(report_to: list[str] | str) -> list[str]:
+    """Unknown integrations, and installed-package checks now rather than after the model load."""
+    import importlib.util
+
+    problems = []
+    for name in report_targets(report_to):
+        if name not in REPORT_TARGETS:
+            problems.append(f"report_to: unknown value {name!r} (choose from {', '.join(REPORT_TARGETS)})")
+        elif importlib.util.find_spec(name) is None:
+            problems.append(f"report_to: {name} is not installed; install it with: pip install 'peftko[{name}]'")
+    return problems

@@ -9,6 +9,7 @@ import click
 
 from peftko import __version__
 from peftko.config import TrainConfig
+from peftko.report import write_report_or_warn
 from peftko.training import passes_note
 
 
@@ -143,8 +144,10 @@ class TrainingSession:
         write_run_record(self.output, self.identity, **extra)
 
     def evaluate(self) -> None:
+        from peftko.training import final_eval_loss
+
         if self.data.val is not None:
-            self.results["eval_loss"] = self.trainer.evaluate()["eval_loss"]
+            self.results["eval_loss"] = final_eval_loss(self.trainer)
         self.results["bpc_after"] = self.held_out_bpc()
 
     def manifest(self) -> dict:
@@ -223,6 +226,7 @@ class TrainingSession:
             log_bpc(self.output, self.results)
             save_final(self.output, self.model, self.tokenizer, self.manifest())
         echo_done(self.output, self.results)
+        write_report_or_warn(self.output)
         if self.stopper.signum:
             click.echo(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
                        "the run is complete.", err=True)

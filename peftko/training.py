@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
+import click
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from peftko.config import report_targets
 from peftko.token_rows import MarkerToken, trainable_token_indices
 
 TOKEN_ROW_PARAM = "trainable_tokens_delta"
@@ -123,14 +126,16 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps or None,
+        # eval_steps 0 means only at the end: the Trainer evaluates the last step whatever the interval,
+        # so that evaluation is logged (metrics.jsonl, TensorBoard, W&B) like every other one.
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps or steps,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit or None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=[],
+        report_to=report_targets(cfg.report_to),
         remove_unused_columns=False,
         label_names=["labels"],
         include_num_input_tokens_seen="all",
@@ -174,11 +179,30 @@ class ReadableProgress(ProgressCallback):
         self.training_bar.write(format_log(state, logs))
 
 
-def format_log(state, logs: dict) -> str:
+class PlainLogLines(TrainerCallback):
+    """One line per log and no bar: what `peftko lora-train ... > train.log` should hold.
+
+    A bar redraws itself with carriage returns, which a file keeps, tangled with the step lines.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            click.echo(format_log(state, logs, total=state.max_steps))
+
+
+def progress_callback() -> TrainerCallback:
+    """The bar only when both streams are terminals: tqdm draws on stderr, the log lines go to stdout."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return ReadableProgress()
+    return PlainLogLines()
+
+
+def format_log(state, logs: dict, total: int | None = None) -> str:
     if "train_runtime" in logs and "loss" not in logs:
         speed = state.num_input_tokens_seen / max(logs["train_runtime"], 1e-9)
         return f"done: {state.global_step} steps in {logs['train_runtime']:.0f} s, {speed:,.0f} tokens/s"
-    parts = [f"step {state.global_step:>5}"]
+    # Without a bar, the line itself says how far the run is.
+    parts = [f"step {state.global_step:>5}" + (f"/{total}" if total else "")]
     if "loss" in logs:
         parts.append(f"loss {logs['loss']:.4f}")
     if "eval_loss" in logs:
@@ -296,8 +320,78 @@ class BeforeFirstStep(TrainerCallback):
         self.action()
 
 
+def final_eval_loss(trainer) -> float:
+    """The held-out loss after the last step, evaluating only if the Trainer has not just done so.
+
+    With eval_steps set, the Trainer already evaluates at the last step; a second evaluate() would
+    cost a pass over the held-out set and log the same number twice in metrics.jsonl.
+    """
+    for record in reversed(trainer.state.log_history):
+        if "eval_loss" in record:
+            if record.get("step") == trainer.state.global_step:
+                return record["eval_loss"]
+            break
+    return trainer.evaluate()["eval_loss"]
+
+
+# --- where else the run is logged (report_to)
+def prepare_wandb(output: Path) -> None:
+    """W&B must never stop a run to ask for a key or wait on a network it cannot reach.
+
+    Without a configured key or a reachable server it logs offline into OUTPUT/wandb, which
+    `wandb sync` uploads later. Settings the user made (WANDB_MODE, WANDB_DIR, WANDB_PROJECT) win.
+    """
+    os.environ.setdefault("WANDB_DIR", str(Path(output).resolve()))
+    os.environ.setdefault("WANDB_PROJECT", "peftko")
+    if os.environ.get("WANDB_MODE"):
+        return
+    why = wandb_offline_reason()
+    if why:
+        os.environ["WANDB_MODE"] = "offline"
+        click.echo(f"wandb: {why}; logging offline to {Path(output) / 'wandb'} "
+                   "(upload later with `wandb sync`, or set WANDB_MODE=online)")
+
+
+def wandb_offline_reason() -> str | None:
+    """Why W&B cannot log online from here (no key, offline mode asked for, server unreachable), or None."""
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    has_key = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        except (OSError, netrc.NetrcParseError):
+            has_key = False
+    if not has_key:
+        return "no API key configured (WANDB_API_KEY or `wandb login`)"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return f"{host} is not reachable"
+    return None
+
+
+def set_up_reporting(trainer, cfg, output: Path) -> None:
+    """TensorBoard event files go inside the run directory, not in the Trainer's default runs/DATE."""
+    if "tensorboard" not in report_targets(cfg.report_to):
+        return
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        # logging_dir is None unless the user set TENSORBOARD_LOGGING_DIR, which then wins.
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(output) / "tensorboard")
+
+
 def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator, callbacks=()):
     args = training_arguments(cfg, precision, output, len(train), val is not None)
+    if "wandb" in report_targets(cfg.report_to):
+        prepare_wandb(output)
     trainer = PeftkoTrainer(
         model=peft_model,
         args=args,
@@ -307,6 +401,8 @@ def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator,
         optimizers=(make_optimizer(peft_model, cfg, precision.device), None),
         callbacks=[MetricsFile(Path(output) / "metrics.jsonl"), *callbacks],
     )
+    set_up_reporting(trainer, cfg, output)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ReadableProgress())
+    trainer.remove_callback(PrinterCallback)  # the Trainer's choice when tqdm is disabled
+    trainer.add_callback(progress_callback())
     return trainer
