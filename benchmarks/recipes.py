@@ -285,23 +285,10 @@ def peftko_config(args):
 
 
 def load_peftko(base: Path, args, precision, tokenizer, tokens):
-    import transformers
+    from peftko.model_builder import build_trainable
 
-    from peftko.base_model import load_base
-    from peftko.collate import PackedCollator
-    from peftko.kernels import apply_fast_kernels
-    from peftko.token_rows import grow_embeddings, init_marker_rows
-    from peftko.training import attach_adapters
-
-    cfg = peftko_config(args)
-    model = load_base(base, cfg.quant, precision, cfg.attn_implementation)
-    grow_embeddings(model, tokenizer)
-    init_marker_rows(model, tokens)
-    transformers.set_seed(cfg.seed)
-    model = attach_adapters(model, cfg, tokens)
-    kernels = apply_fast_kernels(model, cfg, precision)
-    collator = PackedCollator.for_model(tokenizer, model, precision.dtype)
-    return model, collator, kernels
+    built = build_trainable(base, tokenizer, tokens, peftko_config(args), precision)
+    return built.model, built.collator, built.kernels
 
 
 def train_peftko(model, args, precision, output: Path, blocks, collator, timer):
@@ -386,7 +373,7 @@ def run_worker(args) -> dict:
         "shape": args.shape,
         "device": precision.device.type,
         "device_name": device_name,
-        "dtype": str(precision.dtype).replace("torch.", ""),
+        "dtype": precision.dtype_name,
         "quant": args.quant,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,

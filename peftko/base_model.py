@@ -24,6 +24,11 @@ class Precision:
     dtype: torch.dtype  # frozen weights and compute
 
     @property
+    def dtype_name(self) -> str:
+        """"bfloat16", not "torch.bfloat16": for the console, the manifest and the config."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def bf16(self) -> bool:
         return self.device.type == "cuda" and self.dtype == torch.bfloat16
 

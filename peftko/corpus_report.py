@@ -259,7 +259,7 @@ def run_markers_command(
 ) -> int:
     """Print the report; return 1 when `strict` and any problem was found, else 0."""
     tokenizer = load_tokenizer(model) if model else None
-    from peftko.tiny_base import resolve_data_paths
+    from peftko.paths import resolve_data_paths
 
     report = scan_corpus(resolve_data_paths(paths), pattern, jsonl_field=jsonl_field, tokenizer=tokenizer)
     if as_json:

@@ -351,7 +351,7 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
         largest_tensor_bytes=stats[1] if stats else None,
     )
     on_cuda = precision.device.type == "cuda"
-    dtype = str(precision.dtype).replace("torch.", "") if on_cuda else "bfloat16"
+    dtype = precision.dtype_name if on_cuda else "bfloat16"
     liger = liger_would_apply(cfg, precision.device.type, shape.model_type)
     # held_out_nll and PeftkoTrainer.compute_loss pass kernels.fused_loss_kwargs in eval mode.
     kwargs["fused_eval"] = True
