@@ -11,7 +11,7 @@ same token ids, same order.
 
   common  prepare_model_for_kbit_training + LoraConfig(modules_to_save=["embed_tokens", "lm_head"])
           + transformers' Trainer: what Axolotl, LLaMA-Factory and most tutorials do when tokens are
-          added (ANCHORS.md). Plain causal batches, as DataCollatorForLanguageModeling builds them.
+          added (benchmarks/RESULTS.md). Plain causal batches, as DataCollatorForLanguageModeling builds them.
   peftko  peftko's functions, not a copy: load_base, register_markers, grow_embeddings,
           init_marker_rows, attach_adapters, kernels.apply_fast_kernels, PackedCollator, make_trainer.
 

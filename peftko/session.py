@@ -13,14 +13,15 @@ from pathlib import Path
 
 import click
 
-from peftko import __version__, run_dir
+from peftko import __version__, run_dir, training
 from peftko.base_model import load_tokenizer
 from peftko.checkpoints import (check_adapter_shape, check_resume, clean_leftovers, latest_checkpoint,
-                                read_run_record, resume_point, run_identity, step_of, trim_metrics,
+                                read_run_record, resume_point, step_of, trim_metrics,
                                 write_run_record)
 from peftko.collate import PackedCollator
 from peftko.config import TrainConfig
 from peftko.errors import Interrupted
+from peftko.fingerprints import fingerprint_base, run_identity
 from peftko.evaluation import bits_per_char, held_out_nll
 from peftko.guards import (NonFiniteGuard, StopOnSignal, check_disk_space, check_finite_parameters,
                            output_bytes_needed, resume_command, translate_oom)
@@ -28,10 +29,10 @@ from peftko.model_builder import TrainableModel, load, make_trainable
 from peftko.ownership import remove_entries
 from peftko.packing import PackedData, pack_texts, prepare_data
 from peftko.paths import peftko_home
-from peftko.run_dir import MANIFEST, fingerprint_base
+from peftko.run_dir import MANIFEST
 from peftko.stopping import Stopper
 from peftko.token_rows import register_markers
-from peftko.training import BeforeFirstStep, make_trainer, passes_note, planned_steps
+from peftko.training import BeforeFirstStep, passes_note, planned_steps
 
 
 @dataclass
@@ -160,7 +161,8 @@ class TrainingSession:
         return bits_per_char(nll, self.data.val_chars)
 
     def make_trainer(self, guard):
-        return make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
+        # training.make_trainer, looked up at call time: the resilience tests wrap it
+        return training.make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
                             self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit)])
 
     def train(self, trainer, guard) -> tuple[float, int]:
