@@ -55,7 +55,7 @@ PYEOF
 # 1. The Liger/marker-row correctness test on the card (seconds).
 timeout 120 "$PY" -m pytest -q -m gpu tests/test_kernels.py 2>&1 | tail -n 3 | tee -a "$RESULTS/summary.md"
 
-# 2. Common vs peftko, 4 x 2048 tokens a step (ANCHORS.md's setting), each recipe in its own process.
+# 2. Common vs peftko, 4 x 2048 tokens a step (the setting of benchmarks/RESULTS.md's reference table), each recipe in its own process.
 run 1b 120 --shape 1b --base-dir "$BASES/1b"
 run 8b 240 --shape 8b --base-dir "$BASES/8b"
 

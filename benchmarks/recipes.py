@@ -11,7 +11,7 @@ same token ids, same order.
 
   common  prepare_model_for_kbit_training + LoraConfig(modules_to_save=["embed_tokens", "lm_head"])
           + transformers' Trainer: what Axolotl, LLaMA-Factory and most tutorials do when tokens are
-          added (ANCHORS.md). Plain causal batches, as DataCollatorForLanguageModeling builds them.
+          added (benchmarks/RESULTS.md). Plain causal batches, as DataCollatorForLanguageModeling builds them.
   peftko  peftko's functions, not a copy: load_base, register_markers, grow_embeddings,
           init_marker_rows, attach_adapters, kernels.apply_fast_kernels, PackedCollator, make_trainer.
 
@@ -285,23 +285,10 @@ def peftko_config(args):
 
 
 def load_peftko(base: Path, args, precision, tokenizer, tokens):
-    import transformers
+    from peftko.model_builder import build_trainable
 
-    from peftko.base_model import load_base
-    from peftko.collate import PackedCollator
-    from peftko.kernels import apply_fast_kernels
-    from peftko.token_rows import grow_embeddings, init_marker_rows
-    from peftko.training import attach_adapters
-
-    cfg = peftko_config(args)
-    model = load_base(base, cfg.quant, precision, cfg.attn_implementation)
-    grow_embeddings(model, tokenizer)
-    init_marker_rows(model, tokens)
-    transformers.set_seed(cfg.seed)
-    model = attach_adapters(model, cfg, tokens)
-    kernels = apply_fast_kernels(model, cfg, precision)
-    collator = PackedCollator.for_model(tokenizer, model, precision.dtype)
-    return model, collator, kernels
+    built = build_trainable(base, tokenizer, tokens, peftko_config(args), precision)
+    return built.model, built.collator, built.kernels
 
 
 def train_peftko(model, args, precision, output: Path, blocks, collator, timer):
@@ -386,7 +373,7 @@ def run_worker(args) -> dict:
         "shape": args.shape,
         "device": precision.device.type,
         "device_name": device_name,
-        "dtype": str(precision.dtype).replace("torch.", ""),
+        "dtype": precision.dtype_name,
         "quant": args.quant,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,

@@ -1,6 +1,6 @@
 """Loading the base: device, precision, quantization, and the safety rules for local weights.
 
-Precision policy (see ANCHORS.md: the fp32 upcast of prepare_model_for_kbit_training costs 2.8x):
+Precision policy (see benchmarks/RESULTS.md: the fp32 upcast of prepare_model_for_kbit_training costs 2.8x):
 frozen weights stay in the compute dtype (bf16 where the device supports it, fp16 on CUDA
 cards without bf16, fp32 on a CPU without bf16; the `dtype` setting overrides this choice);
 only trainable parameters are fp32.
@@ -22,6 +22,11 @@ from peftko.errors import UserError
 class Precision:
     device: torch.device
     dtype: torch.dtype  # frozen weights and compute
+
+    @property
+    def dtype_name(self) -> str:
+        """"bfloat16", not "torch.bfloat16": for the console, the manifest and the config."""
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def bf16(self) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from peftko.config import TrainConfig
 from peftko.errors import UserError
-from peftko.run_dir import sha256_file, write_json_atomic
+from peftko.run_dir import write_json_atomic
 
 PREFIX = "checkpoint-"
 DONE_FILE = "checkpoint.json"
@@ -143,26 +143,6 @@ def _logged_step(line: str) -> float:
 
 
 # --- run identity
-def corpus_fingerprint(files) -> list[list]:
-    """Name, size and content hash of each file, in reading order (the order packs the data).
-
-    The whole content is hashed (about 1 s a GB): a same-length edit changes what is trained on,
-    and a copy to another machine changes mtimes but not the data.
-    """
-    return [[Path(f.path).name, os.path.getsize(f.path), sha256_file(Path(f.path))] for f in files]
-
-
-def run_identity(cfg, files, tokenizer, base_fingerprint: dict) -> dict:
-    from peftko.packing import tokenizer_fingerprint
-
-    return {
-        "config": cfg.to_dict(),
-        "corpus": corpus_fingerprint(files),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "base": base_fingerprint,
-    }
-
-
 def write_run_record(output: Path, identity: dict, **extra) -> None:
     write_json_atomic(Path(output) / RUN_FILE, {"identity": identity, **extra})
 

@@ -259,8 +259,9 @@ def _markers_line(report: CorpusReport) -> str:
 # --- the command
 
 
-def load_tokenizer(model: str):
-    """The base model's tokenizer from a local directory (or the built-in base): no network, no remote code."""
+def tokenizer_for_markers(model: str):
+    """--model's tokenizer for `peftko markers`, from a local directory (or the built-in base): no network,
+    no remote code."""
     from peftko.base_model import load_tokenizer as load, resolve_model_path
     from peftko.config import BUILTIN_MODEL
 
@@ -280,8 +281,8 @@ def run_markers_command(
     jsonl_field: str = "text",
 ) -> int:
     """Print the report; return 1 when `strict` and any problem was found, else 0."""
-    tokenizer = load_tokenizer(model) if model else None
-    from peftko.tiny_base import resolve_data_paths
+    tokenizer = tokenizer_for_markers(model) if model else None
+    from peftko.paths import resolve_data_paths
 
     report = scan_corpus(resolve_data_paths(paths), pattern, jsonl_field=jsonl_field, tokenizer=tokenizer)
     if as_json:

@@ -3,7 +3,7 @@
 Why: once the frozen weights stay in bf16 and only token rows train, the full-vocabulary logits
 (batch x seq_len x 128k) dominate the peak; Liger's fused linear cross-entropy (FLCE) computes
 the loss chunk by chunk and never materialises them (22.7 -> 10.4 GiB on the Llama-3-8B shape,
-ANCHORS.md), and its RMSNorm/RoPE/SwiGLU keep fewer activations.
+benchmarks/RESULTS.md), and its RMSNorm/RoPE/SwiGLU keep fewer activations.
 
 liger-kernel is optional (`pip install 'peftko[gpu]'`, it needs triton and a CUDA card). It is
 probed with find_spec and imported only here, so peftko imports and trains without it; with
@@ -81,16 +81,9 @@ def effective_weight(module) -> torch.Tensor:
     layer = token_rows_layer(module)
     if layer is None:
         return module.weight
-    base = layer.get_base_layer().weight
     if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-        return base
-    weight = base
-    for name in layer.active_adapters:
-        if name not in layer.trainable_tokens_delta:
-            continue
-        index = torch.as_tensor(layer.token_indices[name], device=weight.device)
-        weight = weight.index_copy(0, index, layer.trainable_tokens_delta[name].to(weight))
-    return weight
+        return layer.get_base_layer().weight
+    return layer.get_merged_weights([n for n in layer.active_adapters if n in layer.trainable_tokens_delta])
 
 
 def fused_loss_sees_token_rows(lm_head) -> bool:

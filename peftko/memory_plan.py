@@ -30,7 +30,7 @@ kv = key/value width, a = bytes per activation element: 2 for bf16/fp16, 4 for f
               the 8B shape at 4 x 2048 and unfused evaluation, evaluation is the peak (12.3 GiB
               against 9.9 GiB for training).
   loading     weights + one resized embedding matrix (resize_token_embeddings copies it) + the
-              largest tensor as read from disk. An estimate, NOT calibrated: ANCHORS.md measured
+              largest tensor as read from disk. An estimate, NOT calibrated: benchmarks/RESULTS.md measured
               10.6 GiB loading the 8B shape in NF4 where this gives 7.3 GiB; benchmarks/recipes.py
               prints load_peak_gib next to predicted_load_gib so a GPU run can settle it.
   common      the common recipe (prepare_model_for_kbit_training + modules_to_save on embed_tokens
@@ -38,7 +38,7 @@ kv = key/value width, a = bytes per activation element: 2 for bf16/fp16, 4 for f
               both V x H matrices with AdamW, runs the residual stream in fp32, and keeps a bf16
               autocast copy of lm_head.
 
-Calibration: the constants above reproduce the NVIDIA H200 measurements in /work/shared/ANCHORS.md
+Calibration: the constants above reproduce the NVIDIA H200 measurements in benchmarks/RESULTS.md
 (training peak, torch.cuda.max_memory_allocated, each recipe in a fresh process) within 5 %:
 8B shape NF4 + token rows 22.7 GiB, + Liger 10.4 GiB, + Liger at 1 x 4096 tokens 8.9 GiB,
 common recipe 39.5 GiB (tests/test_memory_plan.py checks these). The target is 15 % on any card;
@@ -351,7 +351,7 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
         largest_tensor_bytes=stats[1] if stats else None,
     )
     on_cuda = precision.device.type == "cuda"
-    dtype = str(precision.dtype).replace("torch.", "") if on_cuda else "bfloat16"
+    dtype = precision.dtype_name if on_cuda else "bfloat16"
     liger = liger_would_apply(cfg, precision.device.type, shape.model_type)
     # held_out_nll and PeftkoTrainer.compute_loss pass kernels.fused_loss_kwargs in eval mode.
     kwargs["fused_eval"] = True

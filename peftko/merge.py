@@ -21,9 +21,10 @@ import click
 import torch
 
 from peftko.errors import UserError
+from peftko.fingerprints import fingerprint_base
 from peftko.ownership import OutputKind, check_place, entries_to_replace
-from peftko.run_dir import (FORMAT_VERSION, check_writable, fingerprint_base, read_json_object, read_manifest,
-                            publish, write_json_atomic)
+from peftko.run_dir import (FORMAT_VERSION, check_writable, publish, read_json_object, read_manifest,
+                            write_json_atomic)
 
 # bf16/fp16 round the merged weights once; fp32 is exact up to summation order.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
@@ -76,20 +77,18 @@ def claim_output(output: Path, force: bool) -> None:
                        "pass --force to replace it, or choose another directory.")
 
 
-def load_merged_pair(run_dir: Path, base_path: Path, manifest: dict, dtype: torch.dtype):
-    """The base grown as in training with the adapter applied (unmerged), and the tokenizer."""
+def load_with_adapter(run_dir: Path, base_path: Path, manifest: dict, dtype: torch.dtype):
+    """The base grown as in training with the adapter applied (not merged yet), and the tokenizer."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftko.base_model import check_weight_files
+    from peftko.base_model import Precision, load_base, load_tokenizer
 
     # Consent given at training time (--allow-pickle, --trust-remote-code) carries over; nothing more.
     allow_pickle = bool(manifest["config"].get("allow_pickle"))
     remote = bool(manifest["config"].get("trust_remote_code"))
-    check_weight_files(base_path, allow_pickle)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir, trust_remote_code=remote)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=remote,
-                                                 use_safetensors=None if allow_pickle else True)
+    tokenizer = load_tokenizer(run_dir, remote)
+    model = load_base(base_path, "none", Precision(torch.device("cpu"), dtype), trust_remote_code=remote,
+                      allow_pickle=allow_pickle)
     rows = manifest["vocab"]["rows_after"]
     if model.get_input_embeddings().weight.shape[0] < rows:
         model.resize_token_embeddings(rows, mean_resizing=False)
@@ -193,7 +192,7 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
 def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
     """The merged model, once its logits match the unmerged adapter's on marker sentences."""
     click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
-    peft_model, tokenizer = load_merged_pair(run_dir, base_path, manifest, getattr(torch, dtype))
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, getattr(torch, dtype))
     texts = check_texts(manifest)
     before = logits_for(peft_model, tokenizer, texts)
     merged = peft_model.merge_and_unload()

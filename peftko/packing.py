@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from peftko.errors import UserError
+from peftko.fingerprints import tokenizer_fingerprint
 
 CACHE_VERSION = "4"  # 4: documents cut at textfiles.MAX_DOC_CHARS = 256k characters (was 4M)
 # Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
@@ -53,13 +54,6 @@ class PackedData:
     block_len: int
     cache_dir: Path
     from_cache: bool
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = [tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__]
-    return hashlib.sha256((text + json.dumps(extra)).encode()).hexdigest()[:16]
 
 
 def cache_key(files, tokenizer, seq_len, doc_end_marker, jsonl_field, val_fraction, seed) -> str:

@@ -13,7 +13,6 @@ peftko.json is written last, by an atomic rename: its presence means the run is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from peftko.errors import UserError
+from peftko.fingerprints import sha256_file
 from peftko.ownership import OutputKind, check_place, entries_to_replace
 
 MANIFEST = "peftko.json"
@@ -74,42 +74,6 @@ def publish(folder: Path) -> None:
     for f in folder.iterdir():
         if f.is_file():
             f.chmod(umask_mode(0o666))
-
-
-def fingerprint_base(path: Path) -> dict:
-    """Identify a base without reading every byte of a 16 GB checkpoint.
-
-    config.json is hashed whole; each weight file contributes its size, its header (tensor names,
-    shapes, dtypes) and 64 chunks sampled across its body, so two fine-tunes of one architecture,
-    which share every shape, still differ.
-    """
-    path = Path(path)
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    return {
-        "config_sha256": sha256_file(path / "config.json"),
-        "weights": {w.name: _sampled_hash(w) for w in weights},
-    }
-
-
-def sha256_file(path: Path) -> str:
-    """Whole-file SHA-256, read in 1 MB chunks so a large file never sits in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sampled_hash(path: Path, chunks: int = 64, chunk_size: int = 1 << 16) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-        h.update(head)
-        for i in range(chunks):
-            f.seek(size * i // chunks)
-            h.update(f.read(chunk_size))
-    return h.hexdigest()
 
 
 def prepare_output(output: Path, resume: bool, inputs: dict[str, Path]) -> None:

@@ -12,10 +12,10 @@ import os
 import re
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 
-from peftko.config import BUILTIN_DATA, BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
+from peftko.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
+from peftko.paths import peftko_home, sample_corpus_dir
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 BUILTIN_PRETRAIN_STEPS = 120
@@ -26,15 +26,6 @@ ARCHS = {
     "qwen2": ("Qwen2Config", {}),
     "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True}),
 }
-
-
-def sample_corpus_dir() -> Path:
-    return Path(str(resources.files("peftko") / "sample_corpus"))
-
-
-def resolve_data_paths(data) -> list[Path]:
-    """--data entries as paths; builtin:sample is the bundled corpus."""
-    return [sample_corpus_dir() if str(d) == BUILTIN_DATA else Path(d).expanduser() for d in data]
 
 
 def sample_texts(strip_markers: bool = True) -> list[str]:
@@ -134,10 +125,6 @@ def build_tiny_base(
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def peftko_home() -> Path:
-    return Path(os.environ.get("PEFTKO_HOME") or Path.home() / ".cache" / "peftko")
 
 
 def builtin_base() -> Path:

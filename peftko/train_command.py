@@ -20,7 +20,7 @@ from peftko.errors import UserError
 def read_corpus(cfg: TrainConfig, strict: bool = False):
     """Scan the corpus, print the short summary, and refuse bad files unless told to skip them."""
     from peftko.corpus_report import scan_corpus
-    from peftko.tiny_base import resolve_data_paths
+    from peftko.paths import resolve_data_paths
 
     explicit = [] if cfg.markers == "auto" else cfg.markers
     report = scan_corpus(resolve_data_paths(cfg.data), cfg.marker_pattern, cfg.jsonl_field,
@@ -104,7 +104,7 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
 def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool) -> int:
     from peftko.base_model import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                    resolve_seq_len)
-    from peftko.tiny_base import resolve_data_paths
+    from peftko.paths import resolve_data_paths
     from peftko.training import check_target_modules
 
     # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.

@@ -54,7 +54,7 @@ def attach_adapters(model, cfg, tokens: list[MarkerToken]):
     """Wrap the base with LoRA + marker rows. Frozen weights keep their dtype; trainables are fp32.
 
     Deliberately NOT prepare_model_for_kbit_training: its fp32 upcast of every frozen tensor makes
-    activations fp32 and costs 2.8x speed (ANCHORS.md) for no gain in a bf16 compute path.
+    activations fp32 and costs 2.8x speed (benchmarks/RESULTS.md) for no gain in a bf16 compute path.
     """
     from peft import get_peft_model
 

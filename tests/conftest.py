@@ -59,7 +59,7 @@ def tiny_bases(tmp_path_factory, base_texts):
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """Four of the bundled stories: real markers, real Korean, quick to tokenise."""
-    from peftko.tiny_base import sample_corpus_dir
+    from peftko.paths import sample_corpus_dir
 
     folder = tmp_path_factory.mktemp("corpus")
     for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftko.base_model import Precision, load_base, load_tokenizer
+from peftko.base_model import Precision, load_tokenizer
 from peftko.config import TrainConfig
 from peftko.errors import UserError
 from peftko.kernels import (
@@ -25,9 +25,10 @@ from peftko.kernels import (
     liger_would_apply,
     token_rows_layer,
 )
+from peftko.model_builder import build_trainable
 from peftko.tiny_base import build_tiny_base
-from peftko.token_rows import grow_embeddings, init_marker_rows, register_markers
-from peftko.training import TOKEN_ROW_PARAM, attach_adapters
+from peftko.token_rows import register_markers
+from peftko.training import TOKEN_ROW_PARAM
 
 CPU = Precision(torch.device("cpu"), torch.float32)
 MARKERS = ["|START_OF_TITLE|>", "|SOUND|>"]
@@ -38,11 +39,7 @@ def peft_model(request, tmp_path_factory):
     base = build_tiny_base(tmp_path_factory.mktemp("base") / "b", tie=request.param)
     tokenizer = load_tokenizer(base)
     tokens = register_markers(tokenizer, MARKERS)
-    model = load_base(base, "none", CPU)
-    grow_embeddings(model, tokenizer)
-    init_marker_rows(model, tokens)
-    torch.manual_seed(0)
-    model = attach_adapters(model, TrainConfig(), tokens)
+    model = build_trainable(base, tokenizer, tokens, TrainConfig(quant="none"), CPU).model
     with torch.no_grad():  # move the rows away from their initial values, as training would
         for name, p in model.named_parameters():
             if TOKEN_ROW_PARAM in name:
@@ -161,11 +158,8 @@ def test_liger_on_cuda_keeps_marker_rows_learning(tmp_path: Path):
     tokenizer = load_tokenizer(base)
     tokens = register_markers(tokenizer, MARKERS)
     precision = Precision(torch.device("cuda"), torch.bfloat16)
-    model = load_base(base, "none", precision)
-    grow_embeddings(model, tokenizer)
-    init_marker_rows(model, tokens)
-    model = attach_adapters(model, TrainConfig(), tokens)
-    description = apply_fast_kernels(model, TrainConfig(liger="on"), precision)
+    built = build_trainable(base, tokenizer, tokens, TrainConfig(quant="none", liger="on"), precision)
+    model, description = built.model, built.kernels
     assert description and "fused linear cross-entropy" in description and "off" not in description
     assert fused_ce_active(model)
     model.train()
@@ -207,10 +201,7 @@ def fresh_model(tmp_path):
     base = build_tiny_base(tmp_path / "b", tie=False)
     tokenizer = load_tokenizer(base)
     tokens = register_markers(tokenizer, MARKERS)
-    model = load_base(base, "none", CPU)
-    grow_embeddings(model, tokenizer)
-    init_marker_rows(model, tokens)
-    return attach_adapters(model, TrainConfig(), tokens)
+    return build_trainable(base, tokenizer, tokens, TrainConfig(quant="none"), CPU).model
 
 
 CUDA = Precision(torch.device("cuda"), torch.bfloat16)  # a label only: nothing is moved to a GPU

@@ -28,7 +28,7 @@ LLAMA32_1B = dict(LLAMA3_8B, hidden_size=2048, num_hidden_layers=16, intermediat
                   tie_word_embeddings=True)
 B8 = shape_from_config(LLAMA3_8B)
 B1 = shape_from_config(LLAMA32_1B)
-STEP = dict(batch_size=4, seq_len=2048)  # ANCHORS.md: 4 x 2048 tokens a step, r=16, 4 markers
+STEP = dict(batch_size=4, seq_len=2048)  # benchmarks/RESULTS.md: 4 x 2048 tokens a step, r=16, 4 markers
 
 
 def test_shapes_from_config():
@@ -52,7 +52,7 @@ def test_trainable_parameters_match_the_measured_runs(shape, kwargs, trainable_m
 
 
 @pytest.mark.parametrize("kwargs, measured_gib", [
-    # Training peaks measured on an NVIDIA H200, each recipe alone in a fresh process (ANCHORS.md).
+    # Training peaks measured on an NVIDIA H200, each recipe alone in a fresh process (benchmarks/RESULTS.md).
     (dict(**STEP), 22.7),                                   # NF4 + token rows, bf16 kept
     (dict(**STEP, liger=True), 10.4),                       # same + Liger
     (dict(batch_size=1, seq_len=4096, liger=True), 8.9),    # same + Liger, 1 x 4096 tokens

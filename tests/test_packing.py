@@ -14,7 +14,7 @@ from peftko.collate import PackedCollator
 from peftko.config import TrainConfig
 from peftko.packing import choose_val_docs, pack_blocks, prepare_data
 from peftko.textfiles import find_files, scan_file
-from peftko.tiny_base import sample_corpus_dir
+from peftko.paths import sample_corpus_dir
 from peftko.token_rows import register_markers
 
 MARKERS = ["|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_TITLE|>",

@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory):
     """One tiny base, a two-story corpus (32 blocks of 64 tokens: 16 steps an epoch) and a private
     PEFTKO_HOME."""
-    from peftko.tiny_base import build_tiny_base, sample_corpus_dir, sample_texts
+    from peftko.paths import sample_corpus_dir
+    from peftko.tiny_base import build_tiny_base, sample_texts
 
     root = tmp_path_factory.mktemp("resilience")
     threads = torch.get_num_threads()

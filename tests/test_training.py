@@ -41,9 +41,7 @@ def session(tiny_bases, small_corpus, tmp_path, quant="4bit", **flags):
     files = [scan_file(p) for p in find_files([small_corpus])]
     s = TrainingSession(cfg, tiny_bases["llama-untied"], pick_precision("cpu"), tmp_path,
                         ["|SOUND|>", "|END_OF_BOOK|>"], files)
-    s.setup_tokenizer()
-    s.setup_data()
-    s.setup_model()
+    s.setup()
     return s
 
 
