@@ -22,8 +22,8 @@ from pathlib import Path
 import click
 
 from peftko.errors import UserError
+from peftko.run_dir import REPORT as REPORT_FILE, umask_mode
 
-REPORT_FILE = "report.png"
 FONT_PACKAGE, FONT_FILE = "koreanize_matplotlib", "fonts/NanumGothic.ttf"
 
 TOKENS = "학습한 토큰 수 (tokens seen)"
@@ -141,6 +141,7 @@ def write_report(run_dir: Path) -> Path:
         os.close(fd)
         try:
             fig.savefig(tmp, format="png")
+            os.chmod(tmp, umask_mode(0o666))  # mkstemp makes it 0600
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -27,6 +27,8 @@ MANIFEST = "peftko.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer_config.json",)
 METRICS = "metrics.jsonl"
+REPORT = "report.png"  # peftko.report
+LOG_DIRS = ("tensorboard", "wandb")  # --report-to tensorboard / wandb write inside the run
 LOCK = ".peftko.lock"
 FINAL_STAGE = ".final-"
 WRITE_PROBE = ".write-test-"
@@ -118,10 +120,10 @@ def _run_files(output: Path):
 
     manifest = read_json_object(output / MANIFEST)
     listed = manifest.get("files") if isinstance(manifest.get("files"), list) else FINAL_FILES
-    names = {MANIFEST, ck.RUN_FILE, METRICS, LOCK, *listed}
+    names = {MANIFEST, ck.RUN_FILE, METRICS, LOCK, REPORT, *LOG_DIRS, *listed}
     # Hidden work files of an interrupted write: staging, deletion, atomic-rename temporaries.
     hidden = (ck.STAGE_PREFIX, ck.TRASH_PREFIX, FINAL_STAGE, WRITE_PROBE, f".{MANIFEST}.",
-              f".{ck.RUN_FILE}.", f".{METRICS}.")
+              f".{ck.RUN_FILE}.", f".{METRICS}.", f".{REPORT}.")
     return lambda name: name in names or ck.step_of(Path(name)) is not None or name.startswith(hidden)
 
 
