@@ -119,5 +119,53 @@ def markers(paths, model, as_json, strict, pattern, jsonl_field):
                                  pattern=pattern, jsonl_field=jsonl_field))
 
 
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", multiple=True, required=True, metavar="PATH", help="Corpus files or folders; repeatable.")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Window length in tokens  [default: min(2048, context)]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+              "(default: as trained for an adapter, none for a model folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
+    """Bits per character of a corpus, with and without the markers, and per marker.
+
+    MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
+    """
+    from peftko.eval_command import run_eval
+
+    run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device,
+             pattern=pattern, as_json=as_json)
+
+
+@main.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("--prompt", help="Text to continue.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0: greedy (repeatable).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+              "(default: as trained for an adapter, none for a model folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
+def generate(model, prompt, prompt_file, as_json, **options):
+    """Continue a prompt, streaming token by token; markers are printed as written.
+
+    Stops at the book-end marker, the base's eos, or --max-new-tokens.
+    """
+    from peftko.generate import GenerateOptions, read_prompt, run_generate
+
+    text = read_prompt(prompt, prompt_file)
+    sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
+
+
 if __name__ == "__main__":
     main()
