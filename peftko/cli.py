@@ -167,5 +167,30 @@ def generate(model, prompt, prompt_file, as_json, **options):
     sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
 
 
+@main.command("ablate")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Sampled continuations per held-out document for the structure score.")
+@click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest sampled continuation, in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@_config_options
+def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
+    """Train three variants (markers registered / left as text / deleted) and compare them held out.
+
+    Takes every lora-train option; --output DIR receives DIR/<variant>/, ablation.json, .md and .png.
+    """
+    from peftko.ablate import SampleOptions, run_ablate
+    from peftko.config import load_config
+
+    if flags["output"] is None:
+        raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
+    flags["data"] = list(flags["data"]) or None
+    cfg = load_config(config_file, flags, list(sets))
+    run_ablate(cfg, SampleOptions(samples=samples, max_new_tokens=sample_tokens), force=force, as_json=as_json)
+
+
 if __name__ == "__main__":
     main()
