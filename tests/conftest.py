@@ -76,3 +76,16 @@ def train_args(base: Path, corpus: Path, output: Path, *extra: str) -> list[str]
         "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0.25", "--device", "cpu",
         "--warmup-ratio", "0", "--scheduler", "constant", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_bases, small_corpus, tmp_path_factory):
+    """One finished lora-train output (unquantized, a few steps) for the inference commands."""
+    from click.testing import CliRunner
+
+    from peftko.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], small_corpus, out, "--quant", "none"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
