@@ -42,6 +42,9 @@ def main():
     peftko lora-train --config configs/demo.yaml     # built-in demo, CPU, minutes
     peftko markers corpus/                            # inspect and lint a corpus
     peftko merge runs/demo --output runs/demo-merged  # standalone HF model
+    peftko generate runs/demo --prompt '|START_OF_TITLE|>'
+    peftko eval runs/demo --data corpus/              # bits per character, per marker
+    peftko ablate --config configs/demo.yaml --output runs/ablate
     """
 
 

@@ -19,9 +19,9 @@ Rules, used everywhere (eval, ablate, the tests):
 - bits_per_char      = NLL of all predicted tokens (bits) / characters of the document.
   bits_per_char_text = NLL of the predicted non-marker tokens / characters outside marker spans
                        and outside marker tokens.
-- Per marker: count (occurrences), bits_per_occurrence (NLL of all tokens of the occurrence,
-  summed, averaged over the occurrences that are not the document's unpredicted first token) and top1 (how often the model's highest-ranked token at the
-  position before the occurrence is the occurrence's first token).
+- Per marker: count (occurrences); bits_per_occurrence (NLL of all tokens of an occurrence, summed,
+  averaged over the occurrences that are not the document's unpredicted first token); top1 (how
+  often the model's highest-ranked token at the position before an occurrence is its first token).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 import numpy as np
