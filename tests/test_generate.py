@@ -94,3 +94,18 @@ def test_refusals(tmp_path, tiny_run):
     (half / "peftko.json").unlink()
     incomplete = generate(half, "--prompt", "x")
     assert incomplete.exit_code == 2 and "incomplete" in incomplete.output
+
+
+def test_merged_model_loads_with_its_markers_and_continues_like_the_adapter(tiny_run, tmp_path):
+    from peftko.inference import load_for_inference
+
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    _, tok, info = load_for_inference(merged, device="cpu")
+    manifest = json.loads((tiny_run / "peftko.json").read_text())
+    assert info.kind == "model" and sorted(info.markers) == sorted(m["marker"] for m in manifest["markers"])
+    assert info.doc_end_marker == END and tok.convert_tokens_to_ids(END) in info.stop_ids
+    args = ("--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "8", "--json")
+    texts = [json.loads(generate(m, *args).stdout)["text"] for m in (tiny_run, merged)]
+    assert texts[0] == texts[1]
