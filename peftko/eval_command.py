@@ -105,14 +105,13 @@ def token_nll(model, ids: list[int], seq_len: int, batch_size: int, device) -> t
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, c in enumerate(chunk):
             x[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = x[:, 1:].to(logp.device)
-        picked = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().numpy()
-        best = logp.argmax(-1).cpu().numpy()
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
         for i, (s, c) in enumerate(zip(starts[b : b + batch_size], chunk)):
-            nll[s + 1 : s + len(c)] = picked[i, : len(c) - 1]
-            top[s + 1 : s + len(c)] = best[i, : len(c) - 1]
+            # One row at a time: a float32 copy of the whole batch's logits is GBs with a 128k vocabulary.
+            logp = torch.log_softmax(logits[i, : len(c) - 1].float(), dim=-1)
+            target = torch.tensor(c[1:], device=logp.device)
+            nll[s + 1 : s + len(c)] = (-logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
+            top[s + 1 : s + len(c)] = logp.argmax(-1).cpu().numpy()
     return nll, top
 
 
