@@ -52,7 +52,7 @@ MIB = 1 << 20
 
 def generate(path: Path, size_mb: float, shape: str, seed: int = 0) -> Path:
     """Write a corpus of about size_mb MiB of UTF-8 Korean text with markers."""
-    from peftko.tiny_base import sample_corpus_dir
+    from peftko.paths import sample_corpus_dir
 
     rng = random.Random(seed)
     stories = [p.read_text(encoding="utf-8") for p in sorted(sample_corpus_dir().glob("*.txt"))]

@@ -52,6 +52,9 @@ def main():
     peftko markers corpus/                            # inspect and lint a corpus
     peftko report runs/demo                           # loss curves -> runs/demo/report.png
     peftko merge runs/demo --output runs/demo-merged  # standalone HF model
+    peftko generate runs/demo --prompt '|START_OF_TITLE|>'
+    peftko eval runs/demo --data corpus/              # bits per character, per marker
+    peftko ablate --config configs/demo.yaml --output runs/ablate
     """
 
 
@@ -109,13 +112,19 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
     override the --config file, which overrides the defaults.
     """
     _no_library_bars_in_files()
-    from peftko.config import load_config
     from peftko.train_command import run_lora_train
+
+    cfg = _load_config(config_file, sets, flags)
+    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
+
+
+def _load_config(config_file, sets, flags: dict) -> TrainConfig:
+    """The TrainConfig from the file, --set and the generated flags (see _config_options)."""
+    from peftko.config import load_config
 
     for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
         flags[name] = list(flags[name]) or None
-    cfg = load_config(config_file, flags, list(sets))
-    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
+    return load_config(config_file, flags, list(sets))
 
 
 def _no_library_bars_in_files() -> None:
@@ -164,6 +173,77 @@ def markers(paths, model, as_json, strict, pattern, jsonl_field):
 
     sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
                                  pattern=pattern, jsonl_field=jsonl_field))
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", multiple=True, required=True, metavar="PATH", help="Corpus files or folders; repeatable.")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Window length in tokens  [default: min(2048, context)]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+              "(default: as trained for an adapter, none for a model folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
+    """Bits per character of a corpus, with and without the markers, and per marker.
+
+    MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
+    """
+    from peftko.eval_command import run_eval
+
+    run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device,
+             pattern=pattern, as_json=as_json)
+
+
+@main.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("--prompt", help="Text to continue.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0: greedy (repeatable).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+              "(default: as trained for an adapter, none for a model folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
+def generate(model, prompt, prompt_file, as_json, **options):
+    """Continue a prompt, streaming token by token; markers are printed as written.
+
+    Stops at the book-end marker, the base's eos, or --max-new-tokens.
+    """
+    from peftko.generate import GenerateOptions, read_prompt, run_generate
+
+    text = read_prompt(prompt, prompt_file)
+    sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
+
+
+@main.command("ablate")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Sampled continuations per held-out document for the structure score.")
+@click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest sampled continuation, in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@_config_options
+def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
+    """Train three variants (markers registered / left as text / deleted) and compare them held out.
+
+    Takes every lora-train option; --output DIR receives DIR/<variant>/, ablation.json, .md and .png.
+    """
+    from peftko.ablate import SampleOptions, run_ablate
+
+    if flags["output"] is None:
+        raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
+    cfg = _load_config(config_file, sets, flags)
+    run_ablate(cfg, SampleOptions(samples=samples, max_new_tokens=sample_tokens), force=force, as_json=as_json)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,16 @@ def real_base(tmp_path_factory, real_tokenizer_dir):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_bases, small_corpus, tmp_path_factory):
+    """One finished lora-train output (unquantized, a few steps) for the inference commands."""
+    from click.testing import CliRunner
+
+    from peftko.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], small_corpus, out, "--quant", "none"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out

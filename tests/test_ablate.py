@@ -1,0 +1,118 @@
+"""`peftko ablate`: three variants trained alike; each variant's tokenizer and training data checked."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from peftko.cli import main
+from tests.conftest import train_args
+
+MARKER = re.compile(r"\|[A-Z][A-Z0-9_]*\|>")
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny_bases, small_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate") / "abl"
+    args = train_args(tiny_bases["llama-tied"], small_corpus, out, "--max-steps", "2")
+    result = CliRunner().invoke(main, ["ablate", *args[1:], "--samples", "1", "--sample-tokens", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return {"out": out, "base": tiny_bases["llama-tied"], "corpus": small_corpus, "output": result.stdout}
+
+
+def manifest(out, variant):
+    return json.loads((out / variant / "peftko.json").read_text())
+
+
+def test_each_variant_tokenizer(ablation):
+    out, base = ablation["out"], ablation["base"]
+    base_vocab = len(AutoTokenizer.from_pretrained(base))
+    registered = AutoTokenizer.from_pretrained(out / "registered")
+    markers = manifest(out, "registered")["markers"]
+    assert {"|START_OF_BOOK|>", "|END_OF_BOOK|>", "|SOUND|>"} <= {m["marker"] for m in markers}
+    for m in markers:
+        assert registered(m["marker"], add_special_tokens=False)["input_ids"] == [m["id"]]
+    for variant in ("as-text", "deleted"):
+        assert manifest(out, variant)["markers"] == []
+        assert len(AutoTokenizer.from_pretrained(out / variant)) == base_vocab  # vocabulary unchanged
+        assert manifest(out, variant)["vocab"]["rows_after"] == manifest(out, variant)["vocab"]["rows_before"]
+
+
+def test_deleted_variant_trains_on_marker_free_text_and_the_same_split(ablation):
+    from peftko.config import TrainConfig
+    from peftko.corpus_report import scan_corpus
+    from peftko.packing import choose_val_docs, prepare_data
+    from peftko.paths import peftko_home
+
+    out = ablation["out"]
+    cfg = TrainConfig(**manifest(out, "deleted")["config"])
+    files = scan_corpus(cfg.data, cfg.marker_pattern, cfg.jsonl_field).files
+    tok = AutoTokenizer.from_pretrained(out / "deleted")
+    data = prepare_data(files, tok, cfg, peftko_home() / "datasets")
+    assert data.from_cache  # exactly the blocks the deleted run trained on
+    trained = tok.decode([i for block in data.train["input_ids"] for i in block], skip_special_tokens=True)
+    assert "|>" not in trained and not MARKER.search(trained)
+    assert "의" in trained  # the story text is there
+    # The same documents are held out: same count, same seed, so the same indices.
+    report = json.loads((out / "ablation.json").read_text())
+    registered_cfg = manifest(out, "registered")["config"]
+    docs = [json.loads(line)["text"] for line in (out / "deleted-data" / "corpus.jsonl").open(encoding="utf-8")]
+    assert sorted(choose_val_docs(len(docs), cfg.val_fraction, cfg.seed)) == report["held_out_documents"]
+    assert registered_cfg["val_fraction"] == cfg.val_fraction and registered_cfg["seed"] == cfg.seed
+    assert data.val_docs == len(report["held_out_documents"])
+
+
+def test_same_settings_but_markers_and_data(ablation):
+    out = ablation["out"]
+    configs = {v: manifest(out, v)["config"] for v in ("registered", "as-text", "deleted")}
+    differ = {"output", "markers", "data", "jsonl_field"}
+    for v in ("as-text", "deleted"):
+        assert {k: x for k, x in configs[v].items() if k not in differ} == \
+               {k: x for k, x in configs["registered"].items() if k not in differ}
+    assert configs["as-text"]["data"] == configs["registered"]["data"]
+    assert all(manifest(out, v)["results"]["steps"] == 2 for v in configs)
+
+
+def test_report_files_and_table(ablation):
+    out = ablation["out"]
+    report = json.loads((out / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert list(rows) == ["registered", "as-text", "deleted"]
+    for r in rows.values():
+        assert r["bpc_text"] > 0
+    for v in ("registered", "as-text"):
+        assert rows[v]["bpc"] > 0 and rows[v]["marker_top1"] is not None
+        assert 0 <= rows[v]["structure"]["structure"] <= 1 and rows[v]["structure"]["samples"] >= 1
+    assert rows["deleted"]["bpc"] is None and rows["deleted"]["structure"] is None
+    assert rows["as-text"]["tokens_per_char"] > rows["registered"]["tokens_per_char"]
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "ablation.md").read_text()
+    assert md.count("\n| ") == 3 and "| as-text |" in md
+    assert "| deleted |" in ablation["output"]
+
+
+def test_structure_check():
+    from peftko.ablate import structure_ok
+
+    markers = ["|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_TITLE|>"]
+    pattern = r"\|[A-Z][A-Z0-9_]*\|>"
+    end = "|END_OF_BOOK|>"
+    assert structure_ok("|START_OF_BOOK|>\n|START_OF_TITLE|>a|END_OF_TITLE|>\nb|END_OF_BOOK|>", markers, end,
+                        pattern) == (True, True)
+    assert structure_ok("|START_OF_BOOK|>\n|START_OF_TITLE|>a\nb|END_OF_BOOK|>", markers, end, pattern) == (False, True)
+    # Cut off by the token limit: judged on its complete lines, not ending counted once.
+    assert structure_ok("|START_OF_BOOK|>\nxx\n|START_OF_TITLE|>a", markers, end, pattern) == (True, False)
+
+
+def test_refuses_without_output_or_markers(tmp_path, tiny_bases):
+    runner = CliRunner()
+    no_output = runner.invoke(main, ["ablate", "--model", str(tiny_bases["llama-tied"])])
+    assert no_output.exit_code == 2 and "--output" in no_output.output
+    (tmp_path / "plain.txt").write_text("마커 없는 글.\n|END_OF_BOOK|>\n또 다른 글.\n", encoding="utf-8")
+    args = train_args(tiny_bases["llama-tied"], tmp_path / "plain.txt", tmp_path / "out")
+    plain = runner.invoke(main, ["ablate", *args[1:], "--markers", "auto", "--marker-pattern", r"\|SOUND\|>"])
+    assert plain.exit_code == 2 and "no markers" in plain.output
