@@ -146,6 +146,7 @@ def _no_library_bars_in_files() -> None:
 @click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
 def merge(adapter_dir, output, base, dtype, force):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model."""
+    _no_library_bars_in_files()
     from peftko.merge import run_merge
 
     sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force))
@@ -190,6 +191,7 @@ def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
 
     MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
     """
+    _no_library_bars_in_files()
     from peftko.eval_command import run_eval
 
     run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device,
@@ -217,6 +219,7 @@ def generate(model, prompt, prompt_file, as_json, **options):
 
     Stops at the book-end marker, the base's eos, or --max-new-tokens.
     """
+    _no_library_bars_in_files()
     from peftko.generate import GenerateOptions, read_prompt, run_generate
 
     text = read_prompt(prompt, prompt_file)
@@ -238,6 +241,7 @@ def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
 
     Takes every lora-train option; --output DIR receives DIR/<variant>/, ablation.json, .md and .png.
     """
+    _no_library_bars_in_files()
     from peftko.ablate import SampleOptions, run_ablate
 
     if flags["output"] is None:
