@@ -313,7 +313,7 @@ def run_worker(args) -> dict:
     import torch
 
     from peftko.base_model import load_tokenizer, pick_precision
-    from peftko.collate import real_token_fraction
+    from peftko.packing import real_token_fraction
     from peftko.kernels import fused_ce_active
     from peftko.memory_plan import plan_memory, read_config, shape_from_config
     from peftko.token_rows import register_markers
@@ -385,7 +385,7 @@ def run_worker(args) -> dict:
         "predicted_peak_gib": _round(plan.peak_gib),
         "predicted_load_gib": _round(plan.loading_gib),
         "tokens_per_s": _round(tokens_per_s, 1),
-        "real_token_fraction": round(real_token_fraction([len(b["input_ids"]) for b in blocks], args.seq_len), 4),
+        "real_token_fraction": round(real_token_fraction(sum(len(b["input_ids"]) for b in blocks), len(blocks), args.seq_len), 4),
         "mfu": round(6 * n_params * tokens_per_s / peak_flops, 4) if peak_flops and tokens_per_s else None,
         "kernels": kernels,
         "loss_first": timer.losses[0] if timer.losses else None,

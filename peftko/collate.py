@@ -56,7 +56,3 @@ class PackedCollator:
         # eager and others add the mask to the scores: 0 where allowed, the dtype's minimum elsewhere.
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
         return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
-
-
-def real_token_fraction(lengths: list[int], seq_len: int) -> float:
-    return sum(lengths) / (len(lengths) * seq_len) if lengths else 0.0

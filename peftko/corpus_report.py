@@ -47,9 +47,6 @@ class CorpusReport:
     def bad_files(self) -> list[FileScan]:
         return [f for f in self.files if f.status in BAD_STATUSES]
 
-    @property
-    def empty_files(self) -> list[FileScan]:
-        return [f for f in self.files if f.status == "empty"]
 
     def markers_by_count(self) -> list[tuple[str, int]]:
         return sorted(self.marker_counts.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -73,19 +73,6 @@ class CorpusLint:
 # --- finding
 
 
-def find_markers(text: str, pattern: str) -> list[str]:
-    """Every marker in `text`, in order of appearance."""
-    return [m.group() for m in re.finditer(pattern, text)]
-
-
-def count_markers(texts: Iterable[str], pattern: str) -> Counter:
-    rx = re.compile(pattern)
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(m.group() for m in rx.finditer(text))
-    return counts
-
-
 def with_literals(pattern: str, markers: Collection[str]) -> str:
     """`pattern` that also finds each literal marker (longest first, so none hides a longer one)."""
     literals = [re.escape(m) for m in sorted(markers, key=len, reverse=True) if m]

@@ -1,50 +1,10 @@
 """How much GPU memory a run will need, predicted from config.json before any weight is loaded.
 
 `peftko lora-train ... --dry-run` prints this plan so a user knows whether the run fits their card.
-Nothing here loads weights: the shape comes from config.json, and the checkpoint's parameter
-count (a cross-check) from the safetensors headers, which are a few kilobytes of JSON.
-
-The model (bytes; B = batch, L = seq_len, H = hidden, I = intermediate, V = vocabulary rows,
-kv = key/value width, a = bytes per activation element: 2 for bf16/fp16, 4 for fp32)
-
-  weights     decoder linears: 0.516 B/param in NF4 with double quantization (0.5 packed + one
-              uint8 absmax per 64 + one fp32 per 256 absmax blocks), 1 B in LLM.int8, `a`
-              unquantized; embeddings, lm_head and norms stay in the compute dtype.
-  trainable   LoRA r*(in+out) per targeted linear + marker rows (n x H, twice when untied), fp32:
-              4 B param + 4 B grad + 8 B AdamW states (2 B with 8-bit Adam).
-  checkpoints gradient checkpointing keeps each layer's input: layers x B*L*H*a
-              (without checkpointing every layer keeps its full activations, see below).
-  one layer   recomputed in backward, bytes per token: 30H + 8kv + 8I times a/2 (HF RMSNorm's fp32
-              copies, q/k/v and their rotations, GQA-expanded k/v for sdpa with a mask, SwiGLU's
-              gate/up/silu/product), 18H + 6kv + 6I with Liger (fused RMSNorm, RoPE, SwiGLU keep
-              less), plus a backward working set of (4I + 4H) x a/2 per token.
-  loss step   logits B*L*V x 14 B (bf16 logits, fp32 upcast, fp32 log-softmax kept for backward,
-              and its gradient; 12-14 B by that count, 14 fits the measurements below) plus the lm_head weight the matmul keeps when it is a fresh tensor
-              (peft's merged marker rows). Liger's fused linear cross-entropy never materialises the
-              logits: it keeps a V x H weight gradient, the merged weight while it runs, and chunks.
-  peak        weights + trainable + checkpoints + max(loss step, one layer backward) + mask B*L*L
-              bytes for the block-diagonal sdpa mask.
-  evaluation  held-out loss, no gradients: weights + trainable + B*L*V x (a + 4) (logits and their
-              fp32 upcast) + one layer's (4H + 2I) x a per token; no logits when the fused loss
-              also serves evaluation (Liger's skip_logits, kernels.fused_loss_kwargs). With Liger on
-              the 8B shape at 4 x 2048 and unfused evaluation, evaluation is the peak (12.3 GiB
-              against 9.9 GiB for training).
-  loading     weights + one resized embedding matrix (resize_token_embeddings copies it) + the
-              largest tensor as read from disk. An estimate, NOT calibrated: benchmarks/RESULTS.md measured
-              10.6 GiB loading the 8B shape in NF4 where this gives 7.3 GiB; benchmarks/recipes.py
-              prints load_peak_gib next to predicted_load_gib so a GPU run can settle it.
-  common      the common recipe (prepare_model_for_kbit_training + modules_to_save on embed_tokens
-              and lm_head) keeps fp32 originals of every non-quantized tensor, trains fp32 copies of
-              both V x H matrices with AdamW, runs the residual stream in fp32, and keeps a bf16
-              autocast copy of lm_head.
-
-Calibration: the constants above reproduce the NVIDIA H200 measurements in benchmarks/RESULTS.md
-(training peak, torch.cuda.max_memory_allocated, each recipe in a fresh process) within 5 %:
-8B shape NF4 + token rows 22.7 GiB, + Liger 10.4 GiB, + Liger at 1 x 4096 tokens 8.9 GiB,
-common recipe 39.5 GiB (tests/test_memory_plan.py checks these). The target is 15 % on any card;
-benchmarks/recipes.py prints the prediction next to each measured peak so drift shows up.
-The CUDA context (~0.5 GiB) and allocator slack are outside the prediction; the "fits" verdict
-keeps 1 GiB for them.
+Nothing here loads weights: the shape comes from config.json, and the checkpoint's parameter count
+(a cross-check) from the safetensors headers. The model (what each term counts, and how it was
+calibrated against the measurements in benchmarks/RESULTS.md) is written out in
+benchmarks/MEMORY_MODEL.md; `plan_memory` computes it and `echo_plan` prints it.
 """
 
 from __future__ import annotations
@@ -193,7 +153,6 @@ def plan_memory(
     optimizer: str = "adamw",
     recipe: str = "peftko",
     largest_tensor_bytes: float | None = None,
-    fused_eval: bool = False,
 ) -> MemoryPlan:
     """Predict the training peak (and the loading peak) in bytes. Pure: no torch, no files.
 
@@ -201,7 +160,6 @@ def plan_memory(
     liger: Liger kernels active (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): CUDA only.
     recipe: "peftko" (token rows, frozen weights in the compute dtype) or "common"
     (prepare_model_for_kbit_training + modules_to_save=["embed_tokens", "lm_head"]).
-    fused_eval: evaluation uses the fused loss too (no logits); only meaningful with liger.
     """
     if recipe not in ("peftko", "common"):
         raise ValueError(f"recipe must be 'peftko' or 'common', got {recipe!r}")
@@ -250,7 +208,8 @@ def plan_memory(
 
     largest = largest_tensor_bytes if largest_tensor_bytes is not None else shape.vocab * h * compute_bytes
     loading = weights + embed_matrix * frozen_bytes + largest
-    eval_logits = 0 if (liger and fused_eval) else tokens * v * (compute_bytes + 4)
+    # With Liger, evaluation uses the fused loss too (kernels.fused_loss_kwargs): no logits.
+    eval_logits = 0 if liger else tokens * v * (compute_bytes + 4)
     evaluation = weights + params_and_states + eval_logits + tokens * (4 * h + 2 * i) * act  # + one layer
     return MemoryPlan(
         weights=weights,
@@ -264,11 +223,6 @@ def plan_memory(
         trainable_params=int(trainable_params),
         fused_ce=liger,
     )
-
-
-def predict_peak_gib(shape: ModelShape, **kwargs) -> float:
-    """The predicted training peak in GiB (torch.cuda.max_memory_allocated after loading)."""
-    return plan_memory(shape, **kwargs).peak_gib
 
 
 # --- reading a model directory without loading weights
@@ -353,8 +307,6 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     on_cuda = precision.device.type == "cuda"
     dtype = precision.dtype_name if on_cuda else "bfloat16"
     liger = liger_would_apply(cfg, precision.device.type, shape.model_type)
-    # held_out_nll and PeftkoTrainer.compute_loss pass kernels.fused_loss_kwargs in eval mode.
-    kwargs["fused_eval"] = True
     plan = plan_memory(shape, compute_bytes=_dtype_bytes(dtype), liger=liger, **kwargs)
     v = shape.vocab + n_markers
     quant_name = {"4bit": "NF4", "8bit": "LLM.int8", "none": dtype}[cfg.quant]
@@ -381,7 +333,7 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     click.echo(f"  peak        {_gib(plan.peak)}  training (activations and logits are not all alive at once)")
     click.echo(f"  loading     {_gib(plan.loading)}  while loading and resizing (estimate)")
     click.echo(f"  evaluation  {_gib(plan.evaluation)}  held-out loss, batch {cfg.batch_size}, no gradients"
-               + ("" if liger and kwargs["fused_eval"] else ", full logits"))
+               + ("" if liger else ", full logits"))
     click.echo(f"fits in {_verdicts(plan)}  (keeping {CARD_OVERHEAD_GIB:.0f} GiB for the CUDA context)")
     if not plan.fused_ce and cfg.liger != "off":
         fused = plan_memory(shape, compute_bytes=_dtype_bytes(dtype), liger=True, **kwargs)

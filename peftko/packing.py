@@ -56,6 +56,11 @@ class PackedData:
     from_cache: bool
 
 
+def real_token_fraction(tokens: int, blocks: int, block_len: int) -> float:
+    """Share of the padded batch positions that hold real tokens (every batch pads to block_len)."""
+    return tokens / (blocks * block_len) if blocks else 0.0
+
+
 def cache_key(files, tokenizer, seq_len, doc_end_marker, jsonl_field, val_fraction, seed) -> str:
     stats = []
     for f in files:
@@ -301,7 +306,7 @@ def prepare_data(files, tokenizer, cfg, cache_root: Path) -> PackedData:
     val = datasets.load_from_disk(str(target / "val")) if (target / "val").exists() else None
     val_text = datasets.load_from_disk(str(target / "val_text")) if (target / "val_text").exists() else None
     total = stats["train_tokens"]
-    fraction = total / (len(train) * stats["block_len"])  # every batch pads to the longest block
+    fraction = real_token_fraction(total, len(train), stats["block_len"])
     return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["val_chars"],
                       total, fraction, stats["block_len"], target, from_cache)
 

@@ -146,9 +146,8 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
 class MetricsFile(TrainerCallback):
     """One JSON object per log in OUTPUT/metrics.jsonl: step, loss, lr, tokens seen (and eval)."""
 
-    def __init__(self, path: Path, extra: dict | None = None):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.extra = extra or {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = log_record(state, logs or {})

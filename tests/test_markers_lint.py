@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from peftko.config import DEFAULT_MARKER_PATTERN as PATTERN
-from peftko.markers import Problem, count_markers, find_markers, lint_corpus, lint_text, pair_role
+from peftko.markers import Problem, lint_corpus, lint_text, pair_role
 from peftko.textfiles import Document
 
 KNOWN = [
@@ -38,14 +38,10 @@ def only(problems: list[Problem], kind: str) -> Problem:
     return problems[0]
 
 
-def test_find_and_count_markers_in_order():
-    assert find_markers(CLEAN_STORY.splitlines()[1], PATTERN) == ["|START_OF_TITLE|>", "|END_OF_TITLE|>"]
-    counts = count_markers([CLEAN_STORY, "|SOUND|>쿵"], PATTERN)
-    assert counts == Counter({
-        "|START_OF_BOOK|>": 1, "|END_OF_BOOK|>": 1, "|START_OF_TITLE|>": 1, "|END_OF_TITLE|>": 1,
-        "|START_OF_DIALOGUE|>": 2, "|END_OF_DIALOGUE|>": 2, "|SOUND|>": 3,
-    })
-
+def test_markers_are_counted_per_corpus_and_per_file():
+    result = lint_corpus(docs(("a.txt", CLEAN_STORY, 1), ("b.txt", "|SOUND|>쿵", 1)), PATTERN)
+    assert result.counts["|SOUND|>"] == 3 and result.files["|SOUND|>"] == 2
+    assert result.counts["|START_OF_TITLE|>"] == 1 and result.files["|END_OF_BOOK|>"] == 1
 
 def test_clean_story_has_no_problems():
     assert lint(CLEAN_STORY) == []
