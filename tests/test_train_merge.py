@@ -161,3 +161,27 @@ def test_outputs_follow_the_users_umask(tiny_bases, small_corpus, tmp_path):
         for f in folder.iterdir():
             if f.is_file() and not f.name.startswith("."):
                 assert mode(f) == 0o644, f
+
+
+def first_json(output: str) -> dict:
+    """The first JSON object in a command's output (CliRunner mixes in the loading bars on stderr)."""
+    return json.JSONDecoder().raw_decode(output[output.index('{"'):])[0]
+
+
+def test_eval_and_generate_read_the_run_and_the_merged_model(run, small_corpus):
+    """peftko eval and generate on every tiny family, from the adapter folder and the merged one."""
+    if run["quant"] == "8bit":
+        pytest.skip("4bit and none cover the loading paths; 8bit adds only time")
+    runner, texts = CliRunner(), {}
+    for where in ("run", "merged"):
+        ev = runner.invoke(main, ["eval", str(run[where]), "--data", str(small_corpus), "--seq-len", "64",
+                                  "--device", "cpu", "--json"])
+        assert ev.exit_code == 0, ev.output
+        report = first_json(ev.output)
+        assert 0 < report["bits_per_char"] < 20 and report["documents"] >= 4
+        assert "|SOUND|>" in report["markers"] and report["markers"]["|SOUND|>"]["count"] > 0
+        gen = runner.invoke(main, ["generate", str(run[where]), "--prompt", "|START_OF_TITLE|>달빛",
+                                   "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu", "--json"])
+        assert gen.exit_code == 0, gen.output
+        texts[where] = first_json(gen.output)["new_tokens"]
+    assert texts["run"] >= 1 and texts["merged"] >= 1
