@@ -22,9 +22,10 @@ import torch
 
 from peftko.errors import UserError
 from peftko.fingerprints import fingerprint_base
+from peftko.model_card import merged_card
 from peftko.ownership import OutputKind, check_place, entries_to_replace
-from peftko.run_dir import (FORMAT_VERSION, check_writable, publish, read_json_object, read_manifest,
-                            write_json_atomic)
+from peftko.run_dir import (FORMAT_VERSION, check_writable, keep_sentencepiece_files, publish, read_json_object,
+                            read_manifest, write_json_atomic)
 
 # bf16/fp16 round the merged weights once; fp32 is exact up to summation order.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
@@ -133,17 +134,22 @@ def stop_at_book_end(model, manifest: dict) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
 
 
-def save_atomically(model, tokenizer, output: Path, record: dict, stopper) -> None:
+def save_atomically(model, tokenizer, output: Path, record: dict, stopper, manifest: dict | None = None) -> None:
     """Write next to the target, then swap it in: an existing output is never half overwritten.
 
-    The mark (peftko-merge.json, listing the files) is written last into the staging folder; the
-    swap is two renames that a first Ctrl-C does not cut.
+    Beside the weights and tokenizer: the base's SentencePiece model (the tokenizer's save leaves it
+    out) and, given the adapter's manifest, a README.md model card. The mark (peftko-merge.json,
+    listing the files) is written last into the staging folder; the swap is two renames that a
+    first Ctrl-C does not cut.
     """
     output = output.resolve()
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
     try:
         model.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(stage)
+        keep_sentencepiece_files(Path(record["base_model"]), stage)
+        if manifest is not None:
+            (stage / "README.md").write_text(merged_card(manifest, record, output.name), encoding="utf-8")
         files = sorted(f.name for f in stage.iterdir())
         publish(stage)  # the stage becomes the output
         write_json_atomic(stage / MARK, {"format": FORMAT_VERSION, **record, "files": files})
@@ -185,7 +191,7 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
         claim_output(out, force)
         merged, tokenizer = merge_and_check(run_dir, base_path, manifest, dtype)
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
-        save_atomically(merged, tokenizer, out, record, stopper)
+        save_atomically(merged, tokenizer, out, record, stopper, manifest)
     click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
 
 

@@ -2,7 +2,9 @@
 
 A finished run directory holds:
   adapter_model.safetensors, adapter_config.json   LoRA + the marker rows (never whole matrices)
-  tokenizer files                                  the base tokenizer with the markers added
+  tokenizer files                                  the base tokenizer with the markers added (and
+                                                   the base's SentencePiece model, if it has one)
+  README.md                                        the model card (peftko.model_card)
   peftko.json                                      base path + fingerprint, markers and ids,
                                                    vocabulary sizes, quantization, resolved config
   metrics.jsonl                                    one JSON object per log
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from peftko.errors import UserError
 from peftko.fingerprints import sha256_file
+from peftko.model_card import adapter_card
 from peftko.ownership import OutputKind, check_place, entries_to_replace
 
 MANIFEST = "peftko.json"
@@ -38,6 +41,7 @@ FINAL_FILES = (*ADAPTER_FILES, "README.md", "tokenizer.json", "tokenizer_config.
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
                "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
                "chat_template.json")
+SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 FORMAT_VERSION = 1
 
 
@@ -153,6 +157,9 @@ def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
             # save_embedding_layers=False: only the marker rows, never a full embedding matrix.
             peft_model.save_pretrained(stage, save_embedding_layers=False)
             tokenizer.save_pretrained(stage)
+            keep_sentencepiece_files(Path(manifest["base_model"]), stage)
+            # Over the template peft's save_pretrained just wrote.
+            (stage / "README.md").write_text(adapter_card(manifest, output.name), encoding="utf-8")
             files = sorted(f.name for f in stage.iterdir())
             publish(stage)
             digest = sha256_file(stage / ADAPTER_FILES[0])
@@ -170,6 +177,22 @@ def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
         raise UserError(f"could not write the adapter to {output}: {describe_write_failure(e)} "
                         f"(disk full?).{kept} Checkpoints, if any, are intact: free space and run again "
                         "with --resume.") from None
+
+
+def keep_sentencepiece_files(base: Path, folder: Path) -> list[str]:
+    """Copy the base's SentencePiece model files that the tokenizer's save left out.
+
+    transformers 5 saves a fast tokenizer as tokenizer.json alone, even when it was loaded from a
+    folder with tokenizer.model; converters that read the SentencePiece model (llama.cpp's, for a
+    Gemma or Llama-2 fine-tune) then fail. The markers live in tokenizer.json as added tokens, so
+    the base's file is the right one to ship beside it.
+    """
+    copied = []
+    for name in SENTENCEPIECE_FILES:
+        if (base / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(base / name, folder / name)
+            copied.append(name)
+    return copied
 
 
 def is_write_failure(e: BaseException) -> bool:

@@ -1,0 +1,242 @@
+"""README.md model cards for the adapter folder and the merged model, Korean first, then English.
+
+peft's save_pretrained writes a template full of "[More Information Needed]"; these cards replace it
+with what peftko.json records (base and fingerprint, markers and ids, held-out bits per character)
+and the code that loads the result with and without peftko. Built from the manifest alone, so the
+same text comes out wherever the folder has moved. The only absolute path in a card is the base's,
+as training recorded it: loading the adapter needs it.
+"""
+
+from __future__ import annotations
+
+# Front matter for the Hugging Face Hub. No `base_model`: the recorded base is a local folder,
+# which the Hub rejects there.
+FRONT_MATTER = "---\nlanguage:\n- ko\nlibrary_name: {library}\npipeline_tag: text-generation\ntags:\n- peftko\n{tags}---\n"
+
+
+def adapter_card(manifest: dict, folder: str) -> str:
+    """The card of a `peftko lora-train` output; `folder` is its name, as the commands use it."""
+    facts = _facts(manifest)
+    plain = _plain_adapter_code(manifest, folder)
+    return "\n".join([
+        FRONT_MATTER.format(library="peft", tags="- lora\n"),
+        f"# {folder}: LoRA 어댑터 / LoRA adapter (peftko)",
+        "",
+        "## 한국어",
+        "",
+        f"`{manifest['base_model']}` 위에 `peftko lora-train`으로 학습한 LoRA 어댑터입니다. 마커마다 토큰 하나가 "
+        "추가되었고, 그 임베딩 행도 이 폴더에 들어 있습니다.",
+        "",
+        *_facts_ko(facts),
+        "",
+        "### peftko로 불러오기",
+        "",
+        "```bash",
+        f"peftko generate {folder} --prompt '{facts['prompt']}'",
+        f"peftko merge {folder} --output {folder}-merged   # 독립 실행 모델로 병합",
+        "```",
+        "",
+        "### peftko 없이 불러오기 (transformers + peft)",
+        "",
+        f"기반 모델의 임베딩을 학습 때와 같은 {facts['rows']}행으로 늘린 뒤 어댑터를 얹고, 토크나이저는 이 폴더에서 "
+        f"읽습니다. 생성은 `{facts['stop']}`에서 멈추게 하십시오.",
+        "",
+        plain,
+        "",
+        "vLLM은 이 어댑터를 직접 서빙하지 못합니다 (LoRA 로더가 peft의 `trainable_tokens_delta`를 거부함): "
+        "`peftko merge`로 병합한 모델을 서빙하십시오.",
+        "",
+        "## English",
+        "",
+        f"A LoRA adapter trained with `peftko lora-train` on `{manifest['base_model']}`. Each marker was "
+        "added as one token; its embedding rows are in this folder too.",
+        "",
+        *_facts_en(facts),
+        "",
+        "### Loading with peftko",
+        "",
+        "```bash",
+        f"peftko generate {folder} --prompt '{facts['prompt']}'",
+        f"peftko merge {folder} --output {folder}-merged   # a standalone model",
+        "```",
+        "",
+        "### Loading without peftko (transformers + peft)",
+        "",
+        f"Grow the base's embeddings to the {facts['rows']} rows training used, apply the adapter, and load "
+        f"the tokenizer from this folder. Stop generation at `{facts['stop']}`.",
+        "",
+        plain,
+        "",
+        "vLLM cannot serve this adapter directly (its LoRA loader rejects peft's `trainable_tokens_delta`): "
+        "serve the model `peftko merge` writes.",
+        "",
+    ])
+
+
+def merged_card(manifest: dict, record: dict, folder: str) -> str:
+    """The card of a `peftko merge` output: the adapter's manifest plus the merge record."""
+    facts = _facts(manifest)
+    plain = _plain_merged_code(facts, folder)
+    dtype = record.get("dtype", "?")
+    return "\n".join([
+        FRONT_MATTER.format(library="transformers", tags="- merged-lora\n"),
+        f"# {folder}: 병합된 모델 / merged model (peftko)",
+        "",
+        "## 한국어",
+        "",
+        f"`peftko merge`가 LoRA 어댑터를 `{manifest['base_model']}`에 {dtype}로 병합한 독립 실행 모델입니다. "
+        "어댑터 없이 transformers, vLLM, llama.cpp 변환기 등에서 그대로 불러옵니다.",
+        "",
+        *_facts_ko(facts),
+        "",
+        "### peftko로 불러오기",
+        "",
+        "```bash",
+        f"peftko generate {folder} --prompt '{facts['prompt']}'",
+        "```",
+        "",
+        "### peftko 없이 불러오기 (transformers)",
+        "",
+        f"`generation_config.json`의 eos에 `{facts['stop']}`가 이미 들어 있습니다. 다른 서버에서는 이 마커를 "
+        "stop 문자열로 넘기십시오.",
+        "",
+        plain,
+        "",
+        "## English",
+        "",
+        f"A standalone model: `peftko merge` merged a LoRA adapter into `{manifest['base_model']}` in {dtype}. "
+        "It loads without the adapter in transformers, vLLM, llama.cpp's converter and the like.",
+        "",
+        *_facts_en(facts),
+        "",
+        "### Loading with peftko",
+        "",
+        "```bash",
+        f"peftko generate {folder} --prompt '{facts['prompt']}'",
+        "```",
+        "",
+        "### Loading without peftko (transformers)",
+        "",
+        f"`generation_config.json` already lists `{facts['stop']}` as an eos token; with another server, pass "
+        "that marker as a stop string.",
+        "",
+        plain,
+        "",
+    ])
+
+
+def _facts(manifest: dict) -> dict:
+    cfg, results = manifest.get("config", {}), manifest.get("results") or {}
+    markers = [(m["marker"], m["id"]) for m in manifest["markers"]]
+    names = [name for name, _ in markers]
+    stop = cfg.get("doc_end_marker") or ""
+    start = next((n for n in names if n.startswith("|START_OF_TITLE")), names[0] if names else "")
+    tokens = None
+    if all(isinstance(cfg.get(k), int) for k in ("batch_size", "grad_accum", "seq_len")) and results.get("steps"):
+        tokens = results["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"]
+    return {
+        "base": manifest["base_model"], "sha": manifest.get("base_fingerprint", {}).get("config_sha256", "?"),
+        "markers": markers, "stop": stop, "prompt": start, "rows": manifest["vocab"]["rows_after"],
+        "quant": manifest.get("quantization", "?"), "steps": results.get("steps"),
+        "corpus": manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {},
+        "tokens": tokens,
+        "bpc": [(k, results.get(k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
+    }
+
+
+def _num(x) -> str:
+    return "—" if x is None else (f"{x:.3f}" if isinstance(x, float) else f"{x:,}")
+
+
+BPC_KO = {"bpc_base": "기반 모델 (자체 토크나이저)", "bpc_before": "마커 등록 후, 학습 전", "bpc_after": "학습 후"}
+BPC_EN = {"bpc_base": "base model (its own tokenizer)", "bpc_before": "markers registered, before training",
+          "bpc_after": "after training"}
+CORPUS_KEYS = ("documents", "characters", "tokens")  # shown when the manifest records them
+
+
+def _marker_list(facts: dict, word: str) -> list[str]:
+    # A list, not a table: Markdown tables split cells at every "|", code spans included.
+    return [f"- `{m}`: {word} {i}" for m, i in facts["markers"]]
+
+
+def _facts_ko(facts: dict) -> list[str]:
+    corpus = ", ".join(f"{k} {_num(facts['corpus'][k])}" for k in CORPUS_KEYS if k in facts["corpus"])
+    return [
+        f"- 기반 모델: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
+        f"- 학습: {_num(facts['steps'])} 단계, 양자화 {facts['quant']}"
+        + (f", 처리한 토큰 최대 {_num(facts['tokens'])}개 (단계 × 배치 × 누적 × 길이)" if facts["tokens"] else ""),
+        *([f"- 말뭉치: {corpus}"] if corpus else []),
+        f"- 문서 끝 마커 (생성 중단): `{facts['stop']}`",
+        "",
+        "검증 데이터의 문자당 비트 (낮을수록 좋음):",
+        "",
+        "| | bits/char |", "|---|---|",
+        *(f"| {BPC_KO[k]} | {_num(v)} |" for k, v in facts["bpc"]),
+        "",
+        "마커 (각각 토큰 하나):",
+        "",
+        *_marker_list(facts, "토큰 id"),
+    ]
+
+
+def _facts_en(facts: dict) -> list[str]:
+    corpus = ", ".join(f"{_num(facts['corpus'][k])} {k}" for k in CORPUS_KEYS if k in facts["corpus"])
+    return [
+        f"- Base model: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
+        f"- Training: {_num(facts['steps'])} steps, quantization {facts['quant']}"
+        + (f", at most {_num(facts['tokens'])} tokens seen (steps × batch × accumulation × length)"
+           if facts["tokens"] else ""),
+        *([f"- Corpus: {corpus}"] if corpus else []),
+        f"- Document-end marker (stops generation): `{facts['stop']}`",
+        "",
+        "Held-out bits per character (lower is better):",
+        "",
+        "| | bits/char |", "|---|---|",
+        *(f"| {BPC_EN[k]} | {_num(v)} |" for k, v in facts["bpc"]),
+        "",
+        "Markers (one token each):",
+        "",
+        *_marker_list(facts, "token id"),
+    ]
+
+
+def _plain_adapter_code(manifest: dict, folder: str) -> str:
+    stop, rows = manifest.get("config", {}).get("doc_end_marker") or "", manifest["vocab"]["rows_after"]
+    return "\n".join([
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({manifest['base_model']!r}, dtype=\"auto\")",
+        f"model.resize_token_embeddings({rows}, mean_resizing=False)  # vocab.rows_after in peftko.json",
+        f"model = PeftModel.from_pretrained(model, {folder!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
+        *_generate_lines(stop, _prompt(manifest)),
+        "```",
+    ])
+
+
+def _plain_merged_code(facts: dict, folder: str) -> str:
+    return "\n".join([
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=\"auto\")",
+        f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
+        *_generate_lines(facts["stop"], facts["prompt"]),
+        "```",
+    ])
+
+
+def _generate_lines(stop: str, prompt: str) -> list[str]:
+    # stop_strings, not eos_token_id: it works the same for the adapter and the merged model.
+    until = f", stop_strings=[{stop!r}], tokenizer=tokenizer" if stop else ""
+    return [
+        f"inputs = tokenizer({prompt!r}, return_tensors=\"pt\")",
+        f"out = model.generate(**inputs, max_new_tokens=200{until})",
+        "print(tokenizer.decode(out[0][inputs[\"input_ids\"].shape[1]:]))",
+    ]
+
+
+def _prompt(manifest: dict) -> str:
+    return _facts(manifest)["prompt"]
