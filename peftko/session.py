@@ -204,6 +204,9 @@ class TrainingSession:
             "quantization": self.cfg.quant,
             "compute_dtype": self.precision.dtype_name,
             "config": self.cfg.to_dict(),
+            # What the model card reports; tokens are the training documents' (held-out ones apart).
+            "corpus": {"documents": self.data.train_docs + self.data.val_docs,
+                       "characters": sum(f.chars for f in self.files), "tokens": self.data.train_tokens},
             "results": self.results.to_json(),
         }
 

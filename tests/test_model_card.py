@@ -47,6 +47,7 @@ def check_card(card: str, manifest: dict, folder: Path) -> None:
     assert manifest["base_fingerprint"]["config_sha256"] in card
     assert f"peftko generate {folder.name} --prompt" in card
     assert manifest["config"]["doc_end_marker"] in card
+    assert f"{manifest['corpus']['documents']} documents" in card  # the corpus size the run recorded
     results = manifest["results"]
     for key in ("bpc_base", "bpc_before", "bpc_after"):
         assert f"{results[key]:.3f}" in card
