@@ -48,12 +48,12 @@ def main():
     """peftko: LoRA fine-tuning for Korean text with structural markers.
 
     \b
-    peftko lora-train --config configs/demo.yaml     # built-in demo, CPU, minutes
-    peftko markers corpus/                            # inspect and lint a corpus
-    peftko report runs/demo                           # loss curves -> runs/demo/report.png
-    peftko merge runs/demo --output runs/demo-merged  # standalone HF model
+    peftko lora-train --config configs/demo.yaml    # the demo: CPU, minutes
+    peftko markers corpus/                           # lint a corpus
+    peftko report runs/demo                          # runs/demo/report.png
+    peftko merge runs/demo --output runs/demo-merged # standalone model
     peftko generate runs/demo --prompt '|START_OF_TITLE|>'
-    peftko eval runs/demo --data corpus/              # bits per character, per marker
+    peftko eval runs/demo --data corpus/             # bits per character
     peftko ablate --config configs/demo.yaml --output runs/ablate
     """
 
