@@ -119,7 +119,7 @@ def child(path: Path) -> dict:
     from peftko.token_rows import register_markers
 
     tokenizer = train_tokenizer(sample_texts())
-    cfg = TrainConfig(data=[str(path)])
+    cfg = TrainConfig(data=[str(path)], seq_len=2048)  # what auto gives a base with a 2k+ context
     base_anon = _rss_anon_mib()
     anon = _AnonPeak()
     load = os.getloadavg()[0]
