@@ -141,9 +141,13 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
     from peftko.eval_command import marker_regex, read_documents
     from peftko.packing import choose_val_docs
     from peftko.run_dir import write_json_atomic
-    from peftko.train_command import run_lora_train
+    from peftko.base_model import resolve_model_path
+    from peftko.ownership import check_place
+    from peftko.train_command import run_lora_train, training_inputs
 
     out = Path(cfg.output)
+    # Before anything is written (DIR/deleted-data first): never into the corpus or the base.
+    check_place(out, training_inputs(cfg, resolve_model_path(cfg.model)))
     if (out / "ablation.json").exists() and not force:
         raise UserError(f"{out} already holds an ablation; pass --force to run it again, or choose another --output")
     docs, found = read_documents(cfg.data, cfg.marker_pattern, cfg.jsonl_field, cfg.doc_end_marker)

@@ -101,10 +101,16 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
         return _run_lora_train(cfg, stopper, resume, force, dry_run, strict)
 
 
+def training_inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
+    """What a training output must stay clear of (peftko.ownership.check_place): corpus and base."""
+    from peftko.paths import resolve_data_paths
+
+    return {f"--data {d}": d for d in resolve_data_paths(cfg.data)} | {"the base model": model_path}
+
+
 def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool) -> int:
     from peftko.base_model import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                    resolve_seq_len)
-    from peftko.paths import resolve_data_paths
     from peftko.training import check_target_modules
 
     # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
@@ -131,8 +137,7 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
     from peftko.session import TrainingSession
 
     output = Path(cfg.output)
-    inputs = {f"--data {d}": d for d in resolve_data_paths(cfg.data)} | {"the base model": model_path}
-    prepare_output(output, resume=resume, inputs=inputs)
+    prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
     with hold(output / LOCK, f"--output {output}"):
         replace = claim_run_dir(output, resume=resume, force=force)
         session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)

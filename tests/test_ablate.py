@@ -116,3 +116,14 @@ def test_refuses_without_output_or_markers(tmp_path, tiny_bases):
     args = train_args(tiny_bases["llama-tied"], tmp_path / "plain.txt", tmp_path / "out")
     plain = runner.invoke(main, ["ablate", *args[1:], "--markers", "auto", "--marker-pattern", r"\|SOUND\|>"])
     assert plain.exit_code == 2 and "no markers" in plain.output
+
+
+def test_an_output_inside_the_corpus_is_refused_before_anything_is_written(tmp_path, tiny_bases, small_corpus):
+    import shutil
+
+    corpus = shutil.copytree(small_corpus, tmp_path / "corpus")
+    before = sorted(p.name for p in corpus.rglob("*"))
+    args = train_args(tiny_bases["llama-tied"], corpus, corpus / "ablate")
+    result = CliRunner().invoke(main, ["ablate", *args[1:]])
+    assert result.exit_code == 2 and "lies inside --data" in result.output, result.output
+    assert sorted(p.name for p in corpus.rglob("*")) == before
