@@ -67,6 +67,18 @@ def small_corpus(tmp_path_factory):
     return folder
 
 
+def deny_open(monkeypatch, denied: Path) -> None:
+    """EACCES on opening one file, as chmod 000 gives every user but root (tests may run as root)."""
+    real_open = Path.open
+
+    def open_or_deny(self, *args, **kwargs):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_or_deny)
+
+
 def train_args(base: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
     """A fast lora-train command line for tiny models."""
     return [

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from peftko.cli import main
 from peftko.config import DEFAULT_MARKER_PATTERN
 from peftko.corpus_report import scan_corpus
+from tests.conftest import deny_open
 
 BOOK = """|START_OF_BOOK|>
 |START_OF_TITLE|>노란 우산의 여행|END_OF_TITLE|>
@@ -168,20 +169,8 @@ def test_summary_is_short_and_lists_problems(bad_corpus):
     assert report.bad_files == []
 
 
-def _deny(monkeypatch, denied: Path) -> None:
-    """EACCES on opening one file, as chmod 000 gives every user but root (tests may run as root)."""
-    real_open = Path.open
-
-    def open_or_deny(self, *args, **kwargs):
-        if self == denied:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", open_or_deny)
-
-
 def test_unreadable_and_damaged_files_are_listed_with_the_reason(clean_corpus, monkeypatch):
-    _deny(monkeypatch, clean_corpus / "01.txt")
+    deny_open(monkeypatch, clean_corpus / "01.txt")
     (clean_corpus / "05.txt").write_bytes(BOOK.encode("utf-8") + b"\xff" + BOOK.encode("utf-8"))
     result = run(str(clean_corpus))
     assert result.exit_code == 0, result.output
@@ -200,7 +189,7 @@ def test_training_refuses_unreadable_files_unless_told_to_skip_them(clean_corpus
     from peftko.train_command import read_corpus
 
     locked = clean_corpus / "02.txt"
-    _deny(monkeypatch, locked)
+    deny_open(monkeypatch, locked)
     with pytest.raises(UserError) as e:
         read_corpus(TrainConfig(data=[str(clean_corpus)]))
     assert f"{locked}: unreadable: Permission denied" in str(e.value) and "--skip-bad-files" in str(e.value)

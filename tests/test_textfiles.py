@@ -20,6 +20,7 @@ from peftko.textfiles import (
     normalize_text,
     scan_file,
 )
+from tests.conftest import deny_open
 
 KOREAN = "|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n하늘이는 창문을 열었습니다.\n"
 PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x06\x00\x00\x00"
@@ -367,20 +368,9 @@ def test_damaged_utf16_names_where_it_fails(tmp_path):
 # --- files that cannot be opened
 
 
-def _deny(monkeypatch, denied: Path) -> None:
-    real_open = Path.open
-
-    def open_or_deny(self, *args, **kwargs):
-        if self == denied:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", open_or_deny)
-
-
 def test_a_file_that_cannot_be_opened_is_unreadable_with_the_reason(tmp_path, monkeypatch):
     path = write(tmp_path / "locked.txt", KOREAN)
-    _deny(monkeypatch, path)
+    deny_open(monkeypatch, path)
     scan = scan_file(path)
     assert (scan.status, scan.encoding, scan.detail) == ("unreadable", None, "Permission denied")
 
