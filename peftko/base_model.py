@@ -50,7 +50,7 @@ def resolve_model_path(model: str) -> Path:
             "first, e.g. with `hf download`, and pass its folder to --model)"
         )
     if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass the folder of a Hugging Face causal LM to --model")
+        raise UserError(f"{path} has no config.json: it is not a model folder; pass the folder of a Hugging Face causal LM")
     return path
 
 
