@@ -55,9 +55,7 @@ def load_for_inference(path: str | Path, quant: str | None = None, device: str =
 
 
 def _load_adapter(run_dir: Path, quant: str | None, device: str):
-    from peft import PeftModel
-
-    from peftko.base_model import load_base, load_tokenizer, pick_precision
+    from peftko.base_model import pick_precision
     from peftko.merge import check_base
     from peftko.run_dir import read_manifest
 
@@ -66,23 +64,38 @@ def _load_adapter(run_dir: Path, quant: str | None, device: str):
     cfg = manifest["config"]
     quant = quant or manifest.get("quantization", "none")
     precision = pick_precision(device)
-    # Consent given at training time (--allow-pickle, --trust-remote-code) carries over; nothing more.
-    remote = bool(cfg.get("trust_remote_code"))
-    model = load_base(base, quant, precision, cfg.get("attn_implementation", "auto"), remote,
-                      bool(cfg.get("allow_pickle")))
-    rows = manifest["vocab"]["rows_after"]
-    if model.get_input_embeddings().weight.shape[0] < rows:
-        model.resize_token_embeddings(rows, mean_resizing=False)
-    try:
-        model = PeftModel.from_pretrained(model, run_dir)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot apply the adapter in {run_dir}: {str(e).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(run_dir, remote)
+    model, tokenizer = load_with_adapter(run_dir, base, manifest, quant, precision,
+                                         cfg.get("attn_implementation", "auto"))
     markers = [m["marker"] for m in manifest["markers"]]
     end = cfg.get("doc_end_marker") or None
     info = ModelInfo("adapter", run_dir, base, quant, str(precision.device), markers,
                      end if end in markers else None)
     return model, tokenizer, info
+
+
+def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, precision, attn: str = "auto"):
+    """The base grown as training grew it, with the adapter applied (not merged), and the run's
+    tokenizer: for inference and for `peftko merge`. Consent given at training time
+    (--allow-pickle, --trust-remote-code) carries over; nothing more."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from peftko.base_model import load_base, load_tokenizer
+
+    cfg = manifest["config"]
+    remote = bool(cfg.get("trust_remote_code"))
+    tokenizer = load_tokenizer(run_dir, remote)
+    model = load_base(base, quant, precision, attn, remote, bool(cfg.get("allow_pickle")))
+    rows = manifest["vocab"]["rows_after"]
+    if model.get_input_embeddings().weight.shape[0] < rows:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    try:
+        return PeftModel.from_pretrained(model, run_dir), tokenizer
+    except SafetensorError as e:  # a damaged adapter from a run saved before its hash was recorded
+        raise UserError(f"cannot read {run_dir / 'adapter_model.safetensors'}: {e}. It was cut short "
+                        "or damaged: restore it, or train again.") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot apply the adapter in {run_dir}: {str(e).splitlines()[0]}") from None
 
 
 def _load_model(path: Path, quant: str | None, device: str):

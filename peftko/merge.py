@@ -20,8 +20,10 @@ from pathlib import Path
 import click
 import torch
 
+from peftko.base_model import Precision
 from peftko.errors import UserError
 from peftko.fingerprints import fingerprint_base
+from peftko.inference import load_with_adapter
 from peftko.model_card import merged_card
 from peftko.ownership import OutputKind, check_place, entries_to_replace
 from peftko.run_dir import (FORMAT_VERSION, check_writable, keep_sentencepiece_files, publish, read_json_object,
@@ -76,30 +78,6 @@ def claim_output(output: Path, force: bool) -> None:
     """Under the lock: an earlier merged model is replaced only with --force, and only whole."""
     entries_to_replace(output, MERGE_KIND, force, f"--output {output} already holds a merged model; "
                        "pass --force to replace it, or choose another directory.")
-
-
-def load_with_adapter(run_dir: Path, base_path: Path, manifest: dict, dtype: torch.dtype):
-    """The base grown as in training with the adapter applied (not merged yet), and the tokenizer."""
-    from peft import PeftModel
-
-    from peftko.base_model import Precision, load_base, load_tokenizer
-
-    # Consent given at training time (--allow-pickle, --trust-remote-code) carries over; nothing more.
-    allow_pickle = bool(manifest["config"].get("allow_pickle"))
-    remote = bool(manifest["config"].get("trust_remote_code"))
-    tokenizer = load_tokenizer(run_dir, remote)
-    model = load_base(base_path, "none", Precision(torch.device("cpu"), dtype), trust_remote_code=remote,
-                      allow_pickle=allow_pickle)
-    rows = manifest["vocab"]["rows_after"]
-    if model.get_input_embeddings().weight.shape[0] < rows:
-        model.resize_token_embeddings(rows, mean_resizing=False)
-    try:
-        return PeftModel.from_pretrained(model, run_dir), tokenizer
-    except Exception as e:  # a damaged adapter from a run saved before its hash was recorded
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise UserError(f"cannot read {run_dir / 'adapter_model.safetensors'}: {e}. It was cut short "
-                        "or damaged: restore it, or train again.") from None
 
 
 def check_texts(manifest: dict) -> list[str]:
@@ -198,7 +176,8 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
 def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
     """The merged model, once its logits match the unmerged adapter's on marker sentences."""
     click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
-    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, getattr(torch, dtype))
+    precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
     texts = check_texts(manifest)
     before = logits_for(peft_model, tokenizer, texts)
     merged = peft_model.merge_and_unload()
