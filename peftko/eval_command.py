@@ -87,9 +87,11 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def marker_regex(markers) -> re.Pattern | None:
-    """Longest first, so a marker inside a longer one never hides it."""
-    literal = [re.escape(m) for m in sorted(set(markers), key=len, reverse=True) if m]
-    return re.compile("|".join(literal)) if literal else None
+    """The markers' literal regex (peftko.markers.literal_pattern), None without markers."""
+    from peftko.markers import literal_pattern
+
+    pattern = literal_pattern(markers)
+    return re.compile(pattern) if pattern else None
 
 
 @torch.no_grad()

@@ -73,10 +73,14 @@ class CorpusLint:
 # --- finding
 
 
+def literal_pattern(markers: Collection[str]) -> str:
+    """A regex finding each marker literally, longest first so none hides a longer one ('' if none)."""
+    return "|".join(re.escape(m) for m in sorted(set(markers), key=len, reverse=True) if m)
+
+
 def with_literals(pattern: str, markers: Collection[str]) -> str:
-    """`pattern` that also finds each literal marker (longest first, so none hides a longer one)."""
-    literals = [re.escape(m) for m in sorted(markers, key=len, reverse=True) if m]
-    return "|".join([*literals, f"(?:{pattern})"])
+    """`pattern` that also finds each literal marker."""
+    return "|".join(filter(None, [literal_pattern(markers), f"(?:{pattern})"]))
 
 
 def canonical(name: str) -> str:
