@@ -32,8 +32,13 @@ class _Group(click.RichGroup):
     SIGTERM into one line and 130 or 143 (peftko.stopping): never a traceback."""
 
     def invoke(self, ctx):
+        from peftko.stopping import Stopper
+
         try:
-            return super().invoke(ctx)
+            # lora-train and merge install their own, by phase; every other command (eval, generate,
+            # report, ...) writes nothing half-done, so a stop there is one line and 130/143 too.
+            with Stopper("before the command finished.").installed():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"peftko: error: {e}", err=True)
             ctx.exit(e.exit_code)

@@ -52,7 +52,10 @@ class Stopper:
             # After a stop the process is ending: a second signal during interpreter shutdown
             # must not raise KeyboardInterrupt inside atexit callbacks (a traceback), so the
             # at-once exit stays in place.
-            self._set(previous if self.signum is None else {s: self._exit_now for s in SIGNALS}, previous)
+            if self.signum is not None:
+                self._set({s: self._exit_now for s in SIGNALS}, previous)
+            else:  # an inner Stopper that stopped left its exit-at-once handler: that one stays
+                self._set({s: h for s, h in previous.items() if signal.getsignal(s) == self._handle}, previous)
 
     @staticmethod
     def _set(handlers: dict, previous: dict) -> None:

@@ -109,3 +109,26 @@ def test_merged_model_loads_with_its_markers_and_continues_like_the_adapter(tiny
     args = ("--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "8", "--json")
     texts = [json.loads(generate(m, *args).stdout)["text"] for m in (tiny_run, merged)]
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_a_stop_mid_stream_is_one_line_and_130_or_143(tiny_run, signum, code):
+    """Ctrl-C (or a scheduler's SIGTERM) while tokens stream: no traceback, no click 'Aborted!'."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftko", "generate", str(tiny_run), "--prompt", "달빛",
+                             "--max-new-tokens", "100000", "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        proc.stdout.read(1)  # the prompt is echoed as streaming starts: the model is loaded
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    text = err.decode("utf-8", "replace")
+    assert proc.returncode == code, text
+    assert "Traceback" not in text and "Aborted" not in text and "peftko: stopped by" in text
