@@ -20,6 +20,7 @@ from peftko.checkpoints import (check_adapter_shape, check_resume, clean_leftove
                                 write_run_record)
 from peftko.collate import PackedCollator
 from peftko.config import TrainConfig
+from peftko.device_memory import peak_gib, reset_peak
 from peftko.errors import Interrupted
 from peftko.fingerprints import fingerprint_base, run_identity
 from peftko.evaluation import bits_per_char, held_out_nll
@@ -48,11 +49,14 @@ class Results:
     skipped_steps: int | None = None
     eval_loss: float | None = None  # absent from the manifest without held-out data
     bpc_after: float | None = None
+    gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
+    gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
 
     def to_json(self) -> dict:
         record = asdict(self)
-        if record["eval_loss"] is None:
-            del record["eval_loss"]
+        for optional in ("eval_loss", "gpu_peak_load_gib", "gpu_peak_train_gib"):
+            if record[optional] is None:
+                del record[optional]
         return record
 
 
@@ -71,6 +75,8 @@ class TrainingSession:
         clean_leftovers(self.output)
         self.setup(force)
         self.check_disk()
+        self.results.gpu_peak_load_gib = peak_gib(self.precision.device)
+        reset_peak(self.precision.device)
         with translate_oom(self.cfg, "training"):
             if self.checkpoint is None:
                 self.results.bpc_before = self.held_out_bpc()
@@ -78,6 +84,10 @@ class TrainingSession:
             self.trainer = self.make_trainer(self.guard)
             self.results.train_loss, self.results.steps = self.train(self.trainer, self.guard)
             self.results.skipped_steps = self.guard.skipped
+        self.results.gpu_peak_train_gib = peak_gib(self.precision.device)
+        if self.results.gpu_peak_train_gib is not None:
+            click.echo(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
+                       f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
         if self.stopper.signum:
             return self.stop_with_checkpoint()
         return self.finish()

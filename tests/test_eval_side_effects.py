@@ -37,21 +37,25 @@ def cpu_repack(request, monkeypatch):
     return request.param
 
 
-def trainable_model(base, quant: str, tmp_path):
+def trainable_model(base, quant: str, tmp_path, precision=CPU):
     """The session's model path, step by step, with no evaluation on the way."""
     tokenizer = load_tokenizer(base)
     tokens = register_markers(tokenizer, MARKERS)
-    model = load_base(base, quant, CPU)
+    model = load_base(base, quant, precision)
     grow_embeddings(model, tokenizer)
     init_marker_rows(model, tokens)
     cfg = load_config(None, {"model": str(base), "output": str(tmp_path), "lora_r": "4", "lora_alpha": "8",
-                             "batch_size": "2", "seq_len": "64", "device": "cpu", "max_steps": "1"})
+                             "batch_size": "2", "seq_len": "64", "device": precision.device.type,
+                             "max_steps": "1"})
     torch.manual_seed(0)
     blocks = pack_texts(sample_texts(strip_markers=False)[:1], tokenizer, 64)[:4]
-    return attach_adapters(model, cfg, tokens), cfg, blocks, PackedCollator.for_model(tokenizer, model, CPU.dtype)
+    return attach_adapters(model, cfg, tokens), cfg, blocks, PackedCollator.for_model(tokenizer, model,
+                                                                                           precision.dtype)
 
 
 def gradients(model, batch) -> dict[str, torch.Tensor]:
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
@@ -78,7 +82,7 @@ def layer_state(model) -> list:
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("base", ["llama-untied", "qwen2-padded", "gpt-neox"])
@@ -92,18 +96,18 @@ def test_8bit_gradients_do_not_depend_on_an_evaluation_before(tiny_bases, tmp_pa
     check_evaluation_changes_nothing(tiny_bases["llama-tied"], "8bit", tmp_path)
 
 
-def check_evaluation_changes_nothing(base, quant: str, tmp_path) -> None:
+def check_evaluation_changes_nothing(base, quant: str, tmp_path, precision=CPU) -> None:
     """Same batch, same model: LoRA and marker-row gradients before == after held_out_nll and trainer.evaluate."""
-    model, cfg, blocks, collator = trainable_model(base, quant, tmp_path)
+    model, cfg, blocks, collator = trainable_model(base, quant, tmp_path, precision)
     batch = collator(blocks[:2])
     before = gradients(model, batch)
     state = layer_state(model)
 
-    held_out_nll(model, blocks, collator, 2, CPU.device)
+    held_out_nll(model, blocks, collator, 2, precision.device)
     assert layer_state(model) == state
     after_held_out = gradients(model, batch)
 
-    trainer = make_trainer(model, cfg, CPU, tmp_path, blocks, blocks, collator)
+    trainer = make_trainer(model, cfg, precision, tmp_path, blocks, blocks, collator)
     trainer.evaluate()
     assert layer_state(model) == state
     after_trainer_eval = gradients(model, batch)
