@@ -12,6 +12,7 @@
 #
 #   bash benchmarks/gpu_check.sh                       # results under $OUT (or /tmp/peftko-gpu-check)
 #   BUDGET_S=500 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#   STAGES="pytest cli" bash benchmarks/gpu_check.sh    # a subset: pytest, cli, recipes, long
 #
 # Needs: a CUDA build of torch, transformers, peft, bitsandbytes, datasets; liger-kernel + triton for
 # the Liger rows (pip install 'peftko[gpu]'). The bases (16 GB for 8B) go to $WORK, not $OUT.
@@ -28,6 +29,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PEFTKO_H
 SUMMARY=$RESULTS/summary.md LOG=$RESULTS/full.log JSONL=$RESULTS/recipes.jsonl
 : > "$SUMMARY"; : > "$LOG"; : > "$JSONL"
 
+STAGES=${STAGES:-pytest cli recipes long}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -74,33 +77,42 @@ PYEOF
 BUILD_1B=$!
 "$PY" benchmarks/recipes.py --worker build --shape 8b --base "$BASES/8b" --device cuda > "$WORK/build-8b.out" 2>&1 &
 BUILD_8B=$!
+want recipes || want long || { kill $BUILD_8B 2>/dev/null; wait $BUILD_8B 2>/dev/null; }
 
 # 1. Every CUDA-only test.
-TAIL=25 stage pytest-gpu 60 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra" \
+want pytest && TAIL=25 stage pytest-gpu 60 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra" \
     tests/test_cuda.py tests/test_kernels.py
 
 # 2. The commands themselves on the 1B shape.
 wait $BUILD_1B; say "1B base written: exit $? ($(du -sh "$BASES/1b" | cut -f1))"
+if want cli; then
 RUN=$WORK/run-1b
 TRAIN=(-m peftko lora-train --model "$BASES/1b" --data peftko/sample_corpus --output "$RUN" --device cuda
        --quant 4bit --seq-len 2048 --batch-size 4 --grad-accum 1 --max-steps 8 --save-steps 4 --eval-steps 4
        --val-fraction 0.1 --logging-steps 2)
 TAIL=20 stage cli-dry-run-1b 30 60 "$PY" "${TRAIN[@]}" --dry-run
 TAIL=20 stage cli-train-1b 60 180 "$PY" "${TRAIN[@]}" && {
-    TAIL=10 stage cli-merge-1b 40 150 "$PY" -m peftko merge "$RUN" --output "$WORK/merged-1b"
-    TAIL=6 stage cli-eval-merged-1b 30 90 "$PY" -m peftko eval "$WORK/merged-1b" --data peftko/sample_corpus \
+    TAIL=10 stage cli-merge-1b-fp32 50 150 "$PY" -m peftko merge "$RUN" --output "$WORK/merged-1b" --dtype float32
+    TAIL=6 stage cli-eval-merged-1b 20 90 "$PY" -m peftko eval "$WORK/merged-1b" --data peftko/sample_corpus \
         --device cuda --seq-len 2048 --json
+    TAIL=10 stage cli-merge-1b-bf16 40 150 "$PY" -m peftko merge "$RUN" --output "$WORK/merged-1b-bf16"
 }
+fi
 
+if want recipes; then
 # 3. Common recipe vs peftko, 4 x 2048 tokens a step, each recipe in its own process.
 recipes 1b 90 --shape 1b --steps 6 --base-dir "$BASES/1b"
 wait $BUILD_8B; say "8B base written: exit $? ($(du -sh "$BASES/8b" | cut -f1))"
 recipes 8b 150 --shape 8b --steps 6 --base-dir "$BASES/8b"
+fi
+if want long; then
+wait $BUILD_8B
 
 # 4. The lean path alone on the 8B shape, longer sequences.
 recipes 8b-1x8192 50 --shape 8b --recipes peftko --seq-len 8192 --batch-size 1 --steps 4 --warmup-steps 1 --base-dir "$BASES/8b"
 recipes 8b-2x8192 50 --shape 8b --recipes peftko --seq-len 8192 --batch-size 2 --steps 4 --warmup-steps 1 --base-dir "$BASES/8b"
 recipes 8b-4x8192 50 --shape 8b --recipes peftko --seq-len 8192 --batch-size 4 --steps 4 --warmup-steps 1 --base-dir "$BASES/8b"
+fi
 
 say "done in $(($(date +%s) - START)) s"
 "$PY" - "$JSONL" <<'PYEOF' | tee -a "$SUMMARY"

@@ -25,7 +25,10 @@ shape) from which index_copy's backward keeps the marker rows; memory_plan accou
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import sys
 from importlib.util import find_spec
 
 import torch
@@ -146,7 +149,8 @@ def apply_fast_kernels(model, cfg, precision) -> str | None:
               "fused_linear_cross_entropy": flce}
     apply_fn = table[model_type]  # e.g. apply_liger_kernel_to_llama(..., model=instance)
     accepted = inspect.signature(apply_fn).parameters
-    apply_fn(model=base, **{k: v for k, v in wanted.items() if k in accepted})
+    with _modeling_module_kept(base):
+        apply_fn(model=base, **{k: v for k, v in wanted.items() if k in accepted})
     applied = [label for key, label in KERNEL_NAMES.items() if wanted[key] and key in accepted]
     description = "Liger kernels: " + (", ".join(applied) or "none for this model")
     if not flce and "fused_linear_cross_entropy" in accepted:
@@ -155,6 +159,43 @@ def apply_fast_kernels(model, cfg, precision) -> str | None:
     base._peftko_kernels = description
     base._peftko_fused_ce = flce and "fused_linear_cross_entropy" in accepted
     return description
+
+
+@contextlib.contextmanager
+def _modeling_module_kept(model):
+    """Undo what a Liger apply function does to the whole modeling module, beyond `model`.
+
+    Why: besides patching the instance, Liger rewrites the module (modeling_llama.LlamaRMSNorm,
+    .LlamaMLP, .apply_rotary_pos_emb). Every model built later in the process would get triton
+    kernels, and one on the CPU (a merge or eval after training, in the same process) fails with
+    "Pointer argument cannot be accessed from Triton (cpu tensor?)". The classes are put back
+    (this model's modules were patched one by one); a replaced function stays for this model's
+    attention but dispatches by device: Liger's on CUDA tensors, the original elsewhere.
+    """
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in list(vars(module).items()):
+            old = before.get(name)
+            if value is old:
+                continue
+            if inspect.isfunction(old) and inspect.isfunction(value):
+                setattr(module, name, _by_device(value, old))
+            elif name in before:
+                setattr(module, name, old)
+            else:
+                delattr(module, name)
+
+
+def _by_device(on_cuda, elsewhere):
+    @functools.wraps(elsewhere)
+    def dispatch(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return (on_cuda if first is not None and first.is_cuda else elsewhere)(*args, **kwargs)
+
+    return dispatch
 
 
 def fused_ce_active(model) -> bool:

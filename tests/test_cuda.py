@@ -125,11 +125,17 @@ def test_fp16_run_that_keeps_overflowing_stops_with_exit_3(tiny_bases, small_cor
 
 
 class ShrinkTheCard(TrainerCallback):
-    """A real CUDA out-of-memory: once the model is loaded, the allocator may not grow any more."""
+    """A real CUDA out-of-memory from torch's allocator: once the model is loaded the card is capped
+    at 1 % of its memory, and the first forward asks for an activation-sized block beyond that."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1e-6)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        torch.cuda.set_per_process_memory_fraction(0.01)
+
+        def big_activation(module, inputs):
+            torch.empty(2 * torch.cuda.get_device_properties(0).total_memory // 100, dtype=torch.uint8,
+                        device="cuda")
+
+        model.register_forward_pre_hook(big_activation)
 
 
 def test_real_cuda_out_of_memory_is_one_message_and_exit_2(tiny_bases, small_corpus, tmp_path, monkeypatch):
@@ -140,8 +146,8 @@ def test_real_cuda_out_of_memory_is_one_message_and_exit_2(tiny_bases, small_cor
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert r.exit_code == 2, r.output + repr(r.exception)
-    assert "out of GPU memory" in r.output and "Traceback" not in r.output, r.output
-    assert "--batch-size" in r.output
+    assert "out of GPU memory while training" in r.output and "Traceback" not in r.output, r.output
+    assert "--batch-size" in r.output and not (tmp_path / "run" / "peftko.json").exists()
 
 
 @pytest.mark.parametrize("base,quant", [("llama-untied", "4bit"), ("gpt-neox", "4bit"), ("llama-tied", "8bit")])

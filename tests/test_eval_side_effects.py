@@ -54,11 +54,15 @@ def trainable_model(base, quant: str, tmp_path, precision=CPU):
 
 
 def gradients(model, batch) -> dict[str, torch.Tensor]:
+    """On CUDA under bf16 autocast, as the Trainer trains there: its evaluate() wraps the model's
+    forward in that autocast for good (accelerate's prepare_model), and so does train()."""
     device = next(p.device for p in model.parameters() if p.requires_grad)
     batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
     model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**batch).loss
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return grads

@@ -239,3 +239,40 @@ def test_unsupported_architecture(fake_liger, fresh_model, monkeypatch):
     with pytest.raises(UserError, match="gpt_neox"):
         apply_fast_kernels(fresh_model, TrainConfig(liger="on"), CUDA)
     assert not liger_would_apply(TrainConfig(), "cuda", "gpt_neox")
+
+
+def test_liger_leaves_the_modeling_module_to_other_models(fresh_model, monkeypatch, tmp_path):
+    """Like Liger's real apply functions, the stand-in also rewrites modeling_llama: a norm class and the
+    RoPE function (whose triton kernel fails on CPU tensors). A model built afterwards, on the CPU,
+    must get neither; the patched model keeps its RoPE on CUDA tensors."""
+    import peftko.kernels as kernels
+    from transformers.models.llama import modeling_llama
+
+    original_norm, original_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", original_norm)  # restored whatever happens
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original_rope)
+
+    def triton_rope(q, k, *args, **kwargs):
+        raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+
+    def apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=None):
+        modeling_llama.apply_rotary_pos_emb = triton_rope
+        modeling_llama.LlamaRMSNorm = torch.nn.Identity
+
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    monkeypatch.setattr(kernels, "_liger_apply_functions", lambda: {"llama": apply_liger_kernel_to_llama})
+    assert apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA)
+
+    assert modeling_llama.LlamaRMSNorm is original_norm
+    base = build_tiny_base(tmp_path / "later", tie=False)
+    later = load_tokenizer(base)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ids = torch.tensor([later("옛날 옛적에")["input_ids"]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()  # the CPU model ran the original RoPE
+    cuda_like = torch.zeros(1).to("meta")  # stands for a CUDA tensor below
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type == "meta"))
+    with pytest.raises(ValueError, match="Triton"):
+        modeling_llama.apply_rotary_pos_emb(cuda_like, cuda_like, None, None)
