@@ -3,6 +3,7 @@
 A checkpoint is OUTPUT/checkpoint-N/ holding
   adapter_model.safetensors, adapter_config.json   LoRA + the marker rows (never whole matrices)
   optimizer.pt, scheduler.pt, rng_state.pth         optimizer moments, LR schedule, RNG states
+                                                    (rng_state_K.pth, one per rank, data-parallel)
   trainer_state.json                                the step, hence the position in the data
   checkpoint.json                                   written last: the checkpoint is complete
 It is written into a hidden staging folder and renamed into place, and an old one is renamed
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftko import distributed
 from peftko.config import TrainConfig
 from peftko.errors import UserError
 from peftko.run_dir import write_json_atomic
@@ -45,6 +47,24 @@ RESUMABLE_KEYS = frozenset({
     "gradient_checkpointing", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
     "report_to",
 })
+
+
+# How a step's blocks are split: over processes (torchrun), micro-batches and accumulation. Only
+# their product, the global batch, shapes the training and sets where a resumed run is in the
+# data (the Trainer skips global_step x global batch blocks of the same shuffled order), so a run
+# may resume on another number of GPUs when the product stays the same.
+SPLIT_KEYS = frozenset({"batch_size", "grad_accum"})
+
+
+def global_batch(identity: dict) -> int:
+    c = {**TrainConfig().to_dict(), **identity["config"]}
+    return c["batch_size"] * c["grad_accum"] * identity.get("processes", 1)
+
+
+def describe_batch(identity: dict) -> str:
+    c = {**TrainConfig().to_dict(), **identity["config"]}
+    return (f"{c['batch_size']} x {c['grad_accum']} accumulation x {identity.get('processes', 1)} "
+            f"process(es) = {global_batch(identity)}")
 
 
 # --- layout
@@ -75,21 +95,29 @@ def staged_checkpoint(output: Path, step: int, info: dict):
     """Yield a hidden folder; whatever is written to FOLDER/checkpoint-N is sealed and renamed in.
 
     On any failure the staging folder is removed and every existing checkpoint is untouched.
+    Data-parallel: rank 0 makes the folder and every rank writes into it (its RNG state); once all
+    have written, rank 0 seals and renames it. A failure on rank 0 stops every rank.
     """
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{PREFIX}{step}-", dir=output))
+    stage = distributed.on_main(
+        lambda: Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{PREFIX}{step}-", dir=output)))
     try:
         yield stage
-        written = stage / f"{PREFIX}{step}"
-        write_json_atomic(written / DONE_FILE, {"step": step, **info})
-        for f in written.iterdir():
-            _fsync(f)
-        target = Path(output) / written.name
-        if target.exists():  # the same step saved again (e.g. after a resume): move the old one away
-            remove_dir(target)
-        os.replace(written, target)
-        _fsync(Path(output))  # the rename itself survives a power cut
+        distributed.barrier()  # every rank's files are in
+        distributed.on_main(lambda: _seal(stage / f"{PREFIX}{step}", Path(output), step, info))
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _seal(written: Path, output: Path, step: int, info: dict) -> None:
+    write_json_atomic(written / DONE_FILE, {"step": step, **info})
+    for f in written.iterdir():
+        _fsync(f)
+    target = output / written.name
+    if target.exists():  # the same step saved again (e.g. after a resume): move the old one away
+        remove_dir(target)
+    os.replace(written, target)
+    _fsync(output)  # the rename itself survives a power cut
 
 
 def _fsync(path: Path) -> None:
@@ -164,8 +192,12 @@ def identity_changes(old: dict, new: dict) -> list[str]:
     defaults = TrainConfig().to_dict()
     oc, nc = {**defaults, **old["config"]}, {**defaults, **new["config"]}
     for key in sorted(set(oc) | set(nc)):
-        if key not in RESUMABLE_KEYS and oc.get(key) != nc.get(key):
+        if key not in RESUMABLE_KEYS | SPLIT_KEYS and oc.get(key) != nc.get(key):
             changes.append(f"config {key}: {oc.get(key)!r} -> {nc.get(key)!r}")
+    if global_batch(old) != global_batch(new):
+        changes.append(f"global batch: {describe_batch(old)} -> {describe_batch(new)} blocks a step (a "
+                       "different batch, and a different place in the data; keep the product the same, "
+                       "e.g. half the processes and twice --grad-accum)")
     changes += _corpus_changes(old["corpus"], new["corpus"])
     if old["tokenizer"] != new["tokenizer"]:
         changes.append("tokenizer: the base tokenizer or the registered markers differ")

@@ -108,9 +108,11 @@ def _metavar(f: dataclasses.Field, tp) -> str:
 @click.option("--force", is_flag=True, panel=RUN,
               help="Resume even if the config, corpus or base changed; replace an earlier run (only what peftko wrote).")
 @click.option("--strict", is_flag=True, panel=RUN, help="Refuse to train when the corpus has marker problems.")
+@click.option("--num-processes", type=int, default=None, metavar="N", panel=RUN,
+              help="With --dry-run: plan for N GPUs (torchrun --nproc_per_node N); a launched run uses the launcher's count.")
 @click.help_option("-h", "--help", panel=RUN)
 @_config_options
-def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
+def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes, **flags):
     """Train LoRA adapters plus the marker embedding rows on a (quantized) base.
 
     Writes OUTPUT/report.png at the end (loss curves and bits per character); the flags below
@@ -120,7 +122,8 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, **flags):
     from peftko.train_command import run_lora_train
 
     cfg = _load_config(config_file, sets, flags)
-    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict))
+    sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict,
+                            num_processes=num_processes))
 
 
 def _load_config(config_file, sets, flags: dict) -> TrainConfig:

@@ -44,7 +44,8 @@ class StopOnSignal(TrainerCallback):
         self.stopper = stopper
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopper.signum is not None:
+        # Data-parallel, every rank stops after the same step, even if only one was signalled.
+        if self.stopper.agreed():
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -116,10 +116,12 @@ class MemoryPlan:
     evaluation: float
     trainable_params: int
     fused_ce: bool
+    ddp_buckets: float = 0.0  # data-parallel runs: DDP's own copy of the trainable gradients
 
     @property
     def peak(self) -> float:
-        return self.weights + self.trainable + self.checkpoints + max(self.loss_step, self.layer_backward) + self.mask
+        return (self.weights + self.trainable + self.checkpoints + max(self.loss_step, self.layer_backward)
+                + self.mask + self.ddp_buckets)
 
     @property
     def peak_gib(self) -> float:
@@ -153,6 +155,7 @@ def plan_memory(
     optimizer: str = "adamw",
     recipe: str = "peftko",
     largest_tensor_bytes: float | None = None,
+    processes: int = 1,
 ) -> MemoryPlan:
     """Predict the training peak (and the loading peak) in bytes. Pure: no torch, no files.
 
@@ -160,6 +163,9 @@ def plan_memory(
     liger: Liger kernels active (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): CUDA only.
     recipe: "peftko" (token rows, frozen weights in the compute dtype) or "common"
     (prepare_model_for_kbit_training + modules_to_save=["embed_tokens", "lm_head"]).
+    processes: data-parallel processes, one per card. Each card holds everything one process
+    does (batch_size is per card); DDP adds its gradient buckets, one fp32 copy of the trainable
+    gradients, alive for the whole run.
     """
     if recipe not in ("peftko", "common"):
         raise ValueError(f"recipe must be 'peftko' or 'common', got {recipe!r}")
@@ -210,7 +216,8 @@ def plan_memory(
     loading = weights + embed_matrix * frozen_bytes + largest
     # With Liger, evaluation uses the fused loss too (kernels.fused_loss_kwargs): no logits.
     eval_logits = 0 if liger else tokens * v * (compute_bytes + 4)
-    evaluation = weights + params_and_states + eval_logits + tokens * (4 * h + 2 * i) * act  # + one layer
+    ddp_buckets = grads if processes > 1 else 0
+    evaluation = weights + params_and_states + eval_logits + tokens * (4 * h + 2 * i) * act + ddp_buckets
     return MemoryPlan(
         weights=weights,
         trainable=params_and_states,
@@ -222,6 +229,7 @@ def plan_memory(
         evaluation=evaluation,
         trainable_params=int(trainable_params),
         fused_ce=liger,
+        ddp_buckets=ddp_buckets,
     )
 
 
@@ -278,7 +286,8 @@ def _dtype_bytes(dtype) -> int:
     return 4 if str(dtype).endswith("float32") else 2
 
 
-def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None) -> MemoryPlan | None:
+def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None,
+              processes: int = 1) -> MemoryPlan | None:
     """Print the predicted GPU peak for this model, quantization, seq_len and batch; loads no weights.
 
     On a CUDA device the plan is for that device's dtype, with Liger when it would be applied. On the
@@ -302,7 +311,7 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
         quant=cfg.quant, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
         target_modules=cfg.target_modules, marker_rows=n_markers,
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-        largest_tensor_bytes=stats[1] if stats else None,
+        largest_tensor_bytes=stats[1] if stats else None, processes=processes,
     )
     on_cuda = precision.device.type == "cuda"
     dtype = precision.dtype_name if on_cuda else "bfloat16"
@@ -312,6 +321,8 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     quant_name = {"4bit": "NF4", "8bit": "LLM.int8", "none": dtype}[cfg.quant]
 
     where = f"on {precision.device}" if on_cuda else "for a CUDA card"
+    if processes > 1:
+        where = f"per card, {processes} data-parallel processes ({'cuda' if on_cuda else 'CUDA cards'})"
     click.echo(f"memory plan {where}, {dtype} (from config.json; no weights loaded):")
     params = f"{shape.total_params / 1e9:.2f} B parameters"
     if stats:
@@ -330,6 +341,9 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
         click.echo(f"  logits      {_gib(plan.loss_step)}  fused linear cross-entropy (Liger): no {logits} logits")
     else:
         click.echo(f"  logits      {_gib(plan.loss_step)}  {logits} logits, their fp32 copy and gradient")
+    if plan.ddp_buckets:
+        click.echo(f"  ddp         {_gib(plan.ddp_buckets)}  DDP gradient buckets (the trainable gradients "
+                   "once more)")
     click.echo(f"  peak        {_gib(plan.peak)}  training (activations and logits are not all alive at once)")
     click.echo(f"  loading     {_gib(plan.loading)}  while loading and resizing (estimate)")
     click.echo(f"  evaluation  {_gib(plan.evaluation)}  held-out loss, batch {cfg.batch_size}, no gradients"
@@ -343,10 +357,24 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
         ram = plan_memory(shape, compute_bytes=_dtype_bytes(precision.dtype), liger=False, **kwargs)
         click.echo(f"this run is on the CPU ({str(precision.dtype).replace('torch.', '')}): "
                    f"about {max(ram.peak, ram.loading) / GIB:.1f} GiB of RAM")
+    if processes > 1 or cfg.max_steps > 0:
+        click.echo(batch_line(cfg, processes))
     if stats and abs(stats[0] - shape.total_params) > 0.05 * stats[0]:
         click.echo(f"note: config.json implies {shape.total_params:,} parameters but the checkpoint holds "
                    f"{stats[0]:,}; this architecture may not be modelled well, treat the plan as rough")
     return plan
+
+
+def batch_line(cfg, processes: int) -> str:
+    """The global batch and what it does to the step count: N processes take N batches a step."""
+    per_step = cfg.batch_size * cfg.grad_accum * processes
+    line = (f"global batch: {cfg.batch_size} x {cfg.grad_accum} accumulation x {processes} "
+            f"process{'es' if processes > 1 else ''} = {per_step} blocks of {cfg.seq_len} tokens "
+            f"({per_step * cfg.seq_len:,} tokens) a step")
+    if cfg.max_steps > 0:
+        return line + f"; --max-steps {cfg.max_steps}: {cfg.max_steps * per_step:,} blocks in all"
+    return line + (f"; {cfg.epochs:g} epoch(s) take 1/{processes} of the steps one process would"
+                   if processes > 1 else "")
 
 
 def _verdicts(plan: MemoryPlan) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from peftko import __version__, run_dir, training
+from peftko import __version__, distributed, run_dir, training
 from peftko.base_model import load_tokenizer
 from peftko.checkpoints import (check_adapter_shape, check_resume, clean_leftovers, latest_checkpoint,
                                 read_run_record, resume_point, step_of, trim_metrics,
@@ -72,7 +72,7 @@ class TrainingSession:
 
     def run(self, resume: bool = False, force: bool = False) -> int:
         self.checkpoint = resume_point(self.output) if resume else None  # before any slow step
-        clean_leftovers(self.output)
+        distributed.on_main(lambda: clean_leftovers(self.output))
         self.setup(force)
         self.check_disk()
         self.results.gpu_peak_load_gib = peak_gib(self.precision.device)
@@ -88,7 +88,7 @@ class TrainingSession:
         if self.results.gpu_peak_train_gib is not None:
             click.echo(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
                        f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
-        if self.stopper.signum:
+        if self.stopper.agreed():
             return self.stop_with_checkpoint()
         return self.finish()
 
@@ -98,7 +98,9 @@ class TrainingSession:
         self.tokenizer, self.base_tokenizer, self.tokens = self.setup_tokenizer()
         self.data = self.setup_data(self.tokenizer)
         self.fingerprint = fingerprint_base(self.model_path)
-        self.identity = run_identity(self.cfg, self.files, self.tokenizer, self.fingerprint)
+        # processes: data-parallel runs resume on another count only with the same global batch
+        self.identity = {**run_identity(self.cfg, self.files, self.tokenizer, self.fingerprint),
+                         "processes": distributed.world_size()}
         if self.checkpoint is not None:
             # Held-out bpc before training was measured on the untrained model: keep that number.
             self.results.bpc_before = self.check_identity(self.checkpoint, self.identity, force)
@@ -117,7 +119,8 @@ class TrainingSession:
         return tokenizer, base_tokenizer, tokens
 
     def setup_data(self, tokenizer) -> PackedData:
-        d = prepare_data(self.files, tokenizer, self.cfg, peftko_home() / "datasets")
+        # Data-parallel: rank 0 builds the cache, the other ranks then read it (never build it twice).
+        d = distributed.main_first(lambda: prepare_data(self.files, tokenizer, self.cfg, peftko_home() / "datasets"))
         click.echo(
             f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
             f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
@@ -161,14 +164,19 @@ class TrainingSession:
             return None
         blocks = pack_texts(self.data.val_text["text"], self.base_tokenizer, self.cfg.seq_len)
         collator = PackedCollator.for_model(self.base_tokenizer, model, self.precision.dtype)
-        nll, _ = held_out_nll(model, blocks, collator, self.cfg.batch_size, self.precision.device)
-        return bits_per_char(nll, self.data.val_chars)
+        return self.shared_bpc(model, blocks, collator)
 
     def held_out_bpc(self) -> float | None:
         if self.data.val is None:
             return None
-        nll, _ = held_out_nll(self.model, self.data.val, self.collator, self.cfg.batch_size,
+        return self.shared_bpc(self.model, self.data.val, self.collator)
+
+    def shared_bpc(self, model, blocks, collator) -> float:
+        """Bits per character over all the held-out blocks: data-parallel, each rank measures its
+        share and the sums are added, so every block counts once (the unwrapped model: no DDP sync)."""
+        nll, _ = held_out_nll(model, distributed.my_share(blocks), collator, self.cfg.batch_size,
                               self.precision.device)
+        (nll,) = distributed.sum_over_ranks(nll)
         return bits_per_char(nll, self.data.val_chars)
 
     def make_trainer(self, guard):
@@ -188,7 +196,9 @@ class TrainingSession:
 
     def commit(self) -> None:
         """The run's first write, once every check has passed and the trainer has loaded what it
-        resumes from: remove what --force replaces, trim the log, record the run."""
+        resumes from: remove what --force replaces, trim the log, record the run (rank 0 only)."""
+        if not distributed.is_main():
+            return
         remove_entries(self.replace, first=MANIFEST)
         extra = {"bpc_before": self.results.bpc_before}
         if self.checkpoint is not None:
@@ -223,11 +233,17 @@ class TrainingSession:
     def finish(self) -> int:
         """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
         instead; one during the save lets the save complete, then stops."""
+        # Data-parallel, the evaluation is shared: no rank may leave it alone, so a signal waits for its end.
+        phase = "evaluate together" if distributed.active() else "evaluate"
         try:
-            with self.stopper.during("evaluate"), translate_oom(self.cfg, "evaluating"):
+            with self.stopper.during(phase), translate_oom(self.cfg, "evaluating"):
                 self.results.eval_loss, self.results.bpc_after = self.evaluate()
         except Interrupted:
             return self.stop_with_checkpoint()
+        if distributed.active() and self.stopper.agreed():
+            return self.stop_with_checkpoint()
+        if not distributed.is_main():
+            return self.stopper.exit_code  # rank 0 writes the adapter and the report
         with self.stopper.during("save"):
             log_bpc(self.output, self.results)
             # run_dir.save_final, looked up at call time: the signal tests wrap it

@@ -6,6 +6,8 @@
             command prints one line and exits 130 (SIGINT) or 143 (SIGTERM).
   train     finish the step, write a checkpoint, stop (guards.StopOnSignal, a Trainer callback).
   evaluate  the final evaluation: Interrupted; the session writes a checkpoint instead.
+  evaluate together  the same, data-parallel: every rank takes part in each evaluation batch, so
+            the evaluation completes, then the run stops with a checkpoint (no rank may leave alone).
   save      a write that must not be cut (the final adapter, a checkpoint, a merge's rename):
             it completes, then the command stops.
 A second signal in any phase exits at once, with one line and no traceback: checkpoints and
@@ -24,7 +26,8 @@ from peftko.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RAISING = ("prepare", "evaluate")
-DEFERRED = {"train": "finishing this step and writing a checkpoint", "save": "finishing the save"}
+DEFERRED = {"train": "finishing this step and writing a checkpoint", "save": "finishing the save",
+            "evaluate together": "finishing the evaluation all processes share, then writing a checkpoint"}
 
 
 class Stopper:
@@ -62,6 +65,16 @@ class Stopper:
         for s, handler in handlers.items():
             if previous[s] is not signal.SIG_IGN:
                 signal.signal(s, handler)
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (data-parallel: a collective, every rank calls it at the
+        same point); a rank that was not takes on the signal, so all stop the same way."""
+        from peftko import distributed
+
+        signum = distributed.max_over_ranks(self.signum or 0)
+        if signum and self.signum is None:
+            self.signum = signum
+        return bool(signum)
 
     @contextlib.contextmanager
     def during(self, phase: str):

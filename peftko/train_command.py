@@ -8,6 +8,7 @@ is locked (peftko.output_lock) before anything in it is judged or removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -92,13 +93,16 @@ def refuse_overlaps(markers: list[str]) -> None:
 
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
-                   strict: bool = False) -> int:
+                   strict: bool = False, num_processes: int | None = None) -> int:
+    from peftko import distributed
     from peftko.stopping import Stopper
+
+    distributed.quiet_other_ranks()  # under torchrun / accelerate launch, rank 0 alone speaks
 
     stopper = Stopper("before training began; nothing in --output was changed. Run the same command "
                       "again to start.")
     with stopper.installed():
-        return _run_lora_train(cfg, stopper, resume, force, dry_run, strict)
+        return _run_lora_train(cfg, stopper, resume, force, dry_run, strict, num_processes)
 
 
 def training_inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
@@ -108,12 +112,16 @@ def training_inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
     return {f"--data {d}": d for d in resolve_data_paths(cfg.data)} | {"the base model": model_path}
 
 
-def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool) -> int:
+def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool,
+                    num_processes: int | None = None) -> int:
+    from peftko import distributed
     from peftko.base_model import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                    resolve_seq_len)
     from peftko.training import check_target_modules
 
     # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
+    distributed.refuse_sharding()
+    processes = planned_processes(num_processes, dry_run)
     model_path = resolve_model_path(cfg.model)
     warnings = check_base_config(model_path, cfg, dry_run=dry_run)
     seq_len = resolve_seq_len(model_path, cfg.seq_len)
@@ -130,15 +138,43 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
 
         for w in warnings:
             click.echo(f"warning: {w}")
-        echo_plan(cfg, model_path, precision, markers=markers)
+        echo_plan(cfg, model_path, precision, markers=markers, processes=processes)
         return 0
-    from peftko.output_lock import hold
-    from peftko.run_dir import LOCK, claim_run_dir, prepare_output
     from peftko.session import TrainingSession
 
+    distributed.setup(precision.device.type)
     output = Path(cfg.output)
-    prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
-    with hold(output / LOCK, f"--output {output}"):
-        replace = claim_run_dir(output, resume=resume, force=force)
+    with contextlib.ExitStack() as lock:
+        # Rank 0 alone prepares, locks and judges the output; its refusal stops every rank.
+        replace = distributed.on_main(lambda: claim_output(output, model_path, cfg, resume, force, lock)) or []
         session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
         return session.run(resume=resume, force=force)
+
+
+def claim_output(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,
+                 lock: contextlib.ExitStack) -> list[Path]:
+    """Create and lock --output (the lock held until `lock` closes); what --force replaces."""
+    from peftko.output_lock import hold
+    from peftko.run_dir import LOCK, claim_run_dir, prepare_output
+
+    prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
+    lock.enter_context(hold(output / LOCK, f"--output {output}"))
+    return claim_run_dir(output, resume=resume, force=force)
+
+
+def planned_processes(num_processes: int | None, dry_run: bool) -> int:
+    """The data-parallel processes to plan for: the launcher's count, or --num-processes for a dry run."""
+    from peftko import distributed
+
+    launched = distributed.world_size()
+    if num_processes is None:
+        return launched
+    if num_processes < 1:
+        raise UserError(f"--num-processes {num_processes}: give 1 or more (one per GPU)")
+    if not dry_run:
+        raise UserError("--num-processes only plans a --dry-run; to train on N GPUs, launch with "
+                        "`torchrun --nproc_per_node N -m peftko lora-train ...` (see the README)")
+    if launched > 1 and num_processes != launched:
+        raise UserError(f"--num-processes {num_processes} differs from the {launched} processes this "
+                        "launcher started; drop the flag or launch that many")
+    return num_processes

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from peftko import distributed
 from peftko.config import report_targets
 from peftko.token_rows import MarkerToken, trainable_token_indices
 
@@ -140,6 +141,9 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         label_names=["labels"],
         include_num_input_tokens_seen="all",
         dataloader_num_workers=0,
+        # Data-parallel: every trainable (LoRA, marker rows) takes part in every forward, so DDP
+        # need not walk the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -150,6 +154,8 @@ class MetricsFile(TrainerCallback):
         self.path = Path(path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # every rank logs the same (reduced) numbers
+            return
         record = log_record(state, logs or {})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -274,12 +280,13 @@ class PeftkoTrainer(Trainer):
         from peftko.run_dir import is_write_failure
 
         output, step = Path(self.args.output_dir), self.state.global_step
-        info = {"epoch": self.state.epoch, "tokens_seen": int(self.state.num_input_tokens_seen or 0)}
+        info = {"epoch": self.state.epoch, "tokens_seen": int(self.state.num_input_tokens_seen or 0),
+                "processes": self.args.world_size}
         try:
             with staged_checkpoint(output, step, info) as stage:
                 self._staging = stage
                 super()._save_checkpoint(model, trial)
-            rotate(output, self.args.save_total_limit or 0)
+            distributed.on_main(lambda: rotate(output, self.args.save_total_limit or 0))
         except Exception as e:
             if not is_write_failure(e):
                 raise
@@ -288,7 +295,8 @@ class PeftkoTrainer(Trainer):
             self._staging = None
 
     def save_checkpoint_now(self) -> None:
-        """A checkpoint of the current step, unless one exists (a stop after the last step)."""
+        """A checkpoint of the current step, unless one exists (a stop after the last step).
+        Data-parallel, every rank calls it: each sees the same checkpoints."""
         from peftko.checkpoints import latest_checkpoint, step_of
 
         latest = latest_checkpoint(Path(self.args.output_dir))
