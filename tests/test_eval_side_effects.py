@@ -151,3 +151,27 @@ def test_a_repack_on_another_trigger_is_undone_exactly(tiny_bases, tmp_path):
     assert layer_state(model) == state
     after = gradients(model, batch)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("base", ["llama-tied", "qwen2-padded"])
+def test_held_out_nll_equals_the_models_own_loss_without_an_fp32_copy_of_all_logits(tiny_bases, tmp_path,
+                                                                                   monkeypatch, base):
+    """Without the fused loss, evaluation sums the loss over chunks of positions: the same number as
+    the model's own loss, but no fp32 tensor of every logit of a batch (6 GiB at 4 x 2048 x 128k)."""
+    model, _, blocks, collator = trainable_model(tiny_bases[base], "none", tmp_path)
+    model.eval()
+    expected, predicted = 0.0, 0
+    with torch.no_grad():
+        for b in blocks:  # the model's own (mean) loss, block by block, weighted back to a sum
+            batch = collator([b])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            expected, predicted = expected + float(model(**batch).loss) * n, predicted + n
+    seen = []
+    real_ce = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda x, *a, **kw: seen.append(x.shape) or real_ce(x, *a, **kw))
+    nll, count = held_out_nll(model, blocks, collator, 4, CPU.device)
+    assert count == predicted and nll == pytest.approx(expected, rel=1e-5)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert seen and max(s[0] for s in seen) <= 256, "the loss ran on more than one chunk of positions"
+    assert all(s[1] == vocab for s in seen) and len(seen) >= len(blocks)
