@@ -1,0 +1,18 @@
+"""benchmarks/merge_memory.py still runs (its figures live in benchmarks/RESULTS.md, not in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_memory.py"
+
+
+def test_the_merge_memory_benchmark_runs_and_prints_both_paths(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "0.01", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 0.")]
+    assert [r[4].strip() for r in rows] == ["old", "new"], proc.stdout
+    assert all(float(r[5]) > float(r[6]) > 0 for r in rows), proc.stdout  # peak above the imports
