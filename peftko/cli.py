@@ -152,12 +152,17 @@ def _no_library_bars_in_files() -> None:
 @click.option("--base", type=click.Path(), help="Base model directory (default: the one in peftko.json).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
-def merge(adapter_dir, output, base, dtype, force):
-    """Merge an adapter into its full-precision base: a standalone Hugging Face model."""
+@click.option("--full-check", is_flag=True,
+              help="Also compare the merged model's logits with the adapter's (loads the model; needs its RAM).")
+def merge(adapter_dir, output, base, dtype, force, full_check):
+    """Merge an adapter into its full-precision base: a standalone Hugging Face model.
+
+    The merge streams tensor by tensor, so it needs memory for the largest tensor, not the model.
+    """
     _no_library_bars_in_files()
     from peftko.merge import run_merge
 
-    sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force))
+    sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force, full_check=full_check))
 
 
 @main.command("report")

@@ -1,9 +1,13 @@
 """`peftko merge`: adapter + full-precision base -> one standalone Hugging Face model.
 
-Never merges into 4-bit weights (lossy: peft#2321, transformers#31293). The base is loaded in
-the requested dtype, grown exactly as training grew it (the row count is in peftko.json), the
-adapter (LoRA + marker rows) is applied and merged, and a self-check compares the merged
-model's logits with the unmerged adapter on Korean sentences that contain the markers.
+Never merges into 4-bit weights (lossy: peft#2321, transformers#31293). By default the merge
+streams (peftko.streaming_merge): tensor by tensor from the base's safetensors files, grown
+exactly as training grew it (the row count is in peftko.json), the LoRA deltas and marker rows
+applied, each written tensor checked against the base and the adapter, so the whole model never
+sits in memory. Where that mapping does not hold (no safetensors, renamed checkpoint keys, an
+adapter feature it does not handle) the whole model is loaded, merged by peft and saved, as
+--full-check also does to compare the merged model's logits with the unmerged adapter on Korean
+sentences that contain the markers.
 
 The output follows peftko.ownership: never an input, replaced only when it is an earlier merge
 (marked by peftko-merge.json) and only with --force, checked for writability before the load,
@@ -98,7 +102,7 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return num / max(den, 1e-12)
 
 
-def stop_at_book_end(model, manifest: dict) -> None:
+def stop_at_book_end(generation_config, manifest: dict) -> None:
     """Make generate() stop at the document-end marker as well as at the base's own eos.
 
     Training kept the marker in the labels, so the model learned to emit it where a book ends.
@@ -107,23 +111,24 @@ def stop_at_book_end(model, manifest: dict) -> None:
     ids = [m["id"] for m in manifest["markers"] if m["marker"] == end]
     if not ids:
         return
-    eos = model.generation_config.eos_token_id
+    eos = generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    model.generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
+    generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
 
 
-def save_atomically(model, tokenizer, output: Path, record: dict, stopper, manifest: dict | None = None) -> None:
+def save_atomically(write_model, tokenizer, output: Path, record: dict, stopper, manifest: dict | None = None) -> None:
     """Write next to the target, then swap it in: an existing output is never half overwritten.
 
-    Beside the weights and tokenizer: the base's SentencePiece model (the tokenizer's save leaves it
-    out) and, given the adapter's manifest, a README.md model card. The mark (peftko-merge.json,
+    `write_model(stage)` writes the weights, config.json and generation_config.json and checks
+    them. Beside them: the tokenizer, the base's SentencePiece model (the tokenizer's save leaves
+    it out) and, given the adapter's manifest, a README.md model card. The mark (peftko-merge.json,
     listing the files) is written last into the staging folder; the swap is two renames that a
     first Ctrl-C does not cut.
     """
     output = output.resolve()
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
     try:
-        model.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
+        write_model(stage)
         tokenizer.save_pretrained(stage)
         keep_sentencepiece_files(Path(record["base_model"]), stage)
         if manifest is not None:
@@ -148,18 +153,20 @@ def _swap_in(stage: Path, output: Path) -> None:
 
 
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
-              force: bool = False) -> int:
+              force: bool = False, full_check: bool = False) -> int:
     from peftko.stopping import Stopper
 
     stopper = Stopper("before the merged model was written; nothing was written.")
     with stopper.installed():
-        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper)
+        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check)
     if stopper.signum:
         click.echo(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
     return stopper.exit_code
 
 
-def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper) -> None:
+def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper,
+          full_check: bool = False) -> None:
+    from peftko.base_model import load_tokenizer
     from peftko.output_lock import hold
 
     manifest = read_manifest(run_dir)
@@ -167,25 +174,90 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
         claim_output(out, force)
-        merged, tokenizer = merge_and_check(run_dir, base_path, manifest, dtype)
+        tokenizer = load_tokenizer(run_dir, bool(manifest["config"].get("trust_remote_code")))
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
-        save_atomically(merged, tokenizer, out, record, stopper, manifest)
+        writer = streaming_writer(run_dir, base_path, manifest, dtype, full_check)
+        save_atomically(writer, tokenizer, out, record, stopper, manifest)
     click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
 
 
+def streaming_writer(run_dir: Path, base_path: Path, manifest: dict, dtype: str, full_check: bool):
+    """What writes the merged model into the staging folder: the streaming merge, or, where it does
+    not apply, the whole-model merge."""
+    def write(stage: Path) -> None:
+        from peftko.streaming_merge import StreamingUnsupported, stream_merge
+
+        click.echo(f"merging {run_dir} into {base_path} in {dtype}, one tensor at a time")
+        try:
+            report = stream_merge(run_dir, base_path, manifest["vocab"]["rows_after"], dtype, stage,
+                                  bool(manifest["config"].get("trust_remote_code")))
+        except StreamingUnsupported as e:
+            click.echo(f"merging in memory instead: {e}")
+            merged, _ = merge_and_check(run_dir, base_path, manifest, dtype)
+            merged.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
+            return
+        click.echo(f"self-check: {report.tensors} tensors, {report.lora_targets} LoRA targets within "
+                   f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
+                   f"{report.marker_rows} marker rows equal to the trained rows, every other weight the base's")
+        write_config(base_path, manifest, dtype, stage)
+        if full_check:
+            compare_logits(run_dir, base_path, manifest, dtype, stage)
+
+    return write
+
+
+def write_config(base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
+    """config.json with the grown vocabulary and the output dtype; generation_config.json with the stop."""
+    from transformers import AutoConfig, GenerationConfig
+
+    remote = bool(manifest["config"].get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=remote)
+    config.get_text_config().vocab_size = manifest["vocab"]["rows_after"]
+    config.dtype = dtype
+    config.save_pretrained(stage)
+    try:
+        generation = GenerationConfig.from_pretrained(base_path)
+    except OSError:  # no generation_config.json: what from_pretrained would derive
+        generation = GenerationConfig.from_model_config(config)
+    stop_at_book_end(generation, manifest)
+    generation.save_pretrained(stage)
+    if remote:  # the model's own code, which config.json's auto_map points at
+        for code in base_path.glob("*.py"):
+            shutil.copyfile(code, stage / code.name)
+
+
+def compare_logits(run_dir: Path, base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
+    """--full-check: the written model's logits against the unmerged adapter's, one model in memory at a time."""
+    click.echo(f"full check: loading {base_path} with the adapter, then the merged model")
+    precision = Precision(torch.device("cpu"), getattr(torch, dtype))
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
+    texts = check_texts(manifest)
+    before = logits_for(peft_model, tokenizer, texts)
+    del peft_model
+    from peftko.base_model import load_base
+
+    merged = load_base(stage, "none", precision)
+    check_logits(before, logits_for(merged, tokenizer, texts), dtype)
+
+
+def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: str) -> None:
+    diff = relative_difference(before, after)
+    tolerance = SELF_CHECK_TOLERANCE[dtype]
+    click.echo(f"self-check: relative logit difference merged vs adapter = {diff:.2e} (limit {tolerance:.0e})")
+    if not diff <= tolerance:
+        raise UserError(f"merge self-check failed: relative difference {diff:.2e} exceeds {tolerance:.0e}; "
+                        "nothing was written. Try --dtype float32.")
+
+
 def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
-    """The merged model, once its logits match the unmerged adapter's on marker sentences."""
+    """The whole-model merge: the merged model, once its logits match the unmerged adapter's on
+    marker sentences. Needs the base in memory; the streaming merge is the default."""
     click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
     texts = check_texts(manifest)
     before = logits_for(peft_model, tokenizer, texts)
     merged = peft_model.merge_and_unload()
-    diff = relative_difference(before, logits_for(merged, tokenizer, texts))
-    tolerance = SELF_CHECK_TOLERANCE[dtype]
-    click.echo(f"self-check: relative logit difference merged vs adapter = {diff:.2e} (limit {tolerance:.0e})")
-    if not diff <= tolerance:
-        raise UserError(f"merge self-check failed: relative difference {diff:.2e} exceeds {tolerance:.0e}; "
-                        "nothing was written. Try --dtype float32.")
-    stop_at_book_end(merged, manifest)
+    check_logits(before, logits_for(merged, tokenizer, texts), dtype)
+    stop_at_book_end(merged.generation_config, manifest)
     return merged, tokenizer
