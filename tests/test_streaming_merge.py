@@ -187,3 +187,32 @@ def test_a_base_without_safetensors_is_not_streamed(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(StreamingUnsupported, match="model.safetensors"):
         base_files(tmp_path)
+
+
+def test_full_check_limit_follows_rounding_on_a_deep_base(small_corpus, tmp_path):
+    """bf16 rounding grows with depth: on 8 layers of large random weights the merged model's logits
+    differ from the unmerged adapter's by more than a fixed 3e-2 (a 16-layer 1B shape gave 3.2e-2 and
+    was refused), yet by less than twice what bf16 alone does to the unmerged adapter."""
+    import re
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftko.tiny_base import sample_texts, train_tokenizer
+
+    tokenizer = train_tokenizer(sample_texts())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, initializer_range=0.2,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    base = tmp_path / "deep"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(main, train_args(base, small_corpus, run, "--quant", "none", "--max-steps", "2",
+                                                  "--val-fraction", "0"))
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(main, ["merge", str(run), "--output", str(tmp_path / "m"), "--full-check"])
+    assert result.exit_code == 0, result.output
+    diff, limit, floor = map(float, re.search(r"adapter = (\S+) \(limit ([^:]+): twice the (\S+) that bfloat16",
+                                              result.output).groups())
+    assert diff > 3e-2 and floor > 0 and diff <= limit == pytest.approx(2 * floor, rel=0.06)
