@@ -20,9 +20,11 @@ from pathlib import Path
 import click
 import torch
 
+from peftko import gguf_export
 from peftko.base_model import Precision
 from peftko.errors import UserError
 from peftko.fingerprints import fingerprint_base
+from peftko.gguf_export import GgufOptions
 from peftko.inference import load_with_adapter
 from peftko.model_card import merged_card
 from peftko.ownership import OutputKind, check_place, entries_to_replace
@@ -148,18 +150,19 @@ def _swap_in(stage: Path, output: Path) -> None:
 
 
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
-              force: bool = False) -> int:
+              force: bool = False, gguf: GgufOptions | None = None) -> int:
     from peftko.stopping import Stopper
 
     stopper = Stopper("before the merged model was written; nothing was written.")
     with stopper.installed():
-        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper)
+        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper, gguf)
     if stopper.signum:
         click.echo(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
     return stopper.exit_code
 
 
-def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper) -> None:
+def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper,
+          gguf: GgufOptions | None = None) -> None:
     from peftko.output_lock import hold
 
     manifest = read_manifest(run_dir)
@@ -167,10 +170,14 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
         claim_output(out, force)
+        if gguf:  # llama.cpp refuses some tokenizers: know it before the merge, not after
+            gguf_export.preflight(base_path, out, gguf)
         merged, tokenizer = merge_and_check(run_dir, base_path, manifest, dtype)
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
         save_atomically(merged, tokenizer, out, record, stopper, manifest)
-    click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+        click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+        if gguf:
+            gguf_export.export(out, manifest, gguf, stopper)
 
 
 def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
