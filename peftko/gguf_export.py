@@ -39,12 +39,13 @@ DEFAULT_TYPE = "q8_0"
 ENV = "PEFTKO_LLAMA_CPP"
 CONVERTER = "convert_hf_to_gguf.py"
 MODELFILE = "Modelfile"
-CONVERTER_PACKAGES = ("sentencepiece", "numpy")  # imported by the converter beyond peftko's own
+# The converter imports sentencepiece for every Llama model; peftko's check reads the GGUF with gguf.
+PACKAGES = ("sentencepiece", "gguf")
 GET_IT = (
-    "Get llama.cpp's converter with either of\n"
+    "Get it with\n"
     "  pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz\n"
-    "  git clone --depth 1 <llama.cpp repository, ggml-org/llama.cpp>\n"
-    f"and pass --llama-cpp DIR (the llama.cpp folder or the unpacked llama_cpp_python-* folder), or set {ENV}=DIR."
+    "(the unpacked llama_cpp_python-* folder holds it in vendor/llama.cpp/), or use a checkout of llama.cpp "
+    f"(ggml-org/llama.cpp); then pass --llama-cpp DIR or set {ENV}=DIR."
 )
 PRE_TOKENIZER_REFUSED = "BPE pre-tokenizer was not recognized"
 SAMPLE = "{m}옛날 어느 마을에 작은 우체부가 살았습니다. \"할머니, 오늘은 비가 올까요?\"{m}똑똑!\n {m} "
@@ -68,10 +69,10 @@ def find_converter(llama_cpp: str | None) -> Path:
     folder = Path(given).expanduser()
     for candidate in (folder / CONVERTER, folder / "vendor" / "llama.cpp" / CONVERTER):
         if candidate.is_file():
-            missing = [p for p in CONVERTER_PACKAGES if find_spec(p) is None]
+            missing = [p for p in PACKAGES if find_spec(p) is None]
             if missing:
-                raise UserError(f"llama.cpp's {CONVERTER} needs the Python package(s) {', '.join(missing)}: "
-                                f"pip install {' '.join(missing)}  (or pip install 'peftko[gguf]')")
+                raise UserError(f"--gguf needs the Python package(s) {', '.join(missing)}: "
+                                f"pip install {' '.join(missing)}  (peftko's 'gguf' extra)")
             return candidate
     where = "--llama-cpp" if llama_cpp else ENV
     raise UserError(f"{where} {folder} holds no {CONVERTER} (looked in it and in its vendor/llama.cpp/). {GET_IT}")
@@ -98,9 +99,7 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
     click.echo(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
     stage = Path(tempfile.mkdtemp(prefix=f".{merged.name}.gguf-", dir=merged.parent))
     try:
-        _convert(converter, merged, stage / name, ["--outtype", options.outtype], merged)
-        for line in check(stage / name, merged, manifest):
-            click.echo(f"GGUF check: {line}")
+        _convert_and_check(converter, merged, stage / name, manifest, options.outtype)
         (stage / MODELFILE).write_text(modelfile(name, manifest), encoding="utf-8")
         publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
         with stopper.during("save"):
@@ -110,6 +109,15 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
     click.echo(f"GGUF written to {merged / name}; for Ollama: cd {merged} && ollama create NAME -f {MODELFILE}")
     return merged / name
+
+
+def _convert_and_check(converter: Path, merged: Path, staged: Path, manifest: dict, outtype: str) -> None:
+    try:
+        _convert(converter, merged, staged, ["--outtype", outtype], merged)
+        for line in check(staged, merged, manifest):
+            click.echo(f"GGUF check: {line}")
+    except UserError as e:
+        raise UserError(f"{e}\nThe merged model in {merged} is complete; only the GGUF was not written.") from None
 
 
 def _claim(merged: Path, names: list[str]) -> None:
