@@ -138,10 +138,10 @@ def _convert(converter: Path, model: Path, outfile: Path, extra: list[str], whos
     log = done.stderr + done.stdout
     if PRE_TOKENIZER_REFUSED in log:
         raise UserError(
-            f"llama.cpp's converter does not know the tokenizer of {whose} (\"{PRE_TOKENIZER_REFUSED}\"): "
-            "it converts only the byte-level BPE tokenizers of the base models it lists (Llama-3, Qwen2, "
-            "Gemma, ...), and this one is not among them, as a tokenizer trained locally (the demo's) never "
-            "is. Fine-tune a base llama.cpp supports to get a GGUF, or merge without --gguf."
+            f"llama.cpp's converter refuses the tokenizer of {whose} (\"{PRE_TOKENIZER_REFUSED}\"): it "
+            "takes a byte-level BPE tokenizer only when it is one of the published bases it lists (Llama-3, "
+            "Qwen2, EXAONE, ...), which a tokenizer trained locally, like the demo's, never is. Fine-tune "
+            "such a base to get a GGUF, or merge without --gguf."
         )
     tail = [line for line in log.strip().splitlines() if line.strip()][-6:]
     raise UserError(f"llama.cpp's converter failed on {whose} (exit {done.returncode}); its last lines:\n  "
