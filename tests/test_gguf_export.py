@@ -196,3 +196,15 @@ def test_modelfile_quotes_the_stop_marker():
     assert 'PARAMETER stop "<\\"END\\\\>"' in modelfile("model-f16.gguf", manifest).splitlines()
     manifest["config"]["doc_end_marker"] = None
     assert "PARAMETER" not in modelfile("model-f16.gguf", manifest)
+
+
+def test_missing_converter_packages_are_named(tmp_path, monkeypatch):
+    import peftko.gguf_export as g
+    from peftko.errors import UserError
+
+    (tmp_path / "convert_hf_to_gguf.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(g, "find_spec", lambda name: None if name == "sentencepiece" else find_spec(name))
+    with pytest.raises(UserError, match=r"needs the Python package\(s\) sentencepiece: pip install sentencepiece"):
+        g.find_converter(str(tmp_path))
+    monkeypatch.setattr(g, "find_spec", find_spec)
+    assert g.find_converter(str(tmp_path)) == tmp_path / "convert_hf_to_gguf.py"
