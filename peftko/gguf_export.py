@@ -95,18 +95,20 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
     stopper.unfinished = "after the merged model was written, before the GGUF was: no GGUF or Modelfile was written."
     converter = find_converter(options.llama_cpp)
     name = file_name(options.outtype)
-    _claim(merged, [name, MODELFILE])
-    click.echo(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
-    stage = Path(tempfile.mkdtemp(prefix=f".{merged.name}.gguf-", dir=merged.parent))
-    try:
-        _convert_and_check(converter, merged, stage / name, manifest, options.outtype)
-        (stage / MODELFILE).write_text(modelfile(name, manifest), encoding="utf-8")
-        publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
-        with stopper.during("save"):
-            for entry in (name, MODELFILE):
-                os.replace(stage / entry, merged / entry)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # "prepare" raises for a Ctrl-C already received during the merge's save: no conversion then.
+    with stopper.during("prepare"):
+        _claim(merged, [name, MODELFILE])
+        click.echo(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
+        stage = Path(tempfile.mkdtemp(prefix=f".{merged.name}.gguf-", dir=merged.parent))
+        try:
+            _convert_and_check(converter, merged, stage / name, manifest, options.outtype)
+            (stage / MODELFILE).write_text(modelfile(name, manifest), encoding="utf-8")
+            publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
+            with stopper.during("save"):
+                for entry in (name, MODELFILE):
+                    os.replace(stage / entry, merged / entry)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     click.echo(f"GGUF written to {merged / name}; for Ollama: cd {merged} && ollama create NAME -f {MODELFILE}")
     return merged / name
 

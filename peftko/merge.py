@@ -24,7 +24,6 @@ from peftko import gguf_export
 from peftko.base_model import Precision
 from peftko.errors import UserError
 from peftko.fingerprints import fingerprint_base
-from peftko.gguf_export import GgufOptions
 from peftko.inference import load_with_adapter
 from peftko.model_card import merged_card
 from peftko.ownership import OutputKind, check_place, entries_to_replace
@@ -150,7 +149,7 @@ def _swap_in(stage: Path, output: Path) -> None:
 
 
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
-              force: bool = False, gguf: GgufOptions | None = None) -> int:
+              force: bool = False, gguf: gguf_export.GgufOptions | None = None) -> int:
     from peftko.stopping import Stopper
 
     stopper = Stopper("before the merged model was written; nothing was written.")
@@ -162,7 +161,7 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
 
 
 def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper,
-          gguf: GgufOptions | None = None) -> None:
+          gguf: gguf_export.GgufOptions | None = None) -> None:
     from peftko.output_lock import hold
 
     manifest = read_manifest(run_dir)

@@ -147,6 +147,23 @@ def test_modelfile_stops_at_the_book_end_marker(exported):
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
+    """A Ctrl-C deferred while the merged model was renamed in stops the command before the converter."""
+    import signal
+
+    from peftko.errors import Interrupted
+    from peftko.gguf_export import GgufOptions, export
+    from peftko.stopping import Stopper
+
+    stopper = Stopper("before the merged model was written; nothing was written.")
+    stopper.signum = signal.SIGINT
+    before = {p.name: p.stat().st_mtime_ns for p in exported["merged"].iterdir()}
+    with pytest.raises(Interrupted, match="after the merged model was written, before the GGUF was"):
+        export(exported["merged"], exported["manifest"], GgufOptions("f16", str(llama_cpp)), stopper)
+    assert {p.name: p.stat().st_mtime_ns for p in exported["merged"].iterdir()} == before
+    assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]
+
+
 def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
     if find_spec("llama_cpp") is None:
         assert "llama.cpp tokenization not compared" in exported["output"]
