@@ -164,9 +164,10 @@ def check(gguf_path: Path, merged: Path, manifest: dict) -> list[str]:
         got = (tokens.contents(m["id"]), types.contents(m["id"])) if m["id"] < len(tokens.data) else None
         if hf != [m["id"]] or got != (m["marker"], gguf.TokenType.USER_DEFINED):
             raise UserError(f"GGUF check failed: marker {m['marker']} is id {m['id']} in peftko.json, "
-                            f"{hf} in the merged tokenizer and {got} in the GGUF; the GGUF was not written.")
-    lines = [f"{len(markers)} markers are single USER_DEFINED tokens with the Hugging Face ids "
-             f"({markers[0]['id']}..{markers[-1]['id']})" if markers else "no markers in this run"]
+                            f"{hf} in the merged tokenizer and {got} in the GGUF.")
+    ids = sorted(m["id"] for m in markers)
+    lines = [f"{len(ids)} markers are single USER_DEFINED tokens with the Hugging Face ids ({ids[0]}..{ids[-1]})"
+             if ids else "no markers in this run"]
     return lines + [_llama_cpp_tokenizes_alike(gguf_path, tokenizer, markers)]
 
 
@@ -190,7 +191,7 @@ def _llama_cpp_tokenizes_alike(gguf_path: Path, tokenizer, markers: list[dict]) 
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         raise UserError(f"GGUF check failed: llama.cpp tokenizes the Korean sample differently from Hugging "
                         f"Face from token {first} on (llama.cpp {got[first:first + 5]}, Hugging Face "
-                        f"{want[first:first + 5]}); the GGUF was not written.")
+                        f"{want[first:first + 5]}).")
     return f"llama.cpp tokenizes a Korean sample with every marker ({len(want)} tokens) to the Hugging Face ids"
 
 
