@@ -18,6 +18,7 @@ Two steps, so that a refusal costs seconds and not a merge:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -184,7 +185,8 @@ def _llama_cpp_tokenizes_alike(gguf_path: Path, tokenizer, markers: list[dict]) 
 
     text = sample_text(markers)
     want = tokenizer(text, add_special_tokens=False)["input_ids"]
-    vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    with _native_stderr_silenced():  # llama.cpp warns about the context size of a vocabulary-only load
+        vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     # special=False: a marker in plain prompt text must become its token without special parsing
     got = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     if got != want:
@@ -193,6 +195,20 @@ def _llama_cpp_tokenizes_alike(gguf_path: Path, tokenizer, markers: list[dict]) 
                         f"Face from token {first} on (llama.cpp {got[first:first + 5]}, Hugging Face "
                         f"{want[first:first + 5]}).")
     return f"llama.cpp tokenizes a Korean sample with every marker ({len(want)} tokens) to the Hugging Face ids"
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null: llama.cpp writes from C, past Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def modelfile(gguf_name: str, manifest: dict) -> str:
