@@ -220,8 +220,8 @@ def test_missing_converter_packages_are_named(tmp_path, monkeypatch):
     from peftko.errors import UserError
 
     (tmp_path / "convert_hf_to_gguf.py").write_text("", encoding="utf-8")
-    monkeypatch.setattr(g, "find_spec", lambda name: None if name == "sentencepiece" else find_spec(name))
-    with pytest.raises(UserError, match=r"needs the Python package\(s\) sentencepiece: pip install sentencepiece"):
+    monkeypatch.setattr(g, "find_spec", lambda name: None if name == "sentencepiece" else name)
+    with pytest.raises(UserError, match=r"needs the Python package\(s\) sentencepiece: pip install sentencepiece "):
         g.find_converter(str(tmp_path))
-    monkeypatch.setattr(g, "find_spec", find_spec)
+    monkeypatch.setattr(g, "find_spec", lambda name: name)  # every package found
     assert g.find_converter(str(tmp_path)) == tmp_path / "convert_hf_to_gguf.py"
