@@ -18,6 +18,7 @@ import rich_click as click
 
 from peftko.config import FIELDS, GROUPS, TrainConfig
 from peftko.errors import Interrupted, UserError
+from peftko.gguf_export import DEFAULT_TYPE, TYPES as GGUF_TYPES
 
 
 # peft still asks transformers 5 for the old attribute name; the user can do nothing about it.
@@ -154,15 +155,24 @@ def _no_library_bars_in_files() -> None:
 @click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
 @click.option("--full-check", is_flag=True,
               help="Also compare the merged model's logits with the adapter's (loads the model; needs its RAM).")
-def merge(adapter_dir, output, base, dtype, force, full_check):
+@click.option("--gguf", type=click.Choice(GGUF_TYPES), is_flag=False, flag_value=DEFAULT_TYPE, default=None,
+              metavar="[TYPE]", help=f"Also write OUTPUT/model-TYPE.gguf and an Ollama Modelfile (TYPE: "
+              f"{', '.join(GGUF_TYPES)}; --gguf alone: {DEFAULT_TYPE}). Needs llama.cpp's converter.")
+@click.option("--llama-cpp", type=click.Path(), metavar="DIR",
+              help="llama.cpp folder holding convert_hf_to_gguf.py  [default: $PEFTKO_LLAMA_CPP]")
+def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model.
 
     The merge streams tensor by tensor, so it needs memory for the largest tensor, not the model.
+    With --gguf, also a GGUF for llama.cpp and Ollama, checked marker by marker, and a Modelfile.
     """
     _no_library_bars_in_files()
+    from peftko.gguf_export import GgufOptions
     from peftko.merge import run_merge
 
-    sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force, full_check=full_check))
+    options = GgufOptions(gguf, llama_cpp) if gguf else None
+    sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force, full_check=full_check,
+                       gguf=options))
 
 
 @main.command("report")

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import torch
 
+from peftko import gguf_export
 from peftko.base_model import Precision
 from peftko.errors import UserError
 from peftko.fingerprints import fingerprint_base
@@ -153,20 +154,19 @@ def _swap_in(stage: Path, output: Path) -> None:
 
 
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
-              force: bool = False, full_check: bool = False) -> int:
+              force: bool = False, full_check: bool = False, gguf: gguf_export.GgufOptions | None = None) -> int:
     from peftko.stopping import Stopper
 
     stopper = Stopper("before the merged model was written; nothing was written.")
     with stopper.installed():
-        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check)
+        merge(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check, gguf)
     if stopper.signum:
         click.echo(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
     return stopper.exit_code
 
 
 def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper,
-          full_check: bool = False) -> None:
-    from peftko.base_model import load_tokenizer
+          full_check: bool = False, gguf: gguf_export.GgufOptions | None = None) -> None:
     from peftko.output_lock import hold
 
     manifest = read_manifest(run_dir)
@@ -174,11 +174,15 @@ def merge(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, s
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
         claim_output(out, force)
-        tokenizer = load_tokenizer(run_dir, bool(manifest["config"].get("trust_remote_code")))
+        if gguf:  # llama.cpp refuses some tokenizers: know it before the merge, not after
+            gguf_export.preflight(base_path, out, gguf)
+        tokenizer = merged_tokenizer(run_dir, manifest)
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
         writer = streaming_writer(run_dir, base_path, manifest, dtype, full_check)
         save_atomically(writer, tokenizer, out, record, stopper, manifest)
-    click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+        click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+        if gguf:
+            gguf_export.export(out, manifest, gguf, stopper)
 
 
 def streaming_writer(run_dir: Path, base_path: Path, manifest: dict, dtype: str, full_check: bool):
