@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import namedtuple
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,24 @@ def deny_open(monkeypatch, denied: Path) -> None:
         return real_open(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", open_or_deny)
+
+
+@contextmanager
+def two_story_env(root: Path, **variables: str):
+    """A tiny untied Llama base, a two-story corpus (32 blocks of 64 tokens) and a private
+    PEFTKO_HOME under ROOT, with the environment VARIABLES set until the block ends."""
+    from peftko.paths import sample_corpus_dir
+    from peftko.tiny_base import build_tiny_base, sample_texts
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"HF_HUB_OFFLINE": "1", "PEFTKO_HOME": str(root / "home"), **variables}.items():
+            mp.setenv(name, value)
+        base = build_tiny_base(root / "base", arch="llama", tie=False, texts=sample_texts())
+        corpus = root / "corpus"
+        corpus.mkdir()
+        for p in sorted(sample_corpus_dir().glob("*.txt"))[:2]:
+            shutil.copy(p, corpus / p.name)
+        yield namedtuple("Env", "root base corpus")(root, base, corpus)
 
 
 def train_args(base: Path, corpus: Path, output: Path, *extra: str) -> list[str]:

@@ -20,12 +20,12 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from peftko.checkpoints import complete_checkpoints
 from peftko.cli import main
+from tests.conftest import two_story_env
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -35,19 +35,8 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not i
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from peftko.paths import sample_corpus_dir
-    from peftko.tiny_base import build_tiny_base, sample_texts
-
-    root = tmp_path_factory.mktemp("ddp")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("PEFTKO_HOME", str(root / "home"))
-        base = build_tiny_base(root / "base", arch="llama", tie=False, texts=sample_texts())
-        corpus = root / "corpus"
-        corpus.mkdir()
-        for p in sorted(sample_corpus_dir().glob("*.txt"))[:2]:
-            shutil.copy(p, corpus / p.name)
-        yield namedtuple("Env", "root base corpus")(root, base, corpus)
+    with two_story_env(tmp_path_factory.mktemp("ddp")) as built:
+        yield built
 
 
 def args(env, output: Path, *extra: str) -> list[str]:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from transformers import TrainerCallback
 import peftko.training
 from peftko.checkpoints import complete_checkpoints, latest_checkpoint
 from peftko.cli import main
+from tests.conftest import two_story_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,24 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory):
     """One tiny base, a two-story corpus (32 blocks of 64 tokens: 16 steps an epoch) and a private
     PEFTKO_HOME."""
-    from peftko.paths import sample_corpus_dir
-    from peftko.tiny_base import build_tiny_base, sample_texts
-
-    root = tmp_path_factory.mktemp("resilience")
     threads = torch.get_num_threads()
     # One thread: with tiny matrices, two OpenMP threads on a busy 2-core machine spin-wait for
     # each other and run 5-7x slower (measured: 8 s vs 56 s for 30 steps).
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("PEFTKO_HOME", str(root / "home"))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        base = build_tiny_base(root / "base", arch="llama", tie=False, texts=sample_texts())
-        corpus = root / "corpus"
-        corpus.mkdir()
-        for p in sorted(sample_corpus_dir().glob("*.txt"))[:2]:
-            shutil.copy(p, corpus / p.name)
-        yield namedtuple("Env", "root base corpus")(root, base, corpus)
+    with two_story_env(tmp_path_factory.mktemp("resilience"), OMP_NUM_THREADS="1") as built:
+        yield built
     torch.set_num_threads(threads)
 
 
