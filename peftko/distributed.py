@@ -63,7 +63,7 @@ def refuse_sharding() -> None:
             "use_orig_params=True, which peftko neither sets nor tests (its 4-bit base already stores "
             "NF4 in the compute dtype, as FSDP needs). Launch data-parallel instead (torchrun "
             "--nproc_per_node N, or accelerate launch --multi_gpu): every card then holds the whole "
-            " 4-bit base; `--dry-run --num-processes N` gives the memory per card.")
+            "4-bit base; `--dry-run --num-processes N` gives the memory per card.")
     if on(_DEEPSPEED_ENV):
         raise UserError("DeepSpeed (accelerate launch --use_deepspeed) is not supported; launch data-parallel "
                         "with torchrun --nproc_per_node N or accelerate launch --multi_gpu.")

@@ -65,6 +65,9 @@ class Layout:
     tied_keys: list[str]  # the output embedding's name(s) when tied: never written (save_pretrained drops them)
     keep_fp32: set[str]  # tensors the model class keeps in fp32 whatever the dtype
     init_std: float
+    # Weights of transformers' Conv1D (GPT-2), stored (in, out): peft merges them transposed
+    # (fan_in_fan_out), whatever adapter_config.json says, and square ones cannot be told by shape.
+    conv1d: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -138,8 +141,11 @@ def read_layout(base: Path, remote_code: bool) -> Layout:
     fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     keep = {n for n in files if any(part in fp32 for part in n.split("."))}
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
     return Layout(files, input_key, [] if tied else out_names, out_names if tied else [], keep,
-                  float(getattr(config.get_text_config(), "initializer_range", 0.02)))
+                  float(getattr(config.get_text_config(), "initializer_range", 0.02)), conv1d)
 
 
 def read_adapter_plan(run_dir: Path, layout: Layout) -> AdapterPlan:
@@ -170,7 +176,9 @@ def read_adapter_plan(run_dir: Path, layout: Layout) -> AdapterPlan:
             alpha = alpha.get(get_pattern_key(alpha.keys(), module), cfg["lora_alpha"])
             r = shapes[key][0]
             scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            plan.lora[f"{module}.weight"] = LoraTarget(key, b_key, scaling, bool(cfg.get("fan_in_fan_out")))
+            weight = f"{module}.weight"
+            plan.lora[weight] = LoraTarget(key, b_key, scaling,
+                                           bool(cfg.get("fan_in_fan_out")) or weight in layout.conv1d)
         elif name.endswith(".lora_B.weight"):
             continue
         elif name.endswith(DELTA_SUFFIX):
@@ -358,8 +366,10 @@ def write_weights(stage: Path, layout: Layout, plan: AdapterPlan, rows: int, dty
         try:
             for e in shard:
                 writer.write(merged_tensor(e.name, layout, plan, rows, dtype))
-        finally:
-            writer.close()
+        except BaseException:
+            writer.file.close()  # the staging folder goes; this error, not "not written", is the news
+            raise
+        writer.close()
     if len(shards) > 1:
         write_index(stage, shards, names)
         names = [*names, INDEX]
