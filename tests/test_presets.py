@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.memory_plan import shape_from_config
+from peftko.memory_plan import ALLOCATOR_SLACK, CARD_OVERHEAD_GIB, shape_from_config
 from tests.conftest import train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +62,11 @@ def test_every_preset_plans_against_its_base(preset, small_corpus, tmp_path):
     params = float(re.search(r"([\d.]+) B parameters", out).group(1))
     assert params == pytest.approx(billions, rel=0.03)  # the shape is read right for this family
     assert f"vocab {config['vocab_size']:,} +" in out
-    # The card the preset is named for holds training, loading and evaluation, with 1 GiB spare.
+    # The card the preset is named for holds training, loading and evaluation, with the allocator's
+    # slack and the CUDA context, even without Liger (the verdict of the plan's own line).
     card = int(re.search(r"-(\d+)gb$", preset).group(1))
-    assert max(gib(out, "peak"), gib(out, "loading"), gib(out, "evaluation")) + 1 <= card, out
+    need = max(gib(out, "peak"), gib(out, "loading"), gib(out, "evaluation")) * (1 + ALLOCATOR_SLACK)
+    assert need + CARD_OVERHEAD_GIB <= card, out
     # A folder holding only config.json plans, but says what a real run would miss.
     assert "warning:" in out and "lacks model weights" in out and "lacks a tokenizer" in out
     assert not (tmp_path / "out").exists()
