@@ -144,6 +144,29 @@ def real_base(tmp_path_factory, real_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def real_run(real_base, small_corpus, tmp_path_factory):
+    """family -> a finished 2-step 4-bit lora-train output on that family's real tokenizer, trained
+    once per session and shared (merges read it; none writes into it). No held-out split:
+    measuring bits per character runs 128k-262k-wide logits three times."""
+    from click.testing import CliRunner
+
+    from peftko.cli import main
+
+    runs = {}
+
+    def get(family: str) -> Path:
+        if family not in runs:
+            out = tmp_path_factory.mktemp(f"real-run-{family}") / "run"
+            result = CliRunner().invoke(main, train_args(real_base(family), small_corpus, out, "--quant", "4bit",
+                                                         "--max-steps", "2", "--val-fraction", "0"))
+            assert result.exit_code == 0, result.output + repr(result.exception)
+            runs[family] = out
+        return runs[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny_bases, small_corpus, tmp_path_factory):
     """One finished lora-train output (unquantized, a few steps) for the inference commands."""
     from click.testing import CliRunner

@@ -21,7 +21,6 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from tests.conftest import train_args
 from tests.real_vocab import SDIST_VERSION, RealVocabUnavailable, cache_root, fetch_sdist
 
 LLAMA_CPP_IN_SDIST = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
@@ -72,20 +71,15 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def exported(llama_cpp, real_base, small_corpus, tmp_path_factory):
+def exported(llama_cpp, real_run, tmp_path_factory):
     """A 2-step 4-bit run on a tiny model with Llama-3's real vocabulary, merged with --gguf."""
-    out = tmp_path_factory.mktemp("gguf")
-    runner = CliRunner()
-    args = train_args(real_base("llama3"), small_corpus, out / "run", "--quant", "4bit", "--max-steps", "2",
-                      "--val-fraction", "0")
-    r = runner.invoke(main, args)
-    assert r.exit_code == 0, r.output + repr(r.exception)
+    out, run = tmp_path_factory.mktemp("gguf"), real_run("llama3")
     # --gguf alone takes the default type; the option after it is not read as its value
-    r = runner.invoke(main, ["merge", str(out / "run"), "--output", str(out / "merged"), "--gguf",
-                             "--llama-cpp", str(llama_cpp)])
+    r = CliRunner().invoke(main, ["merge", str(run), "--output", str(out / "merged"), "--gguf",
+                                  "--llama-cpp", str(llama_cpp)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     return {"merged": out / "merged", "output": r.output,
-            "manifest": json.loads((out / "run" / "peftko.json").read_text(encoding="utf-8"))}
+            "manifest": json.loads((run / "peftko.json").read_text(encoding="utf-8"))}
 
 
 @pytest.fixture(scope="module")

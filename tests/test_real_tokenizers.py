@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftko.cli import main
 from peftko.config import DEFAULT_MARKER_PATTERN
-from tests.conftest import train_args
 from tests.real_vocab import FAMILIES, MODELS, reference_cases
 
 SAMPLE = "|START_OF_TITLE|>반딧불이 숲|END_OF_TITLE|>\n|SOUND|>쉿! 누가 왔을까요?"
@@ -42,22 +41,17 @@ def test_tokenizer_gives_the_original_ids(family, real_tokenizer_dir):
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
-def trained(request, real_base, small_corpus, tmp_path_factory):
+def trained(request, real_base, real_run, small_corpus, tmp_path_factory):
     family = request.param
-    base = real_base(family)
+    base, run = real_base(family), real_run(family)
     out = tmp_path_factory.mktemp(f"real-{family}")
-    runner = CliRunner()
-    # No held-out split: measuring bits per character runs 128k-262k-wide logits three times.
-    args = train_args(base, small_corpus, out / "run", "--quant", "4bit", "--max-steps", "2", "--val-fraction", "0")
-    r = runner.invoke(main, args)
-    assert r.exit_code == 0, r.output + repr(r.exception)
-    r = runner.invoke(main, ["merge", str(out / "run"), "--output", str(out / "merged"), "--dtype", "float32"])
+    r = CliRunner().invoke(main, ["merge", str(run), "--output", str(out / "merged"), "--dtype", "float32"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     story = sorted(small_corpus.glob("*.txt"))[0].read_text(encoding="utf-8")
     return {
-        "family": family, "base": base, "run": out / "run", "merged": out / "merged", "story": story,
-        "manifest": json.loads((out / "run" / "peftko.json").read_text(encoding="utf-8")),
-        "tokenizers": {w: AutoTokenizer.from_pretrained(out / w) for w in ("run", "merged")},
+        "family": family, "base": base, "run": run, "merged": out / "merged", "story": story,
+        "manifest": json.loads((run / "peftko.json").read_text(encoding="utf-8")),
+        "tokenizers": {"run": AutoTokenizer.from_pretrained(run), "merged": AutoTokenizer.from_pretrained(out / "merged")},
         "base_tokenizer": AutoTokenizer.from_pretrained(base),
     }
 
