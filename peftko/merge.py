@@ -232,13 +232,17 @@ def write_config(base_path: Path, manifest: dict, dtype: str, stage: Path) -> No
 
 def compare_logits(run_dir: Path, base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
     """--full-check: the written model's logits against the unmerged adapter's, one model in memory at a time."""
-    click.echo(f"full check: loading {base_path} with the adapter, then the merged model")
-    texts = check_texts(manifest)
-    before, floor = adapter_logits(run_dir, base_path, manifest, dtype, texts)
     from peftko.base_model import load_base
 
-    merged = load_base(stage, "none", Precision(torch.device("cpu"), getattr(torch, dtype)))
-    check_logits(before, logits_for(merged, merged_tokenizer(run_dir, manifest), texts), dtype, floor)
+    click.echo(f"full check: loading {base_path} with the adapter, then the merged model")
+    texts = check_texts(manifest)
+    precision = Precision(torch.device("cpu"), getattr(torch, dtype))
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
+    before = logits_for(peft_model, tokenizer, texts)
+    del peft_model
+    floor = rounding_floor(run_dir, base_path, manifest, dtype, tokenizer, texts, before)
+    merged = load_base(stage, "none", precision)
+    check_logits(before, logits_for(merged, tokenizer, texts), dtype, floor)
 
 
 def merged_tokenizer(run_dir: Path, manifest: dict):
@@ -247,24 +251,18 @@ def merged_tokenizer(run_dir: Path, manifest: dict):
     return load_tokenizer(run_dir, bool(manifest["config"].get("trust_remote_code")))
 
 
-def adapter_logits(run_dir: Path, base_path: Path, manifest: dict, dtype: str, texts: list[str]):
-    """The unmerged adapter's logits in `dtype`, and how far rounding to `dtype` alone moves them
-    (relative difference to the same model in float32; 0 for float32).
+def rounding_floor(run_dir: Path, base_path: Path, manifest: dict, dtype: str, tokenizer, texts: list[str],
+                   before: list[torch.Tensor]) -> float:
+    """How far rounding to `dtype` alone moves the unmerged adapter's logits BEFORE: their relative
+    difference to the same model in float32 (0 for float32).
 
-    Why the second number: a merged bf16 model differs from the unmerged one by bf16 rounding,
-    which grows with depth (3e-2 on a random 16-layer 1B shape, 3e-6 in float32); a fixed limit
-    refuses deep models that merged right. The limit scales with what rounding does to the
-    unmerged model. One model in memory at a time."""
-    precision = Precision(torch.device("cpu"), getattr(torch, dtype))
-    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
-    before = logits_for(peft_model, tokenizer, texts)
-    del peft_model
+    Why: a merged bf16 model differs from the unmerged one by bf16 rounding, which grows with depth
+    (3e-2 on a random 16-layer 1B shape, 3e-6 in float32); a fixed limit refuses deep models that
+    merged right. The limit scales with what rounding does to the unmerged model."""
     if dtype == "float32":
-        return before, 0.0
+        return 0.0
     exact, _ = load_with_adapter(run_dir, base_path, manifest, "none", Precision(torch.device("cpu"), torch.float32))
-    floor = relative_difference(logits_for(exact, tokenizer, texts), before)
-    del exact
-    return before, floor
+    return relative_difference(logits_for(exact, tokenizer, texts), before)
 
 
 def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: str, floor: float = 0.0) -> None:
@@ -283,9 +281,10 @@ def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
     marker sentences. Needs the base in memory; the streaming merge is the default."""
     click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
     texts = check_texts(manifest)
-    before, floor = adapter_logits(run_dir, base_path, manifest, dtype, texts)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
+    before = logits_for(peft_model, tokenizer, texts)
+    floor = rounding_floor(run_dir, base_path, manifest, dtype, tokenizer, texts, before)
     merged = peft_model.merge_and_unload()
     check_logits(before, logits_for(merged, tokenizer, texts), dtype, floor)
     stop_at_book_end(merged.generation_config, manifest)
