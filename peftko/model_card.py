@@ -27,15 +27,8 @@ def adapter_card(manifest: dict, folder: str) -> str:
         f"`{manifest['base_model']}` 위에 `peftko lora-train`으로 학습한 LoRA 어댑터입니다. 마커마다 토큰 하나가 "
         "추가되었고, 그 임베딩 행도 이 폴더에 들어 있습니다.",
         "",
-        *_facts_ko(facts),
-        "",
-        "### peftko로 불러오기",
-        "",
-        "```bash",
-        f"peftko generate {folder} --prompt '{facts['prompt']}'",
-        f"peftko merge {folder} --output {folder}-merged   # 독립 실행 모델로 병합",
-        "```",
-        "",
+        *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts,
+                      f"peftko merge {folder} --output {folder}-merged   # 독립 실행 모델로 병합"),
         "### peftko 없이 불러오기 (transformers + peft)",
         "",
         f"기반 모델의 임베딩을 학습 때와 같은 {facts['rows']}행으로 늘린 뒤 어댑터를 얹고, 토크나이저는 이 폴더에서 "
@@ -51,15 +44,8 @@ def adapter_card(manifest: dict, folder: str) -> str:
         f"A LoRA adapter trained with `peftko lora-train` on `{manifest['base_model']}`. Each marker was "
         "added as one token; its embedding rows are in this folder too.",
         "",
-        *_facts_en(facts),
-        "",
-        "### Loading with peftko",
-        "",
-        "```bash",
-        f"peftko generate {folder} --prompt '{facts['prompt']}'",
-        f"peftko merge {folder} --output {folder}-merged   # a standalone model",
-        "```",
-        "",
+        *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts,
+                      f"peftko merge {folder} --output {folder}-merged   # a standalone model"),
         "### Loading without peftko (transformers + peft)",
         "",
         f"Grow the base's embeddings to the {facts['rows']} rows training used, apply the adapter, and load "
@@ -87,14 +73,7 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         f"`peftko merge`가 LoRA 어댑터를 `{manifest['base_model']}`에 {dtype}로 병합한 독립 실행 모델입니다. "
         "어댑터 없이 transformers, vLLM, llama.cpp 변환기 등에서 그대로 불러옵니다.",
         "",
-        *_facts_ko(facts),
-        "",
-        "### peftko로 불러오기",
-        "",
-        "```bash",
-        f"peftko generate {folder} --prompt '{facts['prompt']}'",
-        "```",
-        "",
+        *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts),
         "### peftko 없이 불러오기 (transformers)",
         "",
         f"`generation_config.json`의 eos에 `{facts['stop']}`가 이미 들어 있습니다. 다른 서버에서는 이 마커를 "
@@ -107,14 +86,7 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         f"A standalone model: `peftko merge` merged a LoRA adapter into `{manifest['base_model']}` in {dtype}. "
         "It loads without the adapter in transformers, vLLM, llama.cpp's converter and the like.",
         "",
-        *_facts_en(facts),
-        "",
-        "### Loading with peftko",
-        "",
-        "```bash",
-        f"peftko generate {folder} --prompt '{facts['prompt']}'",
-        "```",
-        "",
+        *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts),
         "### Loading without peftko (transformers)",
         "",
         f"`generation_config.json` already lists `{facts['stop']}` as an eos token; with another server, pass "
@@ -123,6 +95,12 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         plain,
         "",
     ])
+
+
+def _with_peftko(fact_lines: list[str], heading: str, folder: str, facts: dict, *more: str) -> list[str]:
+    """The facts, then how to use the folder with peftko: generate, and MORE commands."""
+    return [*fact_lines, "", heading, "", "```bash", f"peftko generate {folder} --prompt '{facts['prompt']}'",
+            *more, "```", ""]
 
 
 def _facts(manifest: dict) -> dict:
