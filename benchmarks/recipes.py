@@ -12,6 +12,9 @@ same token ids, same order.
   common  prepare_model_for_kbit_training + LoraConfig(modules_to_save=["embed_tokens", "lm_head"])
           + transformers' Trainer: what Axolotl, LLaMA-Factory and most tutorials do when tokens are
           added (benchmarks/RESULTS.md). Plain causal batches, as DataCollatorForLanguageModeling builds them.
+          Trained under the Trainer's bf16 autocast (bf16=True, as Axolotl and LLaMA-Factory set it).
+  common-noamp  the same without autocast (no bf16=True): the fp32-upcast tensors then compute in
+          fp32, the configuration of the reference measurements in benchmarks/RESULTS.md.
   peftko  peftko's functions, not a copy: load_base, register_markers, grow_embeddings,
           init_marker_rows, attach_adapters, kernels.apply_fast_kernels, PackedCollator, make_trainer.
 
@@ -49,6 +52,7 @@ if str(ROOT) not in sys.path:
 SEED = 1234
 MARKERS = ["|START_OF_BOOK|>", "|START_OF_TITLE|>", "|START_OF_DIALOGUE|>", "|SOUND|>"]
 GIB = 1024**3
+RECIPES = ("common", "common-noamp", "peftko")
 
 # name -> Llama config values; vocab None = the trained tiny tokenizer's size.
 SHAPES = {
@@ -78,13 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="blocks per step (default 4)")
     p.add_argument("--quant", choices=["4bit", "8bit", "none"], default="4bit")
     p.add_argument("--liger", choices=["auto", "on", "off"], default="auto", help="for the peftko recipe")
-    p.add_argument("--recipes", default="common,peftko", help="comma-separated: common, peftko")
+    p.add_argument("--recipes", default="common,peftko",
+                   help="comma-separated: common, common-noamp (the same without the Trainer's bf16 autocast), peftko")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="peftko recipe: keep every activation")
+    p.add_argument("--offload-checkpoints", action="store_true", help="peftko recipe: checkpoints in CPU memory")
+    p.add_argument("--profile", help="write a torch.profiler table of one measured step of each recipe to "
+                   "PROFILE.<recipe>.txt")
     p.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: min(2, steps // 3))")
     p.add_argument("--base-dir", help="keep the generated model here and reuse it (default: a temp dir)")
     p.add_argument("--card-gib", type=float, help="CUDA: cap the allocator at this many GiB to emulate a "
                    "smaller card (an out-of-memory run reports error instead of tokens/s)")
     p.add_argument("--verbose", action="store_true", help="show the workers' output on stderr")
-    p.add_argument("--worker", choices=["build", "common", "peftko"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["build", *RECIPES], help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -97,9 +106,9 @@ def parse_args(argv=None):
     if args.steps <= args.warmup_steps:
         p.error("--steps must exceed --warmup-steps")
     args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    bad = [r for r in args.recipe_list if r not in ("common", "peftko")]
+    bad = [r for r in args.recipe_list if r not in RECIPES]
     if bad or not args.recipe_list:
-        p.error(f"--recipes: choose from common, peftko (got {args.recipes!r})")
+        p.error(f"--recipes: choose from {', '.join(RECIPES)} (got {args.recipes!r})")
     return args
 
 
@@ -234,7 +243,33 @@ def step_timer(device):
     return StepTimer()
 
 
-# --- the two recipes (each in its own process)
+def step_profiler(args, device):
+    """torch.profiler over the last step (slowed by the profiler, so left to the median's edge); its
+    table (top operators by their own CUDA time) to a file."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == args.steps - 1:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.prof is not None:
+                torch.cuda.synchronize(device)
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+                Path(f"{args.profile}.{args.worker}.txt").write_text(table)
+                self.prof = None
+
+    return StepProfiler()
+
+
+# --- the recipes (each in its own process)
 
 def load_common(base: Path, args, precision, tokenizer):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -257,19 +292,21 @@ def load_common(base: Path, args, precision, tokenizer):
     return model, PlainCollator(), None
 
 
-def train_common(model, args, precision, output: Path, blocks, collator, timer):
+def train_common(model, args, precision, output: Path, blocks, collator, callbacks):
     from transformers import Trainer, TrainingArguments
 
     targs = TrainingArguments(
         output_dir=str(output), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
-        bf16=precision.bf16, fp16=precision.fp16, use_cpu=precision.device.type == "cpu",
+        # common-noamp: no autocast, so the fp32-upcast tensors compute in fp32 (benchmarks/RESULTS.md).
+        bf16=precision.bf16 and args.worker == "common", fp16=precision.fp16 and args.worker == "common",
+        use_cpu=precision.device.type == "cpu",
         activation_checkpointing=True,
         optim="adamw_torch_fused" if precision.device.type == "cuda" else "adamw_torch",
         logging_steps=1, save_strategy="no", report_to=[], seed=SEED, data_seed=SEED,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=blocks, data_collator=collator, callbacks=[timer])
+    trainer = Trainer(model=model, args=targs, train_dataset=blocks, data_collator=collator, callbacks=callbacks)
     trainer.train()
 
 
@@ -280,7 +317,8 @@ def peftko_config(args):
         quant=args.quant, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=1,
         max_steps=args.steps, lr=2e-4, embedding_lr=1e-4, scheduler="constant", warmup_ratio=0.0,
         lora_r=16, lora_alpha=32, lora_dropout=0.0, logging_steps=1, eval_steps=0, save_steps=0,
-        liger=args.liger, seed=SEED,
+        liger=args.liger, seed=SEED, gradient_checkpointing=not args.no_gradient_checkpointing,
+        offload_checkpoints=args.offload_checkpoints,
     )
 
 
@@ -291,10 +329,10 @@ def load_peftko(base: Path, args, precision, tokenizer, tokens):
     return built.model, built.collator, built.kernels
 
 
-def train_peftko(model, args, precision, output: Path, blocks, collator, timer):
+def train_peftko(model, args, precision, output: Path, blocks, collator, callbacks):
     from peftko.training import make_trainer
 
-    trainer = make_trainer(model, peftko_config(args), precision, output, blocks, None, collator, callbacks=[timer])
+    trainer = make_trainer(model, peftko_config(args), precision, output, blocks, None, collator, callbacks=callbacks)
     trainer.train()
 
 
@@ -314,6 +352,7 @@ def run_worker(args) -> dict:
 
     from peftko.base_model import load_tokenizer, pick_precision
     from peftko.packing import real_token_fraction
+    from peftko import fused_loss
     from peftko.kernels import fused_ce_active
     from peftko.memory_plan import plan_memory, read_config, shape_from_config
     from peftko.token_rows import register_markers
@@ -330,7 +369,7 @@ def run_worker(args) -> dict:
     tokens = register_markers(tokenizer, MARKERS)
     blocks = make_blocks(tokenizer, tokens, args.seq_len, args.steps * args.batch_size)
     t0 = time.perf_counter()
-    if args.worker == "common":
+    if args.worker != "peftko":
         model, collator, kernels = load_common(base, args, precision, tokenizer)
     else:
         model, collator, kernels = load_peftko(base, args, precision, tokenizer, tokens)
@@ -344,9 +383,10 @@ def run_worker(args) -> dict:
     timer = step_timer(precision.device)
     error = None
     with tempfile.TemporaryDirectory(prefix="peftko-bench-run-") as out:
-        train = train_common if args.worker == "common" else train_peftko
+        train = train_peftko if args.worker == "peftko" else train_common
+        callbacks = [timer] + ([step_profiler(args, precision.device)] if args.profile and cuda else [])
         try:
-            train(model, args, precision, Path(out), blocks, collator, timer)
+            train(model, args, precision, Path(out), blocks, collator, callbacks)
         except torch.OutOfMemoryError:
             error = "out of memory"  # a result too: this seq_len x batch does not fit
     peak = peak_reserved = None
@@ -367,7 +407,11 @@ def run_worker(args) -> dict:
     n_params = shape.with_vocab(shape.vocab + len(MARKERS)).total_params
     plan = plan_memory(shape, quant=args.quant, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=16,
                        marker_rows=len(MARKERS), compute_bytes=2 if precision.dtype != torch.float32 else 4,
-                       liger=args.worker == "peftko" and fused_ce_active(model), recipe=args.worker)
+                       liger=args.worker == "peftko" and fused_ce_active(model),
+                       recipe="peftko" if args.worker == "peftko" else "common",
+                       liger_forward=not fused_loss.installed(model.get_base_model()),
+                       gradient_checkpointing=not args.no_gradient_checkpointing or args.worker != "peftko",
+                       offload_checkpoints=args.offload_checkpoints and args.worker == "peftko")
     return {
         "recipe": args.worker,
         "shape": args.shape,
@@ -393,6 +437,8 @@ def run_worker(args) -> dict:
         "load_s": round(load_s, 1),
         "step_s": [round(d, 3) for d in timer.durations],
         "card_gib": args.card_gib,
+        "gradient_checkpointing": "off" if args.no_gradient_checkpointing and args.worker == "peftko" else
+        "offload" if args.offload_checkpoints and args.worker == "peftko" else "on",
         "error": error,
     }
 
@@ -408,7 +454,10 @@ def worker_command(args, role: str, base: Path) -> list[str]:
             "--shape", args.shape, "--device", args.device, "--steps", str(args.steps),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--quant", args.quant,
             "--liger", args.liger, "--warmup-steps", str(args.warmup_steps)] + \
-        (["--card-gib", str(args.card_gib)] if args.card_gib else [])
+        (["--card-gib", str(args.card_gib)] if args.card_gib else []) + \
+        (["--no-gradient-checkpointing"] if args.no_gradient_checkpointing else []) + \
+        (["--offload-checkpoints"] if args.offload_checkpoints else []) + \
+        (["--profile", args.profile] if args.profile else [])
 
 
 class Child:
@@ -509,13 +558,14 @@ def table(results: list[dict]) -> str:
                      f"{speed} | {fmt(r['peak_gib'])} | {fmt(r['predicted_peak_gib'])} | "
                      f"{fmt(r['load_peak_gib'])} | {fmt(r['mfu'], '{:.1%}')} |")
     by = {r["recipe"]: r for r in results}
-    if "common" in by and "peftko" in by and by["common"]["tokens_per_s"] and by["peftko"]["tokens_per_s"]:
-        c, p = by["common"], by["peftko"]
-        speed = p["tokens_per_s"] / c["tokens_per_s"]
-        memory = p["peak_gib"] / c["peak_gib"] if p["peak_gib"] and c["peak_gib"] else None
-        lines += ["", "| peftko / common | tokens/s | peak memory | trainable params |", "|---|---|---|---|",
-                  f"| ratio | {speed:.2f}x | {fmt(memory, '{:.2f}x')} | "
-                  f"{p['trainable_params'] / c['trainable_params']:.3f}x |"]
+    p = by.get("peftko")
+    baselines = [by[b] for b in RECIPES if b != "peftko" and b in by and by[b]["tokens_per_s"]]
+    if p and p["tokens_per_s"] and baselines:
+        lines += ["", "| peftko / baseline | tokens/s | peak memory | trainable params |", "|---|---|---|---|"]
+        for c in baselines:
+            memory = p["peak_gib"] / c["peak_gib"] if p["peak_gib"] and c["peak_gib"] else None
+            lines.append(f"| peftko / {c['recipe']} | {p['tokens_per_s'] / c['tokens_per_s']:.2f}x | "
+                         f"{fmt(memory, '{:.2f}x')} | {p['trainable_params'] / c['trainable_params']:.3f}x |")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ TRASH_PREFIX = ".deleting-"
 RESUMABLE_KEYS = frozenset({
     "output", "data", "model", "max_steps", "epochs", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "max_bad_steps", "num_proc", "device", "attn_implementation",
-    "gradient_checkpointing", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
+    "gradient_checkpointing", "offload_checkpoints", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
     "report_to",
 })
 

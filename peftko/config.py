@@ -93,6 +93,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "paged_adamw_8bit"] = _opt("adamw", "adamw or bitsandbytes paged 8-bit AdamW.",
                                                            group=OPTIM)
     gradient_checkpointing: bool = _opt(True, "Recompute activations in backward (saves memory).", group=OPTIM)
+    offload_checkpoints: bool = _opt(
+        False, "Keep the checkpointed hidden states in pinned CPU memory (frees layers x tokens x hidden "
+        "of GPU memory; slower steps).", group=OPTIM)
     liger: Literal["auto", "on", "off"] = _opt("auto", "Liger kernels on CUDA when installed.", group=OPTIM)
     seed: int = _opt(42, "Seed for data order, initialisation and dropout.", group=OPTIM)
     # --- logging, evaluation, checkpoints

@@ -141,6 +141,8 @@ def oom_message(cfg, phase: str) -> str:
         steps.append("--quant 4bit (NF4 base weights, a quarter of bf16)")
     if not cfg.gradient_checkpointing:
         steps.append("--gradient-checkpointing (recompute activations instead of storing them)")
+    elif not cfg.offload_checkpoints:
+        steps.append("--offload-checkpoints (the checkpointed hidden states in CPU memory; slower)")
     steps.append("close other programs using the GPU (nvidia-smi lists them)")
     steps.append(f"see the memory estimate first: {_dry_run_command()}")
     tried = (f"seq_len {cfg.seq_len}, batch_size {cfg.batch_size}, grad_accum {cfg.grad_accum}, "

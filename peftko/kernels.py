@@ -20,7 +20,10 @@ exactly what the module multiplies by; `fused_loss_sees_token_rows` checks this 
 model (a gradient must reach every delta through `lm_head.weight`) before FLCE is enabled, and
 FLCE stays off (the other kernels still apply) when it does not hold, with a note saying so.
 Cost: FLCE's weight gradient is a full V x H matrix in the compute dtype (1 GiB on the 8B
-shape) from which index_copy's backward keeps the marker rows; memory_plan accounts for it.
+shape) from which index_copy's backward keeps the marker rows. That is why, for the common
+architectures (fused_loss.PLAIN_HEAD_TYPES), peftko computes the loss itself with Liger's fused
+kernel on the frozen matrix and adds the marker rows' gradient apart (peftko/fused_loss.py); Liger's
+own fused forward is used only for the other architectures it supports.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from importlib.util import find_spec
 
 import torch
 
+from peftko import fused_loss
 from peftko.errors import UserError
 
 KERNEL_NAMES = {
@@ -144,20 +148,25 @@ def apply_fast_kernels(model, cfg, precision) -> str | None:
     model_type = getattr(base.config, "model_type", None)
     if model_type not in table:
         return _refuse_or_none(cfg, f"Liger has no kernels for model type {model_type!r}")
-    flce = fused_loss_sees_token_rows(base.get_output_embeddings())
+    own_loss = model_type in fused_loss.PLAIN_HEAD_TYPES
+    flce = own_loss or fused_loss_sees_token_rows(base.get_output_embeddings())
     wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-              "fused_linear_cross_entropy": flce}
+              "fused_linear_cross_entropy": flce and not own_loss}
     apply_fn = table[model_type]  # e.g. apply_liger_kernel_to_llama(..., model=instance)
     accepted = inspect.signature(apply_fn).parameters
     with _modeling_module_kept(base):
         apply_fn(model=base, **{k: v for k, v in wanted.items() if k in accepted})
-    applied = [label for key, label in KERNEL_NAMES.items() if wanted[key] and key in accepted]
+    if own_loss:
+        fused_loss.install(base)
+    fused_on = own_loss or (flce and "fused_linear_cross_entropy" in accepted)
+    applied = [label for key, label in KERNEL_NAMES.items()
+               if (fused_on if key == "fused_linear_cross_entropy" else wanted[key] and key in accepted)]
     description = "Liger kernels: " + (", ".join(applied) or "none for this model")
     if not flce and "fused_linear_cross_entropy" in accepted:
         description += (" (fused linear cross-entropy off: this peft version hides the trainable marker rows "
                         "of lm_head from it; full logits are computed)")
     base._peftko_kernels = description
-    base._peftko_fused_ce = flce and "fused_linear_cross_entropy" in accepted
+    base._peftko_fused_ce = fused_on
     return description
 
 

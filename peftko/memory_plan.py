@@ -155,7 +155,9 @@ def plan_memory(
     marker_rows: int = 4,
     compute_bytes: int = 2,
     gradient_checkpointing: bool = True,
+    offload_checkpoints: bool = False,
     liger: bool = False,
+    liger_forward: bool = False,
     optimizer: str = "adamw",
     recipe: str = "peftko",
     largest_tensor_bytes: float | None = None,
@@ -165,6 +167,9 @@ def plan_memory(
 
     shape: the model BEFORE the markers are added (marker_rows new rows are added to it).
     liger: Liger kernels active (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): CUDA only.
+    liger_forward: the loss is Liger's own fused forward (architectures outside
+    fused_loss.PLAIN_HEAD_TYPES), which holds a merged V x H lm_head copy and a full V x H weight
+    gradient; peftko's own fused loss holds neither.
     recipe: "peftko" (token rows, frozen weights in the compute dtype) or "common"
     (prepare_model_for_kbit_training + modules_to_save=["embed_tokens", "lm_head"]).
     processes: data-parallel processes, one per card. Each card holds everything one process
@@ -197,7 +202,7 @@ def plan_memory(
     params_and_states = trainable_params * (4 + adam)
     grads = trainable_params * 4
 
-    checkpoints = (s.layers if gradient_checkpointing else 0) * tokens * h * act
+    checkpoints = (s.layers if gradient_checkpointing and not offload_checkpoints else 0) * tokens * h * act
     if liger:
         per_token = 18 * h + 6 * kv + 6 * i
     else:
@@ -211,7 +216,9 @@ def plan_memory(
     lm_head_copy = embed_matrix * compute_bytes  # merged marker rows / autocast copy of lm_head
     if liger:
         chunk = max(1, tokens // max(1, -(-v // h)))  # Liger's chunking: tokens / ceil(V / H)
-        loss_step = 2 * lm_head_copy + chunk * v * 6
+        # Chunk logits and their gradient, and the hidden states' gradient; Liger's own forward
+        # adds the merged lm_head and the full weight gradient (peftko/fused_loss.py).
+        loss_step = chunk * v * 6 + tokens * h * compute_bytes + (2 * lm_head_copy if liger_forward else 0)
     else:
         loss_step = tokens * v * logit_bytes + lm_head_copy
     mask = tokens * seq_len  # bool block-diagonal mask for sdpa (none with flash_attention_2)
@@ -300,6 +307,7 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     """
     import click
 
+    from peftko.fused_loss import PLAIN_HEAD_TYPES
     from peftko.kernels import liger_would_apply
 
     config = read_config(model_path)
@@ -314,12 +322,14 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     kwargs = dict(
         quant=cfg.quant, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
         target_modules=cfg.target_modules, marker_rows=n_markers,
-        gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+        gradient_checkpointing=cfg.gradient_checkpointing, offload_checkpoints=cfg.offload_checkpoints,
+        optimizer=cfg.optimizer,
         largest_tensor_bytes=stats[1] if stats else None, processes=processes,
     )
     on_cuda = precision.device.type == "cuda"
     dtype = precision.dtype_name if on_cuda else "bfloat16"
     liger = liger_would_apply(cfg, precision.device.type, shape.model_type)
+    kwargs["liger_forward"] = shape.model_type not in PLAIN_HEAD_TYPES
     plan = plan_memory(shape, compute_bytes=_dtype_bytes(dtype), liger=liger, **kwargs)
     v = shape.vocab + n_markers
     quant_name = {"4bit": "NF4", "8bit": "LLM.int8", "none": dtype}[cfg.quant]
@@ -339,6 +349,8 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
                f"+ marker rows) in fp32 + {adam} states")
     ckpt = "one hidden state per layer (gradient checkpointing)" if cfg.gradient_checkpointing else \
         "every layer's activations (no gradient checkpointing)"
+    if cfg.gradient_checkpointing and cfg.offload_checkpoints:
+        ckpt = "the hidden states checkpointed in CPU memory"
     click.echo(f"  activations {_gib(plan.checkpoints + plan.layer_backward)}  {ckpt} + one layer in backward")
     logits = f"{cfg.batch_size} x {cfg.seq_len} x {v:,}"
     if plan.fused_ce:

@@ -124,7 +124,8 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         fp16=precision.fp16,
         use_cpu=precision.device.type == "cpu",
         activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        # offload: transformers holds each layer's checkpointed input in pinned host memory.
+        activation_checkpointing_kwargs={"use_reentrant": False, "offload": cfg.offload_checkpoints},
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         # eval_steps 0 means only at the end: the Trainer evaluates the last step whatever the interval,

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peftko import fused_loss
 from peftko.base_model import Precision, load_tokenizer
 from peftko.config import TrainConfig
 from peftko.errors import UserError
@@ -212,7 +213,9 @@ def test_liger_applies_all_four_kernels_to_the_transformers_model(fake_liger, fr
     assert description == "Liger kernels: fused linear cross-entropy, RMSNorm, RoPE, SwiGLU"
     (call,) = fake_liger.calls
     assert call["model"] is fresh_model.get_base_model()  # the LlamaForCausalLM, not the PeftModel
-    assert call["fused_linear_cross_entropy"] and not call["cross_entropy"]
+    # Llama's loss is peftko's own (fused_loss.py: Liger's kernel, no full weight gradient), not Liger's forward.
+    assert not call["fused_linear_cross_entropy"] and not call["cross_entropy"]
+    assert fused_loss.installed(fresh_model.get_base_model())
     assert fused_ce_active(fresh_model)
     assert fused_loss_kwargs(fresh_model) == {"skip_logits": True}
     assert liger_would_apply(TrainConfig(), "cuda", "llama")
@@ -221,8 +224,20 @@ def test_liger_applies_all_four_kernels_to_the_transformers_model(fake_liger, fr
     assert len(fake_liger.calls) == 1
 
 
+def test_other_architectures_keep_liger_own_fused_forward(fake_liger, fresh_model, monkeypatch):
+    """An architecture whose head peftko's loss does not know gets Liger's fused forward, when the
+    marker rows are visible to it through lm_head.weight."""
+    monkeypatch.setattr(fused_loss, "PLAIN_HEAD_TYPES", frozenset())
+    description = apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA)
+    assert description == "Liger kernels: fused linear cross-entropy, RMSNorm, RoPE, SwiGLU"
+    assert fake_liger.calls[0]["fused_linear_cross_entropy"] is True
+    assert not fused_loss.installed(fresh_model.get_base_model()) and fused_ce_active(fresh_model)
+
+
 def test_flce_stays_off_when_it_would_hide_the_marker_rows(fake_liger, fresh_model, monkeypatch):
     from peft.utils.other import TrainableTokensWrapper
+
+    monkeypatch.setattr(fused_loss, "PLAIN_HEAD_TYPES", frozenset())
 
     monkeypatch.setattr(TrainableTokensWrapper, "_getattr_wrapped",
                         lambda self, name, modules: modules["token_adapter"].get_base_layer().weight)
