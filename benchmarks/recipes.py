@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="comma-separated: common, common-noamp (the same without the Trainer's bf16 autocast), peftko")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="peftko recipe: keep every activation")
     p.add_argument("--offload-checkpoints", action="store_true", help="peftko recipe: checkpoints in CPU memory")
-    p.add_argument("--profile", help="write a torch.profiler table of one measured step of each recipe to "
+    p.add_argument("--profile", help="CUDA: write a torch.profiler table of the peftko recipe's last step to "
                    "PROFILE.<recipe>.txt")
     p.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: min(2, steps // 3))")
     p.add_argument("--base-dir", help="keep the generated model here and reuse it (default: a temp dir)")
@@ -384,7 +384,8 @@ def run_worker(args) -> dict:
     error = None
     with tempfile.TemporaryDirectory(prefix="peftko-bench-run-") as out:
         train = train_peftko if args.worker == "peftko" else train_common
-        callbacks = [timer] + ([step_profiler(args, precision.device)] if args.profile and cuda else [])
+        profile = args.profile and cuda and args.worker == "peftko"
+        callbacks = [timer] + ([step_profiler(args, precision.device)] if profile else [])
         try:
             train(model, args, precision, Path(out), blocks, collator, callbacks)
         except torch.OutOfMemoryError:

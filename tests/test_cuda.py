@@ -153,3 +153,16 @@ def test_real_cuda_out_of_memory_is_one_message_and_exit_2(tiny_bases, small_cor
 @pytest.mark.parametrize("base,quant", [("llama-untied", "4bit"), ("gpt-neox", "4bit"), ("llama-tied", "8bit")])
 def test_cuda_gradients_do_not_depend_on_an_evaluation_before(tiny_bases, tmp_path, base, quant):
     check_evaluation_changes_nothing(tiny_bases[base], quant, tmp_path, CUDA_BF16)
+
+
+def test_offloaded_checkpoints_train_the_same_steps(tiny_bases, small_corpus, tmp_path):
+    """--offload-checkpoints moves where the checkpointed hidden states wait, not what is computed."""
+    losses = {}
+    for name, extra in (("plain", ()), ("offload", ("--offload-checkpoints",))):
+        out = tmp_path / name
+        ok(cuda_train(tiny_bases, small_corpus, out, "llama-untied", "--quant", "4bit", *extra))
+        assert manifest(out)["config"]["offload_checkpoints"] == (name == "offload")
+        lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in lines if "loss" in r]
+    assert len(losses["plain"]) >= 2
+    assert losses["offload"] == pytest.approx(losses["plain"], rel=1e-3)
