@@ -364,7 +364,8 @@ def run_worker(args) -> dict:
         # Emulate a smaller card: the caching allocator may not grow past this (the CUDA context,
         # about 0.5 GiB on a real card, is not part of it).
         total = torch.cuda.get_device_properties(precision.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * GIB / total), precision.device)
+        index = precision.device.index if precision.device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * GIB / total), index)
     tokenizer = load_tokenizer(base)
     tokens = register_markers(tokenizer, MARKERS)
     blocks = make_blocks(tokenizer, tokens, args.seq_len, args.steps * args.batch_size)
