@@ -63,18 +63,21 @@ def uninstall(model):
     base._peftko_loss_installed = False
 
 
-def test_same_loss_and_gradients_as_the_models_own_loss(model_and_ids):
-    model, marker_ids = model_and_ids
-    base = model.get_base_model()
-    ids, labels = a_batch(marker_ids)
+def own_then_fused(model, ids, labels, **kwargs):
+    """(loss, grads) from the model's own loss, then from peftko's, in training mode."""
     model.train()
     uninstall(model)
-    ref_loss, ref = loss_and_grads(model, ids, labels)
-    fused_loss.install(base)
+    own = loss_and_grads(model, ids, labels, **kwargs)
+    fused_loss.install(model.get_base_model())
     try:
-        loss, got = loss_and_grads(model, ids, labels)
+        return own, loss_and_grads(model, ids, labels, **kwargs)
     finally:
         uninstall(model)
+
+
+def test_same_loss_and_gradients_as_the_models_own_loss(model_and_ids):
+    model, marker_ids = model_and_ids
+    (ref_loss, ref), (loss, got) = own_then_fused(model, *a_batch(marker_ids))
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     assert any(TOKEN_ROW_PARAM in n for n in got) and got.keys() == ref.keys()
     for name in ref:
@@ -85,16 +88,8 @@ def test_same_loss_and_gradients_as_the_models_own_loss(model_and_ids):
 def test_gradient_accumulation_scaling(model_and_ids):
     """With num_items_in_batch (the Trainer's gradient accumulation) the loss is the sum over it."""
     model, marker_ids = model_and_ids
-    base = model.get_base_model()
-    ids, labels = a_batch(marker_ids, seed=2)
-    model.train()
-    uninstall(model)
-    ref_loss, ref = loss_and_grads(model, ids, labels, num_items_in_batch=torch.tensor(500))
-    fused_loss.install(base)
-    try:
-        loss, got = loss_and_grads(model, ids, labels, num_items_in_batch=torch.tensor(500))
-    finally:
-        uninstall(model)
+    (ref_loss, ref), (loss, got) = own_then_fused(model, *a_batch(marker_ids, seed=2),
+                                                  num_items_in_batch=torch.tensor(500))
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     for name in ref:
         assert torch.allclose(got[name], ref[name], rtol=1e-4, atol=1e-8), name
@@ -182,20 +177,19 @@ def test_on_cuda_liger_kernel_gives_the_same_gradients(tmp_path, tie):
     tokenizer = load_tokenizer(base_dir)
     tokens = register_markers(tokenizer, MARKERS)
     precision = Precision(torch.device("cuda"), torch.float32)
-    model = build_trainable(base_dir, tokenizer, tokens, TrainConfig(quant="none", liger="on", lora_dropout=0.0),
-                            precision).model
-    base = model.get_base_model()
-    assert fused_loss.installed(base)
+    built = build_trainable(base_dir, tokenizer, tokens, TrainConfig(quant="none", liger="on", lora_dropout=0.0),
+                            precision)
+    model = built.model
+    assert "fused linear cross-entropy" in built.kernels and "off" not in built.kernels
+    assert fused_loss.installed(model.get_base_model())
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     ids, labels = (t.cuda() for t in a_batch([t.id for t in tokens]))
-    model.train()
-    loss, got = loss_and_grads(model, ids, labels)
-    uninstall(model)
-    ref_loss, ref = loss_and_grads(model, ids, labels)
+    (ref_loss, ref), (loss, got) = own_then_fused(model, ids, labels)
     assert torch.allclose(loss, ref_loss, rtol=1e-4)
     for name in ref:
         assert torch.allclose(got[name], ref[name], rtol=1e-3, atol=1e-6), name
+        assert ref[name].abs().sum() > 0, name
