@@ -184,6 +184,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1, 2], help="base sizes in GB")
     ap.add_argument("--workdir", type=Path, help="where bases are written (default: a temp dir, removed)")
+    ap.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"],
+                    help="hidden size (the MLP is 2.75x); smaller only to check that the script runs")
     ap.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--base", type=Path, help=argparse.SUPPRESS)
@@ -191,6 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.run, args.base, args.out)
+    SHAPE.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 11 // 4)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="peftko-merge-bench-"))
     print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| base GB | shards | largest tensor MB | path | peak RSS MiB | after imports MiB | merge share MiB | seconds |")

@@ -252,14 +252,21 @@ def build_packed(files, tokenizer, cfg, workdir: Path) -> dict:
     return stats
 
 
-def _from_generator(generator, **kwargs):
+def _from_generator(generator, cache_dir: str, **kwargs):
     """Dataset.from_generator, with a UserError raised inside the generator passed on as itself
-    (datasets wraps every error in DatasetGenerationError, which would show as a traceback)."""
+    (datasets wraps every error in DatasetGenerationError, which would show as a traceback).
+
+    The fingerprint is named from cache_dir, a fresh folder of this build: without one, datasets
+    hashes gen_kwargs with dill to name its cache, tokenizer included, which took 8 s a call for
+    Gemma's 262k-token vocabulary (24 s of a run); peftko's own cache key already says what the
+    build depends on.
+    """
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
+    fingerprint = hashlib.sha256(str(cache_dir).encode()).hexdigest()[:32]
     try:
-        return datasets.Dataset.from_generator(generator, **kwargs)
+        return datasets.Dataset.from_generator(generator, cache_dir=cache_dir, fingerprint=fingerprint, **kwargs)
     except DatasetGenerationError as e:
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None

@@ -10,7 +10,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_memory.py"
 
 
 def test_the_merge_memory_benchmark_runs_and_prints_both_paths(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "0.01", "--workdir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "0.01", "--hidden-size", "256",
+                           "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 0.")]
