@@ -120,9 +120,11 @@ fi
 if want recipes; then
 # 3. The common recipe (with and without autocast) vs peftko, 4 x 2048 tokens a step, each in its own
 #    process, with a profile of the last step of each.
+#    The 8B base must be written first: writing 15 GB beside the 1B runs slowed their short,
+#    launch-bound steps by a quarter (benchmarks/RESULTS.md, run 3).
+wait $BUILD_8B; say "8B base written: exit $? ($(du -sh "$BASES/8b" | cut -f1))"
 recipes 1b 90 --shape 1b --steps 6 --recipes common,common-noamp,peftko --base-dir "$BASES/1b" \
     --profile "$RESULTS/profile-1b"
-wait $BUILD_8B; say "8B base written: exit $? ($(du -sh "$BASES/8b" | cut -f1))"
 recipes 8b 150 --shape 8b --steps 5 --recipes common,common-noamp,peftko --base-dir "$BASES/8b" \
     --profile "$RESULTS/profile-8b"
 fi
