@@ -108,6 +108,12 @@ def passes_note(cfg, n_blocks: int) -> str | None:
             "(watch the held-out eval_loss, or lower --max-steps)")
 
 
+def checkpointing_kwargs(cfg, precision) -> dict:
+    """offload: transformers holds each layer's checkpointed input in pinned host memory; a GPU's
+    only: on the CPU there is nothing to move, and no pinned allocator."""
+    return {"use_reentrant": False, "offload": cfg.offload_checkpoints and precision.device.type == "cuda"}
+
+
 def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bool) -> TrainingArguments:
     steps = planned_steps(cfg, n_blocks)
     return TrainingArguments(
@@ -124,10 +130,7 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         fp16=precision.fp16,
         use_cpu=precision.device.type == "cpu",
         activation_checkpointing=cfg.gradient_checkpointing,
-        # offload: transformers holds each layer's checkpointed input in pinned host memory (a GPU's
-        # only: on the CPU there is nothing to move, and no pinned allocator).
-        activation_checkpointing_kwargs={"use_reentrant": False,
-                                         "offload": cfg.offload_checkpoints and precision.device.type == "cuda"},
+        activation_checkpointing_kwargs=checkpointing_kwargs(cfg, precision),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         # eval_steps 0 means only at the end: the Trainer evaluates the last step whatever the interval,

@@ -131,3 +131,19 @@ def test_a_corpus_without_markers_trains_plain_lora(tiny_bases, tmp_path):
     assert "no marker matching" in r.output
     manifest = json.loads((out / "peftko.json").read_text())
     assert manifest["markers"] == [] and manifest["vocab"]["rows_after"] == manifest["vocab"]["rows_before"]
+
+
+def test_offloaded_checkpoints_only_where_there_is_a_gpu_to_free(tmp_path):
+    """--offload-checkpoints asks transformers to hold the checkpointed hidden states in pinned host
+    memory; on the CPU there is nothing to move and no pinned allocator, so it is not asked there."""
+    from peftko.base_model import Precision
+    from peftko.training import checkpointing_kwargs, training_arguments
+
+    cfg = load_config(None, {"offload_checkpoints": "true", "device": "cpu"})
+    cpu = pick_precision("cpu")
+    assert checkpointing_kwargs(cfg, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is True
+    assert checkpointing_kwargs(cfg, cpu) == {"use_reentrant": False, "offload": False}
+    args = training_arguments(cfg, cpu, tmp_path, n_blocks=10, has_eval=False)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False, "offload": False}
+    plain = load_config(None, {"device": "cpu"})
+    assert checkpointing_kwargs(plain, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is False
