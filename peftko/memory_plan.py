@@ -355,7 +355,8 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
     ckpt = "one hidden state per layer (gradient checkpointing)" if cfg.gradient_checkpointing else \
         "every layer's activations (no gradient checkpointing)"
     if cfg.gradient_checkpointing and cfg.offload_checkpoints:
-        ckpt = "the hidden states checkpointed in CPU memory"
+        pinned = shape.layers * cfg.batch_size * cfg.seq_len * shape.hidden * _dtype_bytes(dtype)
+        ckpt = f"the hidden states checkpointed in CPU memory ({pinned / GIB:.2f} GiB of pinned RAM)"
     click.echo(f"  activations {_gib(plan.checkpoints + plan.layer_backward)}  {ckpt} + one layer in backward")
     logits = f"{cfg.batch_size} x {cfg.seq_len} x {v:,}"
     if plan.fused_ce:

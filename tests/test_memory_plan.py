@@ -176,6 +176,11 @@ def test_dry_run_on_an_8b_config_alone(tmp_path: Path):
     assert "training peak 9.78" in liger_line and "evaluation 6.4" in liger_line
     assert "fits in 12 GiB: yes, 24 GiB: yes" in liger_line  # measured: 9.50 GiB, 10.23 reserved on an H100
     assert "GiB of RAM" in out
+    # Offloaded checkpoints: 32 layers x 8192 tokens x 4096 x 2 bytes leave the GPU for pinned RAM.
+    offload = dry_run(tmp_path, "--seq-len", "2048", "--batch-size", "4", "--offload-checkpoints")
+    assert offload.exit_code == 0, offload.output
+    assert "the hidden states checkpointed in CPU memory (2.00 GiB of pinned RAM)" in offload.output
+    assert "training peak 7.78" in offload.output
     lean = dry_run(tmp_path, "--seq-len", "1024", "--batch-size", "1", "--liger", "off")
     assert lean.exit_code == 0, lean.output
     assert "fits in 12 GiB: yes" in lean.output and "with Liger" not in lean.output
