@@ -547,3 +547,16 @@ def test_a_config_key_added_after_the_run_started_reads_as_its_default():
     old = {**new, "config": {k: v for k, v in new["config"].items() if k != "dtype"}}
     assert identity_changes(old, new) == []
     assert identity_changes(old, {**new, "config": {**new["config"], "dtype": "bfloat16"}}) != []
+
+
+def test_out_of_memory_advice_follows_the_checkpointing_in_use():
+    from peftko.config import load_config
+    from peftko.guards import oom_message
+
+    def advice(**keys):
+        return oom_message(load_config(None, {"seq_len": "512", **{k: str(v).lower() for k, v in keys.items()}}), "training")
+
+    assert "--gradient-checkpointing (" in advice(gradient_checkpointing=False)
+    assert "--offload-checkpoints" in advice(gradient_checkpointing=True)
+    assert "--offload-checkpoints" not in advice(gradient_checkpointing=True, offload_checkpoints=True)
+    assert "gradient checkpointing on" in advice(gradient_checkpointing=True)
