@@ -138,14 +138,15 @@ def marker_rows_term(hidden, targets, weight, rows, softcap, denom) -> torch.Ten
     dL/dW_m = sum_t (p[t, m] - [y_t = m]) dz[t, m]/dW_m / denom, with p = exp(z - logsumexp_t).
     The hidden states are detached: their gradient already comes from the fused loss.
     """
-    valid = targets != IGNORE
-    h, y = hidden.detach()[valid], targets[valid]
+    # Every position, ignored ones masked out of the coefficient: selecting the valid rows instead
+    # would wait for the GPU (a boolean index needs its count) in the middle of the step.
+    h, valid = hidden.detach(), (targets != IGNORE).float()[:, None]
     lse = _logsumexp(h, weight, softcap)
     term = hidden.new_zeros((), dtype=torch.float32)
     for index, delta in rows:
         z = _capped((h @ delta.t().to(h.dtype)).float(), softcap)  # tokens x K, differentiable in delta
         with torch.no_grad():
-            coef = (z - lse[:, None]).exp() - (y[:, None] == index[None, :]).float()
+            coef = ((z - lse[:, None]).exp() - (targets[:, None] == index[None, :]).float()) * valid
             coef /= denom
         contribution = (coef * z).sum()
         term = term + contribution - contribution.detach()
