@@ -108,17 +108,17 @@ def token_rows_written(lm_head):
     bumps the tensor's version, so if autograd had saved this matrix the backward would refuse
     loudly rather than compute with the wrong rows.
     """
-    from peftko.kernels import token_rows_layer
+    from peftko.kernels import active_token_names, token_rows_layer
 
     layer = token_rows_layer(lm_head)
-    if layer is None or getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-        weight = layer.get_base_layer().weight if layer is not None else lm_head.weight
-        yield weight, []
+    if layer is None:
+        yield lm_head.weight, []
         return
     weight = layer.get_base_layer().weight
-    names = [n for n in layer.active_adapters if n in layer.trainable_tokens_delta]
+    # Disabled adapters multiply by the base matrix alone; merged ones have their rows in it already.
+    live = not (getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False))
     rows = [(torch.as_tensor(layer.token_indices[n], device=weight.device), layer.trainable_tokens_delta[n])
-            for n in names]
+            for n in (active_token_names(layer) if live else [])]
     saved = []
     try:
         with torch.no_grad():

@@ -79,18 +79,9 @@ def token_rows_layer(module):
     return layer
 
 
-def effective_weight(module) -> torch.Tensor:
-    """The matrix `module` multiplies by: its base weight with the trainable token rows copied in.
-
-    Differentiable with respect to the rows (index_copy), so a loss computed from it trains them,
-    as a loss through `module(x)` would. For a module without token rows, its own weight.
-    """
-    layer = token_rows_layer(module)
-    if layer is None:
-        return module.weight
-    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-        return layer.get_base_layer().weight
-    return layer.get_merged_weights([n for n in layer.active_adapters if n in layer.trainable_tokens_delta])
+def active_token_names(layer) -> list[str]:
+    """The active adapters of a TrainableTokensLayer that hold token rows, in peft's order."""
+    return [n for n in layer.active_adapters if n in layer.trainable_tokens_delta]
 
 
 def fused_loss_sees_token_rows(lm_head) -> bool:
@@ -99,7 +90,8 @@ def fused_loss_sees_token_rows(lm_head) -> bool:
     layer = token_rows_layer(lm_head)
     if layer is None:
         return True
-    deltas = [layer.trainable_tokens_delta[n] for n in layer.active_adapters if n in layer.trainable_tokens_delta]
+    names = active_token_names(layer)
+    deltas = [layer.trainable_tokens_delta[n] for n in names]
     deltas = [d for d in deltas if d.requires_grad]
     if not deltas:
         return True
@@ -110,8 +102,7 @@ def fused_loss_sees_token_rows(lm_head) -> bool:
             return False
         if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
             return False
-        rows = [torch.as_tensor(layer.token_indices[n], device=weight.device)
-                for n in layer.active_adapters if n in layer.trainable_tokens_delta]
+        rows = [torch.as_tensor(layer.token_indices[n], device=weight.device) for n in names]
         probe = sum(weight.index_select(0, r).float().sum() for r in rows)
         grads = torch.autograd.grad(probe, deltas, allow_unused=True)
     return all(g is not None and bool(torch.all(g != 0)) for g in grads)
@@ -148,25 +139,25 @@ def apply_fast_kernels(model, cfg, precision) -> str | None:
     model_type = getattr(base.config, "model_type", None)
     if model_type not in table:
         return _refuse_or_none(cfg, f"Liger has no kernels for model type {model_type!r}")
-    own_loss = model_type in fused_loss.PLAIN_HEAD_TYPES
-    flce = own_loss or fused_loss_sees_token_rows(base.get_output_embeddings())
+    own_loss = model_type in fused_loss.PLAIN_HEAD_TYPES  # peftko's loss; else Liger's fused forward
+    liger_loss = not own_loss and fused_loss_sees_token_rows(base.get_output_embeddings())
     wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-              "fused_linear_cross_entropy": flce and not own_loss}
+              "fused_linear_cross_entropy": liger_loss}
     apply_fn = table[model_type]  # e.g. apply_liger_kernel_to_llama(..., model=instance)
     accepted = inspect.signature(apply_fn).parameters
     with _modeling_module_kept(base):
         apply_fn(model=base, **{k: v for k, v in wanted.items() if k in accepted})
     if own_loss:
         fused_loss.install(base)
-    fused_on = own_loss or (flce and "fused_linear_cross_entropy" in accepted)
-    applied = [label for key, label in KERNEL_NAMES.items()
-               if (fused_on if key == "fused_linear_cross_entropy" else wanted[key] and key in accepted)]
-    description = "Liger kernels: " + (", ".join(applied) or "none for this model")
-    if not flce and "fused_linear_cross_entropy" in accepted:
+    on = {key: wanted[key] and key in accepted for key in KERNEL_NAMES}
+    on["fused_linear_cross_entropy"] |= own_loss
+    description = "Liger kernels: " + (", ".join(label for key, label in KERNEL_NAMES.items() if on[key])
+                                       or "none for this model")
+    if not own_loss and not liger_loss and "fused_linear_cross_entropy" in accepted:
         description += (" (fused linear cross-entropy off: this peft version hides the trainable marker rows "
                         "of lm_head from it; full logits are computed)")
     base._peftko_kernels = description
-    base._peftko_fused_ce = fused_on
+    base._peftko_fused_ce = on["fused_linear_cross_entropy"]
     return description
 
 

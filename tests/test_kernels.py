@@ -18,7 +18,6 @@ from peftko.config import TrainConfig
 from peftko.errors import UserError
 from peftko.kernels import (
     apply_fast_kernels,
-    effective_weight,
     fused_ce_active,
     fused_loss_kwargs,
     fused_loss_sees_token_rows,
@@ -60,17 +59,17 @@ def test_lm_head_carries_token_rows(peft_model):
     assert token_rows_layer(lm_head_of(model)) is not None
 
 
-def test_effective_weight_gives_the_wrapped_modules_logits(peft_model):
+def test_the_fused_loss_multiplies_by_what_the_wrapped_module_does(peft_model):
     model, ids = peft_model
     lm_head = lm_head_of(model)
     h = torch.randn(3, 5, model.config.hidden_size)
     with torch.no_grad():
         wrapped = lm_head(h)
-        eff = effective_weight(lm_head)
-        assert torch.allclose(F.linear(h, eff), wrapped, atol=1e-6)
-        base = token_rows_layer(lm_head).get_base_layer().weight
-        # The marker rows differ from the frozen base: using the base would be wrong.
-        assert not torch.allclose(eff[ids], base[ids])
+        base = token_rows_layer(lm_head).get_base_layer().weight.clone()
+        with fused_loss.token_rows_written(lm_head) as (eff, _):
+            assert torch.allclose(F.linear(h, eff), wrapped, atol=1e-6)
+            # The marker rows differ from the frozen base: using the base would be wrong.
+            assert not torch.allclose(eff[ids], base[ids])
 
 
 def test_fused_style_loss_trains_marker_rows_like_the_model(peft_model):
@@ -120,7 +119,8 @@ def test_a_wrapper_that_exposes_only_the_base_weight_is_refused(peft_model, monk
 def test_plain_linear_has_nothing_to_hide():
     assert fused_loss_sees_token_rows(torch.nn.Linear(4, 3))
     lin = torch.nn.Linear(4, 3)
-    assert effective_weight(lin) is lin.weight
+    with fused_loss.token_rows_written(lin) as (weight, rows):
+        assert weight is lin.weight and rows == []
 
 
 def test_kernels_are_off_on_the_cpu(peft_model):
