@@ -412,8 +412,8 @@ def run_worker(args) -> dict:
                        liger=args.worker == "peftko" and fused_ce_active(model),
                        recipe="peftko" if args.worker == "peftko" else "common",
                        liger_forward=not fused_loss.installed(model.get_base_model()),
-                       gradient_checkpointing=not args.no_gradient_checkpointing or args.worker != "peftko",
-                       offload_checkpoints=args.offload_checkpoints and args.worker == "peftko")
+                       gradient_checkpointing=checkpoints(args) != "off",
+                       offload_checkpoints=checkpoints(args) == "offload")
     return {
         "recipe": args.worker,
         "shape": args.shape,
@@ -439,10 +439,16 @@ def run_worker(args) -> dict:
         "load_s": round(load_s, 1),
         "step_s": [round(d, 3) for d in timer.durations],
         "card_gib": args.card_gib,
-        "gradient_checkpointing": "off" if args.no_gradient_checkpointing and args.worker == "peftko" else
-        "offload" if args.offload_checkpoints and args.worker == "peftko" else "on",
+        "gradient_checkpointing": checkpoints(args),
         "error": error,
     }
+
+
+def checkpoints(args) -> str:
+    """on, off or offload: the peftko recipe follows the switches, the common ones always checkpoint."""
+    if args.worker != "peftko":
+        return "on"
+    return "off" if args.no_gradient_checkpointing else "offload" if args.offload_checkpoints else "on"
 
 
 def _round(x, nd=3):

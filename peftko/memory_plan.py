@@ -122,6 +122,7 @@ class MemoryPlan:
     trainable_params: int
     fused_ce: bool
     ddp_buckets: float = 0.0  # data-parallel runs: DDP's own copy of the trainable gradients
+    pinned: float = 0.0  # --offload-checkpoints: the checkpoints, held in pinned CPU memory instead
 
     @property
     def peak(self) -> float:
@@ -203,7 +204,9 @@ def plan_memory(
     params_and_states = trainable_params * (4 + adam)
     grads = trainable_params * 4
 
-    checkpoints = (s.layers if gradient_checkpointing and not offload_checkpoints else 0) * tokens * h * act
+    checkpoints = (s.layers if gradient_checkpointing else 0) * tokens * h * act
+    pinned = checkpoints if offload_checkpoints else 0
+    checkpoints -= pinned
     if liger:
         per_token = 18 * h + 6 * kv + 6 * i
     else:
@@ -246,6 +249,7 @@ def plan_memory(
         trainable_params=int(trainable_params),
         fused_ce=liger,
         ddp_buckets=ddp_buckets,
+        pinned=pinned,
     )
 
 
@@ -354,9 +358,8 @@ def echo_plan(cfg, model_path: Path, precision, markers: list[str] | None = None
                f"+ marker rows) in fp32 + {adam} states")
     ckpt = "one hidden state per layer (gradient checkpointing)" if cfg.gradient_checkpointing else \
         "every layer's activations (no gradient checkpointing)"
-    if cfg.gradient_checkpointing and cfg.offload_checkpoints:
-        pinned = shape.layers * cfg.batch_size * cfg.seq_len * shape.hidden * _dtype_bytes(dtype)
-        ckpt = f"the hidden states checkpointed in CPU memory ({pinned / GIB:.2f} GiB of pinned RAM)"
+    if plan.pinned:
+        ckpt = f"the hidden states checkpointed in CPU memory ({plan.pinned / GIB:.2f} GiB of pinned RAM)"
     click.echo(f"  activations {_gib(plan.checkpoints + plan.layer_backward)}  {ckpt} + one layer in backward")
     logits = f"{cfg.batch_size} x {cfg.seq_len} x {v:,}"
     if plan.fused_ce:
