@@ -193,6 +193,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.run, args.base, args.out)
+    if args.hidden_size < 1 or args.hidden_size % SHAPE["num_attention_heads"]:
+        ap.error(f"--hidden-size must be a positive multiple of {SHAPE['num_attention_heads']} (the heads)")
     SHAPE.update(hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 11 // 4)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="peftko-merge-bench-"))
     print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
