@@ -26,6 +26,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from peftko.token_rows import active_token_names, token_rows_layer
+
 IGNORE = -100
 
 # Causal LMs whose logits are lm_head(decoder(x)) (optionally soft-capped by
@@ -108,8 +110,6 @@ def token_rows_written(lm_head):
     bumps the tensor's version, so if autograd had saved this matrix the backward would refuse
     loudly rather than compute with the wrong rows.
     """
-    from peftko.kernels import active_token_names, token_rows_layer
-
     layer = token_rows_layer(lm_head)
     if layer is None:
         yield lm_head.weight, []

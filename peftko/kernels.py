@@ -38,6 +38,7 @@ import torch
 
 from peftko import fused_loss
 from peftko.errors import UserError
+from peftko.token_rows import active_token_names, token_rows_layer
 
 KERNEL_NAMES = {
     "fused_linear_cross_entropy": "fused linear cross-entropy",
@@ -70,19 +71,6 @@ def liger_would_apply(cfg, device_type: str, model_type: str) -> bool:
 
 
 # --- the weight lm_head really multiplies by
-
-def token_rows_layer(module):
-    """peft's TrainableTokensLayer behind `module` (a TrainableTokensWrapper or the layer itself), or None."""
-    layer = getattr(module, "token_adapter", None)
-    if layer is None and hasattr(module, "trainable_tokens_delta") and hasattr(module, "token_indices"):
-        layer = module
-    return layer
-
-
-def active_token_names(layer) -> list[str]:
-    """The active adapters of a TrainableTokensLayer that hold token rows, in peft's order."""
-    return [n for n in layer.active_adapters if n in layer.trainable_tokens_delta]
-
 
 def fused_loss_sees_token_rows(lm_head) -> bool:
     """True when `lm_head.weight` (what Liger's fused loss reads) carries the trainable token rows:

@@ -219,3 +219,16 @@ def trainable_token_indices(model, tokens: list[MarkerToken]) -> dict[str, list[
     if out is not None:
         spec[out] = ids
     return spec
+
+
+def token_rows_layer(module):
+    """peft's TrainableTokensLayer behind `module` (a TrainableTokensWrapper or the layer itself), or None."""
+    layer = getattr(module, "token_adapter", None)
+    if layer is None and hasattr(module, "trainable_tokens_delta") and hasattr(module, "token_indices"):
+        layer = module
+    return layer
+
+
+def active_token_names(layer) -> list[str]:
+    """The active adapters of a TrainableTokensLayer that hold token rows, in peft's order."""
+    return [n for n in layer.active_adapters if n in layer.trainable_tokens_delta]

@@ -15,7 +15,7 @@ from peftko.base_model import Precision, load_tokenizer
 from peftko.config import TrainConfig
 from peftko.model_builder import build_trainable
 from peftko.tiny_base import build_tiny_base
-from peftko.token_rows import register_markers
+from peftko.token_rows import register_markers, token_rows_layer
 from peftko.training import TOKEN_ROW_PARAM
 
 CPU = Precision(torch.device("cpu"), torch.float32)
@@ -124,8 +124,6 @@ def test_soft_capped_logits(model_and_ids):
 def test_the_frozen_matrix_gets_its_rows_back_bit_for_bit(model_and_ids):
     model, marker_ids = model_and_ids
     lm_head = model.get_base_model().get_output_embeddings()
-    from peftko.kernels import token_rows_layer
-
     weight = token_rows_layer(lm_head).get_base_layer().weight
     before = weight.detach().clone()
     ids, labels = a_batch(marker_ids)

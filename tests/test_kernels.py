@@ -22,11 +22,10 @@ from peftko.kernels import (
     fused_loss_kwargs,
     fused_loss_sees_token_rows,
     liger_would_apply,
-    token_rows_layer,
 )
 from peftko.model_builder import build_trainable
 from peftko.tiny_base import build_tiny_base
-from peftko.token_rows import register_markers
+from peftko.token_rows import register_markers, token_rows_layer
 from peftko.training import TOKEN_ROW_PARAM
 
 CPU = Precision(torch.device("cpu"), torch.float32)
