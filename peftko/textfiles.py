@@ -39,12 +39,14 @@ MAX_RECORD_CHARS = 1 << 25
 UTF8_EVIDENCE_SYLLABLES = 8
 BOM = "\ufeff"
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+UTF16_HINT = "NUL bytes in every other position, as in UTF-16 saved without a byte-order mark: save it as UTF-8"
 # Bytes that never appear in text files except as damage: C0 controls other than tab, LF, FF,
 # CR, ESC (ANSI colours in logs), and DEL.
 CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
 # Above this share of control bytes a file that decodes is still treated as binary.
 BINARY_CONTROL_FRACTION = 0.1
 _NOT_SPACE = re.compile(r"[^\s\ufeff]")
+_CONTROL_CHARS = re.compile("[" + re.escape(CONTROL_BYTES.decode("latin-1")) + "]")
 _HANGUL = re.compile("[\uac00-\ud7a3]")
 # Where a long line is best cut, in order of preference; each cut falls after the whitespace.
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f\u2026][\"'\u201d\u2019)\]]*\s+")
@@ -225,7 +227,25 @@ def detect_file(path: Path) -> tuple[str | None, str, str]:
             chunk = f.read(CHUNK_BYTES)
     for trial in trials:
         trial.feed(b"", final=True)
-    return _verdict(trials, nul, control / size)
+    encoding, status, detail = _verdict(trials, nul, control / size)
+    if status == "binary" and _bomless_utf16(head):
+        detail = UTF16_HINT
+    return encoding, status, detail
+
+
+def _bomless_utf16(head: bytes) -> bool:
+    """NUL bytes at only odd (little-endian) or only even (big-endian) offsets, and the start reads
+    in that byte order as text with spaces or newlines and no control characters: UTF-16 saved
+    without its byte-order mark.
+    Said, not guessed: the wrong byte order would train on garbage, and re-saving takes a second."""
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if (even == 0) == (odd == 0):
+        return False
+    try:
+        text = codecs.getincrementaldecoder("utf-16-le" if odd else "utf-16-be")().decode(head)
+    except UnicodeDecodeError:
+        return False
+    return bool(re.search(r"[ \n]", text)) and not _CONTROL_CHARS.search(text)
 
 
 def _verdict(trials: list[_Trial], nul: bool, control_fraction: float) -> tuple[str | None, str, str]:

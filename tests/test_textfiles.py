@@ -120,6 +120,21 @@ def test_not_text_statuses(tmp_path, data, expected):
     assert (scan.encoding, scan.status, scan.chars, scan.preview) == (*expected, 0, "")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_its_byte_order_mark_is_refused_with_the_reason(tmp_path, encoding):
+    """Not guessed (the wrong byte order trains on garbage), but said, so the user knows what to fix."""
+    text = "|START_OF_TITLE|>반딧불이 숲|END_OF_TITLE|>\n\"안녕?\" 쉿!\n" * 3
+    scan = scan_file(write(tmp_path / "x.txt", text.encode(encoding)))
+    assert (scan.status, scan.detail) == ("binary", textfiles.UTF16_HINT)
+    assert "UTF-16" in scan.describe() and "byte-order mark" in scan.describe()
+
+
+@pytest.mark.parametrize("data", [PNG_HEADER, b"text\x00with a NUL", bytes(range(256)) * 4,
+                                  "반딧불이 숲\x01".encode("utf-16-le")])
+def test_other_binary_files_get_no_utf16_hint(tmp_path, data):
+    assert scan_file(write(tmp_path / "x.bin.txt", data)).detail == ""
+
+
 # --- finding files
 
 
