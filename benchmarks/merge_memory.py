@@ -3,6 +3,7 @@
 
     python benchmarks/merge_memory.py                      # bases of about 0.5, 1 and 2 GB
     python benchmarks/merge_memory.py --sizes 0.05 --workdir /tmp/m
+    python benchmarks/merge_memory.py --sizes 8 --paths new   # the streaming merge alone
 
 Each base is a random Llama in bf16 (hidden 2048, MLP 5632, 16 heads, vocabulary padded to 32,000
 rows as Qwen pads it, untied head), as many layers as the size asks for, written in shards of at
@@ -47,6 +48,7 @@ MARKERS = ["|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_T
            "|START_OF_DIALOGUE|>", "|END_OF_DIALOGUE|>", "|SOUND|>"]
 SHARD = 200 * 10**6
 RANK = 16
+PATHS = ("old", "new")
 
 
 def layers_for(size_gb: float) -> int:
@@ -186,7 +188,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="where bases are written (default: a temp dir, removed)")
     ap.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"],
                     help="hidden size (the MLP is 2.75x); smaller only to check that the script runs")
-    ap.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                    help="which merges to measure (the old one holds the whole model in memory)")
+    ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -210,7 +214,7 @@ def main() -> None:
             on_disk = sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB
             shards = len(list(base.glob("*.safetensors")))
             largest = max(math.prod(s) for s in shapes.values()) * 2 / 10**6
-            for path in ("old", "new"):
+            for path in args.paths:
                 r = measure(path, run, base, workdir)
                 print(f"| {on_disk:.2f} | {shards} | {largest:.0f} | {path} | {r['peak_mib']:.0f} | "
                       f"{r['imports_mib']:.0f} | {r['peak_mib'] - r['imports_mib']:.0f} | {r['seconds']:.1f} |",
