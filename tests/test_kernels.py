@@ -7,7 +7,6 @@ and a loss computed from it trains the marker rows exactly as the model's own lo
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
