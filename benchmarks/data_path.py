@@ -8,7 +8,7 @@ What is timed is what `peftko lora-train` does before the model loads, in the sa
 corpus scan (encoding detection, character count, marker lint: `scan_corpus`), then
 `prepare_data` (split into documents, tokenise, hold out, pack, save; the cache starts empty).
 The tokenizer is the built-in demo's (a byte-level BPE trained on the bundled stories, see
-peftko/tiny_base.py), with the markers the scan found registered, as training registers them.
+peftko/model/tiny_base.py), with the markers the scan found registered, as training registers them.
 
 Each (size, shape) runs in a fresh process (this script with --child), so its peaks belong to that
 size alone. Two peaks are reported:
@@ -52,7 +52,7 @@ MIB = 1 << 20
 
 def generate(path: Path, size_mb: float, shape: str, seed: int = 0) -> Path:
     """Write a corpus of about size_mb MiB of UTF-8 Korean text with markers."""
-    from peftko.paths import sample_corpus_dir
+    from peftko.core.paths import sample_corpus_dir
 
     rng = random.Random(seed)
     stories = [p.read_text(encoding="utf-8") for p in sorted(sample_corpus_dir().glob("*.txt"))]
@@ -112,11 +112,11 @@ def child(path: Path) -> dict:
     """Scan + prepare_data on one corpus file; run in a fresh process."""
     import resource
 
-    from peftko.config import DEFAULT_MARKER_PATTERN, TrainConfig
-    from peftko.corpus_report import scan_corpus
-    from peftko.packing import prepare_data
-    from peftko.tiny_base import sample_texts, train_tokenizer
-    from peftko.token_rows import register_markers
+    from peftko.core.config import DEFAULT_MARKER_PATTERN, TrainConfig
+    from peftko.corpus.report import scan_corpus
+    from peftko.train.packing import prepare_data
+    from peftko.model.tiny_base import sample_texts, train_tokenizer
+    from peftko.model.token_rows import register_markers
 
     tokenizer = train_tokenizer(sample_texts())
     cfg = TrainConfig(data=[str(path)], seq_len=2048)  # what auto gives a base with a 2k+ context
@@ -129,7 +129,7 @@ def child(path: Path) -> dict:
     register_markers(tokenizer, sorted(report.marker_counts))
     files = [f for f in report.files if f.status == "ok"]
     with tempfile.TemporaryDirectory() as cache:
-        data = prepare_data(files, tokenizer, cfg, Path(cache))
+        data = prepare_data(files, tokenizer, cfg.blocks(), Path(cache))
         blocks = len(data.train)
     t2, c2 = time.perf_counter(), time.process_time()
     peak_anon = anon.stop()
@@ -149,7 +149,7 @@ def child(path: Path) -> dict:
 def _tokenizer_alone(tokenizer, path: Path, mib: float = 2.0) -> float:
     """CPU MiB/s of the tokenizer by itself on the first `mib` MiB of the corpus, in the same
     groups prepare_data hands it: the ceiling for the whole path."""
-    from peftko.packing import TOKENIZE_BATCH_CHARS
+    from peftko.train.packing import TOKENIZE_BATCH_CHARS
 
     with path.open(encoding="utf-8") as f:
         text = f.read(int(mib * MIB / 3))  # Hangul is 3 bytes in UTF-8

@@ -15,9 +15,9 @@ merge reads the same files either way.
 Each (size, path) runs in a fresh process (this script with --child), bf16 output, so its peak
 belongs to that merge alone:
   old   what `peftko merge` did before: load the base, apply the adapter with peft, compare logits
-        on the marker sentences, merge_and_unload(), save_pretrained (peftko.merge.merge_and_check).
-  new   the streaming merge (peftko.streaming_merge.stream_merge, with its per-tensor self-check)
-        and config.json / generation_config.json (peftko.merge.write_config).
+        on the marker sentences, merge_and_unload(), save_pretrained (peftko.merge.in_memory.merge_and_check).
+  new   the streaming merge (peftko.merge.streaming.stream_merge, with its per-tensor self-check)
+        and config.json / generation_config.json (peftko.merge.model_files.write_config).
 Peak RSS is the child's VmHWM (/proc/self/status); `after imports` is its value before the merge
 starts (torch, transformers and peft loaded), so the merge's own share is the difference. The
 output is deleted after each run.
@@ -63,7 +63,7 @@ def make_base(folder: Path, layers: int) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from peftko.tiny_base import sample_texts, train_tokenizer
+    from peftko.model.tiny_base import sample_texts, train_tokenizer
 
     folder.mkdir(parents=True)
     tokenizer = train_tokenizer(sample_texts())
@@ -106,7 +106,7 @@ def make_adapter(run: Path, base: Path, shapes: dict) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from peftko.token_rows import register_markers
+    from peftko.model.token_rows import register_markers
 
     run.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -146,20 +146,21 @@ def child(path: str, run: Path, base: Path, out: Path) -> None:
     import transformers  # noqa: F401
     import peft  # noqa: F401
 
-    from peftko import merge
+    from peftko.merge.in_memory import merge_and_check
+    from peftko.merge.model_files import write_config
 
     manifest = json.loads((run / "manifest.json").read_text())
     out.mkdir(parents=True)
     before = peak_mib()
     start = time.perf_counter()
     if path == "old":
-        model, _ = merge.merge_and_check(run, base, manifest, "bfloat16")
+        model, _ = merge_and_check(run, base, manifest, "bfloat16")
         model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
     else:
-        from peftko.streaming_merge import stream_merge
+        from peftko.merge.streaming import stream_merge
 
         stream_merge(run, base, manifest["vocab"]["rows_after"], "bfloat16", out)
-        merge.write_config(base, manifest, "bfloat16", out)
+        write_config(base, manifest, "bfloat16", out)
     seconds = time.perf_counter() - start
     print(json.dumps({"imports_mib": before, "peak_mib": peak_mib(), "seconds": seconds}))
 

@@ -121,7 +121,7 @@ def build_base(shape: str, directory: Path, device: str) -> None:
     from tokenizers import AddedToken
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftko.tiny_base import sample_texts, train_tokenizer
+    from peftko.model.tiny_base import sample_texts, train_tokenizer
 
     spec = dict(SHAPES[shape])
     tokenizer = train_tokenizer(sample_texts())
@@ -185,7 +185,7 @@ def make_blocks(tokenizer, tokens, seq_len: int, n_blocks: int) -> list[dict]:
     tokens, EOS. peftko's own packer cuts them, so position_ids restart at each document."""
     import numpy as np
 
-    from peftko.packing import pack_blocks
+    from peftko.train.packing import pack_blocks
 
     rng = np.random.default_rng(SEED)
     base_vocab = min(t.id for t in tokens)  # markers sit after the base vocabulary
@@ -311,7 +311,7 @@ def train_common(model, args, precision, output: Path, blocks, collator, callbac
 
 
 def peftko_config(args):
-    from peftko.config import TrainConfig
+    from peftko.core.config import TrainConfig
 
     return TrainConfig(
         quant=args.quant, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=1,
@@ -323,14 +323,16 @@ def peftko_config(args):
 
 
 def load_peftko(base: Path, args, precision, tokenizer, tokens):
-    from peftko.model_builder import build_trainable
+    from peftko.model.builder import build_trainable
+    from peftko.train.collate import PackedCollator
 
     built = build_trainable(base, tokenizer, tokens, peftko_config(args), precision)
-    return built.model, built.collator, built.kernels
+    collator = PackedCollator.for_model(tokenizer, built.model.get_base_model(), precision.dtype)
+    return built.model, collator, built.kernels
 
 
 def train_peftko(model, args, precision, output: Path, blocks, collator, callbacks):
-    from peftko.training import make_trainer
+    from peftko.train.trainer import make_trainer
 
     trainer = make_trainer(model, peftko_config(args), precision, output, blocks, None, collator, callbacks=callbacks)
     trainer.train()
@@ -344,18 +346,18 @@ def preload(quant: str) -> None:
     import torch  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    import peftko.training  # noqa: F401
+    import peftko.train.trainer  # noqa: F401
 
 
 def run_worker(args) -> dict:
     import torch
 
-    from peftko.base_model import load_tokenizer, pick_precision
-    from peftko.packing import real_token_fraction
-    from peftko import fused_loss
-    from peftko.kernels import fused_ce_active
-    from peftko.memory_plan import plan_memory, read_config, shape_from_config
-    from peftko.token_rows import register_markers
+    from peftko.model.base import load_tokenizer, pick_precision
+    from peftko.train.packing import real_token_fraction
+    from peftko.model import fused_loss
+    from peftko.model.kernels import fused_ce_active
+    from peftko.model.memory_plan import plan_memory, read_config, shape_from_config
+    from peftko.model.token_rows import register_markers
 
     base = Path(args.base)
     precision = pick_precision(args.device)

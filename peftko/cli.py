@@ -1,6 +1,7 @@
-"""The command line: parse, then call one function per command.
+"""The command line: parse, then call one function per command (peftko.commands).
 
-Heavy imports (torch, transformers, matplotlib) happen inside the commands, so `peftko --help` is
+Each command's module is imported inside the command, the one place peftko imports lazily: torch,
+transformers and matplotlib load only for a command that needs them, so `peftko --help` is
 instant. Every TrainConfig field is also a `lora-train` flag, generated from the dataclass, so the
 config file, the flags and `--help` can never drift apart; rich-click shows them in the groups that
 the fields name (config.GROUPS), so the first screen answers "what do I need to set".
@@ -16,9 +17,10 @@ import warnings
 
 import rich_click as click
 
-from peftko.config import FIELDS, GROUPS, TrainConfig
-from peftko.errors import Interrupted, UserError
-from peftko.gguf_export import DEFAULT_TYPE, TYPES as GGUF_TYPES
+from peftko.core.config import FIELDS, GROUPS, TrainConfig, load_config
+from peftko.core.errors import Interrupted, UserError
+from peftko.core.signals import Stopper
+from peftko.merge.gguf import DEFAULT_TYPE, GgufOptions, TYPES as GGUF_TYPES
 
 
 # peft still asks transformers 5 for the old attribute name; the user can do nothing about it.
@@ -30,11 +32,9 @@ RUN = "실행 (run)"
 
 class _Group(click.RichGroup):
     """Turns UserError into one line on stderr and exit code 2 (or 3), and a stop by Ctrl-C or
-    SIGTERM into one line and 130 or 143 (peftko.stopping): never a traceback."""
+    SIGTERM into one line and 130 or 143 (peftko.core.signals): never a traceback."""
 
     def invoke(self, ctx):
-        from peftko.stopping import Stopper
-
         try:
             # lora-train and merge install their own, by phase; every other command (eval, generate,
             # report, ...) writes nothing half-done, so a stop there is one line and 130/143 too.
@@ -120,7 +120,7 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes,
     override the --config file, which overrides the defaults.
     """
     _no_library_bars_in_files()
-    from peftko.train_command import run_lora_train
+    from peftko.commands.lora_train import run_lora_train
 
     cfg = _load_config(config_file, sets, flags)
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict,
@@ -129,8 +129,6 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes,
 
 def _load_config(config_file, sets, flags: dict) -> TrainConfig:
     """The TrainConfig from the file, --set and the generated flags (see _config_options)."""
-    from peftko.config import load_config
-
     for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
         flags[name] = list(flags[name]) or None
     return load_config(config_file, flags, list(sets))
@@ -167,19 +165,18 @@ def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
     With --gguf, also a GGUF for llama.cpp and Ollama, checked marker by marker, and a Modelfile.
     """
     _no_library_bars_in_files()
-    from peftko.gguf_export import GgufOptions
-    from peftko.merge import run_merge
+    from peftko.commands.merge import run_merge
 
     options = GgufOptions(gguf, llama_cpp) if gguf else None
     sys.exit(run_merge(adapter_dir, output, base=base, dtype=dtype, force=force, full_check=full_check,
-                       gguf=options))
+                       gguf_options=options))
 
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path())
 def report(run_dir):
     """Plot a run (loss, learning rate, gradient norm, bits per character) into RUN_DIR/report.png."""
-    from peftko.report import run_report
+    from peftko.commands.report import run_report
 
     run_report(run_dir)
 
@@ -193,7 +190,7 @@ def report(run_dir):
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
 def markers(paths, model, as_json, strict, pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
-    from peftko.corpus_report import run_markers_command
+    from peftko.commands.markers import run_markers_command
 
     sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
                                  pattern=pattern, jsonl_field=jsonl_field))
@@ -215,7 +212,7 @@ def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
     MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
     """
     _no_library_bars_in_files()
-    from peftko.eval_command import run_eval
+    from peftko.commands.eval import run_eval
 
     run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device,
              pattern=pattern, as_json=as_json)
@@ -243,7 +240,8 @@ def generate(model, prompt, prompt_file, as_json, **options):
     Stops at the book-end marker, the base's eos, or --max-new-tokens.
     """
     _no_library_bars_in_files()
-    from peftko.generate import GenerateOptions, read_prompt, run_generate
+    from peftko.commands.generate import read_prompt, run_generate
+    from peftko.model.generation import GenerateOptions
 
     text = read_prompt(prompt, prompt_file)
     sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
@@ -265,7 +263,8 @@ def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     Takes every lora-train option; --output DIR receives DIR/<variant>/, ablation.json, .md and .png.
     """
     _no_library_bars_in_files()
-    from peftko.ablate import SampleOptions, run_ablate
+    from peftko.commands.ablate import run_ablate
+    from peftko.evaluate.structure import SampleOptions
 
     if flags["output"] is None:
         raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")

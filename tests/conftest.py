@@ -36,7 +36,7 @@ def peftko_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_texts():
-    from peftko.tiny_base import sample_texts
+    from peftko.model.tiny_base import sample_texts
 
     return sample_texts()
 
@@ -44,14 +44,14 @@ def base_texts():
 @pytest.fixture(scope="session")
 def tiny_bases(tmp_path_factory, base_texts):
     """Build each tiny base once per test session (a couple of seconds in all)."""
-    from peftko.tiny_base import build_tiny_base
+    from peftko.model.tiny_base import build_tiny_base
 
     root = tmp_path_factory.mktemp("bases")
     built = {}
     for name, (arch, tied, extra) in BASES.items():
         rows = None
         if extra:
-            from peftko.tiny_base import train_tokenizer
+            from peftko.model.tiny_base import train_tokenizer
 
             rows = len(train_tokenizer(base_texts)) + extra
         built[name] = build_tiny_base(root / name, arch=arch, tie=tied, pad_vocab_to=rows, texts=base_texts)
@@ -61,7 +61,7 @@ def tiny_bases(tmp_path_factory, base_texts):
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """Four of the bundled stories: real markers, real Korean, quick to tokenise."""
-    from peftko.paths import sample_corpus_dir
+    from peftko.core.paths import sample_corpus_dir
 
     folder = tmp_path_factory.mktemp("corpus")
     for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]:
@@ -85,8 +85,8 @@ def deny_open(monkeypatch, denied: Path) -> None:
 def two_story_env(root: Path, **variables: str):
     """A tiny untied Llama base, a two-story corpus (32 blocks of 64 tokens) and a private
     PEFTKO_HOME under ROOT, with the environment VARIABLES set until the block ends."""
-    from peftko.paths import sample_corpus_dir
-    from peftko.tiny_base import build_tiny_base, sample_texts
+    from peftko.core.paths import sample_corpus_dir
+    from peftko.model.tiny_base import build_tiny_base, sample_texts
 
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {"HF_HUB_OFFLINE": "1", "PEFTKO_HOME": str(root / "home"), **variables}.items():

@@ -2,9 +2,9 @@
 
 Runs the real `peftko` command in this process, after arranging for a real signal to this process
 as one function of the run is entered, as a Ctrl-C or a scheduler's SIGTERM would arrive there:
-  data      packing.build_packed: the dataset cache's hidden build folder exists
-  evaluate  TrainingSession.evaluate: training is done, the final evaluation starts
-  save      run_dir.save_final: the final adapter is being written
+  data      train.packing.build_packed: the dataset cache's hidden build folder exists
+  evaluate  train.session.TrainingSession.evaluate: training is done, the final evaluation starts
+  save      save_final (as the session calls it): the final adapter is being written
   save2     the same, with the signal sent twice (the second one: stop at once)
 --again-at-exit also sends the signal again while the interpreter shuts down (atexit).
 """
@@ -43,14 +43,13 @@ def main() -> None:
     split = rest.index("--")
     options, argv = rest[:split], rest[split + 1:]
     signum = getattr(signal, signame)
-    import peftko.packing
-    import peftko.run_dir
-    import peftko.session
+    import peftko.train.packing
+    import peftko.train.session
 
-    owner, name = {"data": (peftko.packing, "build_packed"),
-                   "evaluate": (peftko.session.TrainingSession, "evaluate"),
-                   "save": (peftko.run_dir, "save_final"),
-                   "save2": (peftko.run_dir, "save_final")}[point]
+    owner, name = {"data": (peftko.train.packing, "build_packed"),
+                   "evaluate": (peftko.train.session.TrainingSession, "evaluate"),
+                   "save": (peftko.train.session, "save_final"),
+                   "save2": (peftko.train.session, "save_final")}[point]
     signal_on_entry(owner, name, signum, times=2 if point == "save2" else 1)
     if "--again-at-exit" in options:
         again_at_exit(signum)

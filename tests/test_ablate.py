@@ -43,16 +43,16 @@ def test_each_variant_tokenizer(ablation):
 
 
 def test_deleted_variant_trains_on_marker_free_text_and_the_same_split(ablation):
-    from peftko.config import TrainConfig
-    from peftko.corpus_report import scan_corpus
-    from peftko.packing import choose_val_docs, prepare_data
-    from peftko.paths import peftko_home
+    from peftko.core.config import TrainConfig
+    from peftko.corpus.report import scan_corpus
+    from peftko.train.packing import choose_val_docs, prepare_data
+    from peftko.core.paths import peftko_home
 
     out = ablation["out"]
     cfg = TrainConfig(**manifest(out, "deleted")["config"])
     files = scan_corpus(cfg.data, cfg.marker_pattern, cfg.jsonl_field).files
     tok = AutoTokenizer.from_pretrained(out / "deleted")
-    data = prepare_data(files, tok, cfg, peftko_home() / "datasets")
+    data = prepare_data(files, tok, cfg.blocks(), peftko_home() / "datasets")
     assert data.from_cache  # exactly the blocks the deleted run trained on
     trained = tok.decode([i for block in data.train["input_ids"] for i in block], skip_special_tokens=True)
     assert "|>" not in trained and not MARKER.search(trained)
@@ -96,7 +96,7 @@ def test_report_files_and_table(ablation):
 
 
 def test_structure_check():
-    from peftko.ablate import structure_ok
+    from peftko.evaluate.structure import structure_ok
 
     markers = ["|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_TITLE|>"]
     pattern = r"\|[A-Z][A-Z0-9_]*\|>"

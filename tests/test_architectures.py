@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftko.cli import main
-from peftko.tiny_base import train_tokenizer
+from peftko.model.tiny_base import train_tokenizer
 from tests.conftest import train_args
 
 ARCHS = {

@@ -10,10 +10,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from peftko.checkpoints import identity_changes
+from peftko.run.resume import identity_changes
 from peftko.cli import RUN, main
-from peftko.config import GROUPS, OUTPUT, TrainConfig, load_config, report_targets
-from peftko.errors import UserError
+from peftko.core.config import GROUPS, OUTPUT, TrainConfig, load_config, report_targets
+from peftko.core.errors import UserError
 
 
 def test_every_config_field_names_one_of_the_help_groups():
@@ -70,7 +70,7 @@ def test_report_to_accepts_repeated_flags_set_and_yaml(tmp_path, monkeypatch):
 
 def test_report_to_flag_is_repeatable_on_the_command_line(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("peftko.train_command.run_lora_train",
+    monkeypatch.setattr("peftko.commands.lora_train.run_lora_train",
                         lambda cfg, **kw: seen.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(main, ["lora-train", "--report-to", "tensorboard", "--report-to", "none",
                                        "--output", str(tmp_path / "o")])

@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from peftko.base_model import Precision
+from peftko.model.base import Precision
 from peftko.cli import main
-from peftko.checkpoints import latest_checkpoint
-from peftko.kernels import liger_installed
+from peftko.run.checkpoints import latest_checkpoint
+from peftko.model.kernels import liger_installed
 from tests.conftest import train_args
 from tests.test_eval_side_effects import check_evaluation_changes_nothing
 from tests.test_resilience import add_callback, trainable_state

@@ -132,7 +132,7 @@ def test_plain_base_with_markers_as_text(tiny_bases, corpus):
 def test_windows_predict_every_token_once(tiny_bases):
     """Windows overlap by one token: each token but the first is scored once, the first window
     exactly as with the whole document in context."""
-    from peftko.eval_command import token_nll
+    from peftko.evaluate.scoring import token_nll
 
     path = tiny_bases["llama-untied"]
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,7 +1,7 @@
 """Evaluating must not change what is trained, on any CPU.
 
 bitsandbytes repacks a Linear4bit's weights for an inference-only kernel when the layer runs in
-eval mode without gradients on a CPU with AVX512-BF16, and keeps them repacked (peftko.evaluation).
+eval mode without gradients on a CPU with AVX512-BF16, and keeps them repacked (peftko.model.quantized).
 This machine may lack that instruction set, so `cpu_repack` forces bitsandbytes' own CPU probe to
 answer yes: the layers are built believing the CPU has it, and bitsandbytes' real repack code runs.
 The properties are checked with the real probe too, so a CPU that has it tests the real thing.
@@ -16,14 +16,16 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-from peftko.base_model import load_base, load_tokenizer, pick_precision
-from peftko.collate import PackedCollator
-from peftko.config import load_config
-from peftko.evaluation import held_out_nll, quantized_layers_kept
-from peftko.packing import pack_texts
-from peftko.tiny_base import sample_texts
-from peftko.token_rows import grow_embeddings, init_marker_rows, register_markers
-from peftko.training import attach_adapters, make_trainer
+from peftko.model.base import load_base, load_tokenizer, pick_precision
+from peftko.train.collate import PackedCollator
+from peftko.core.config import load_config
+from peftko.evaluate.heldout import held_out_nll
+from peftko.model.quantized import quantized_layers_kept
+from peftko.train.packing import pack_texts
+from peftko.model.tiny_base import sample_texts
+from peftko.model.token_rows import grow_embeddings, init_marker_rows, register_markers
+from peftko.model.adapters import attach_adapters
+from peftko.train.trainer import make_trainer
 
 MARKERS = ["|START_OF_TITLE|>", "|END_OF_TITLE|>", "|SOUND|>", "|END_OF_BOOK|>"]
 CPU = pick_precision("cpu")
@@ -49,7 +51,7 @@ def trainable_model(base, quant: str, tmp_path, precision=CPU):
                              "max_steps": "1"})
     torch.manual_seed(0)
     blocks = pack_texts(sample_texts(strip_markers=False)[:1], tokenizer, 64)[:4]
-    return attach_adapters(model, cfg, tokens), cfg, blocks, PackedCollator.for_model(tokenizer, model,
+    return attach_adapters(model, cfg.lora(), tokens), cfg, blocks, PackedCollator.for_model(tokenizer, model,
                                                                                            precision.dtype)
 
 
@@ -132,7 +134,7 @@ def test_forced_probe_makes_bitsandbytes_repack(tiny_bases, tmp_path, monkeypatc
         model(**collator(blocks[:1]))
     packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
               for m in model.modules() if isinstance(m, Linear4bit)]
-    assert packed and all(packed), "bitsandbytes no longer repacks on this trigger: revisit peftko.evaluation"
+    assert packed and all(packed), "bitsandbytes no longer repacks on this trigger: revisit peftko.model.quantized"
 
 
 def test_a_repack_on_another_trigger_is_undone_exactly(tiny_bases, tmp_path):

@@ -2,7 +2,7 @@
 
 On CUDA the inner sum is Liger's fused kernel; here on the CPU it is the same sum with full logits,
 so what is checked is the part peftko adds: the marker rows written into the frozen matrix and
-taken out again, and the marker rows' gradient computed apart (peftko/fused_loss.py).
+taken out again, and the marker rows' gradient computed apart (peftko/model/fused_loss.py).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftko import fused_loss
-from peftko.base_model import Precision, load_tokenizer
-from peftko.config import TrainConfig
-from peftko.model_builder import build_trainable
-from peftko.tiny_base import build_tiny_base
-from peftko.token_rows import register_markers, token_rows_layer
-from peftko.training import TOKEN_ROW_PARAM
+from peftko.model import fused_loss
+from peftko.model.base import Precision, load_tokenizer
+from peftko.core.config import TrainConfig
+from peftko.model.builder import build_trainable
+from peftko.model.tiny_base import build_tiny_base
+from peftko.model.token_rows import register_markers, token_rows_layer
+from peftko.model.adapters import TOKEN_ROW_PARAM
 
 CPU = Precision(torch.device("cpu"), torch.float32)
 MARKERS = ["|START_OF_TITLE|>", "|SOUND|>", "|END_OF_BOOK|>"]
@@ -167,7 +167,7 @@ def test_on_cuda_liger_kernel_gives_the_same_gradients(tmp_path, tie):
     """The real thing: Liger's fused kernel inside peftko's loss, against the model's own loss."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from peftko.kernels import liger_installed
+    from peftko.model.kernels import liger_installed
 
     if not liger_installed():
         pytest.skip("needs liger-kernel (pip install 'peftko[gpu]')")

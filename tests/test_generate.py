@@ -97,7 +97,7 @@ def test_refusals(tmp_path, tiny_run):
 
 
 def test_merged_model_loads_with_its_markers_and_continues_like_the_adapter(tiny_run, tmp_path):
-    from peftko.inference import load_for_inference
+    from peftko.model.reload import load_for_inference
 
     merged = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged), "--dtype", "float32"])

@@ -127,8 +127,8 @@ def test_marker_rows_carry_the_trained_embeddings(exported, reader):
 
 
 def test_modelfile_stops_at_the_book_end_marker(exported):
-    from peftko.merge import MERGE_KIND
-    from peftko.ownership import entries_to_replace
+    from peftko.merge.output import MERGE_KIND
+    from peftko.run.ownership import entries_to_replace
 
     end = exported["manifest"]["config"]["doc_end_marker"]
     assert end == "|END_OF_BOOK|>"
@@ -145,9 +145,9 @@ def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
     """A Ctrl-C deferred while the merged model was renamed in stops the command before the converter."""
     import signal
 
-    from peftko.errors import Interrupted
-    from peftko.gguf_export import GgufOptions, export
-    from peftko.stopping import Stopper
+    from peftko.core.errors import Interrupted
+    from peftko.merge.gguf import GgufOptions, export
+    from peftko.core.signals import Stopper
 
     stopper = Stopper("before the merged model was written; nothing was written.")
     stopper.signum = signal.SIGINT
@@ -165,7 +165,7 @@ def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from peftko.gguf_export import sample_text
+    from peftko.merge.gguf import sample_text
 
     text = sample_text(exported["manifest"]["markers"])
     want = AutoTokenizer.from_pretrained(exported["merged"])(text, add_special_tokens=False)["input_ids"]
@@ -201,7 +201,7 @@ def test_without_the_converter_says_how_to_get_it(tiny_run, tmp_path, monkeypatc
 
 
 def test_modelfile_quotes_the_stop_marker():
-    from peftko.gguf_export import modelfile
+    from peftko.merge.gguf import modelfile
 
     manifest = {"config": {"doc_end_marker": '<"END\\>'}, "markers": [{"marker": '<"END\\>', "id": 5}]}
     assert 'PARAMETER stop "<\\"END\\\\>"' in modelfile("model-f16.gguf", manifest).splitlines()
@@ -210,8 +210,8 @@ def test_modelfile_quotes_the_stop_marker():
 
 
 def test_missing_converter_packages_are_named(tmp_path, monkeypatch):
-    import peftko.gguf_export as g
-    from peftko.errors import UserError
+    import peftko.merge.gguf as g
+    from peftko.core.errors import UserError
 
     (tmp_path / "convert_hf_to_gguf.py").write_text("", encoding="utf-8")
     monkeypatch.setattr(g, "find_spec", lambda name: None if name == "sentencepiece" else name)

@@ -102,7 +102,7 @@ def test_pickle_only_base_is_refused_before_the_corpus_is_read(base_copy, small_
     torch.save(load_file(base_copy / "model.safetensors"), base_copy / "pytorch_model.bin")
     (base_copy / "model.safetensors").unlink()
     read = []
-    monkeypatch.setattr("peftko.corpus_report.scan_corpus", lambda *a, **k: read.append(1))
+    monkeypatch.setattr("peftko.corpus.reading.scan_corpus", lambda *a, **k: read.append(1))
     refused(invoke(*train_args(base_copy, small_corpus, tmp_path / "run")), "pickle", "--allow-pickle")
     assert read == []
 
@@ -133,13 +133,13 @@ def test_books_ended_by_the_end_marker_alone_train_without_problems(tiny_bases, 
 
 
 def test_many_passes_over_a_small_corpus_are_announced():
-    from peftko.config import TrainConfig
-    from peftko.training import passes_note
+    from peftko.core.config import TrainConfig
+    from peftko.train.trainer import passes_note
 
     cfg = TrainConfig(max_steps=80, batch_size=4, grad_accum=1)
-    assert "5.9 passes over 54 training blocks" in passes_note(cfg, 54)
-    assert passes_note(TrainConfig(max_steps=10, batch_size=4, grad_accum=1), 54) is None
-    assert passes_note(TrainConfig(max_steps=-1, epochs=5), 54) is None  # asked for in epochs: no surprise
+    assert "5.9 passes over 54 training blocks" in passes_note(cfg.steps(), 54)
+    assert passes_note(TrainConfig(max_steps=10, batch_size=4, grad_accum=1).steps(), 54) is None
+    assert passes_note(TrainConfig(max_steps=-1, epochs=5).steps(), 54) is None  # asked for in epochs: no surprise
 
 
 def test_a_relative_base_path_is_recorded_absolute(tiny_bases, small_corpus, tmp_path, monkeypatch):

@@ -11,21 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftko import fused_loss
-from peftko.base_model import Precision, load_tokenizer
-from peftko.config import TrainConfig
-from peftko.errors import UserError
-from peftko.kernels import (
-    apply_fast_kernels,
-    fused_ce_active,
-    fused_loss_kwargs,
-    fused_loss_sees_token_rows,
-    liger_would_apply,
-)
-from peftko.model_builder import build_trainable
-from peftko.tiny_base import build_tiny_base
-from peftko.token_rows import register_markers, token_rows_layer
-from peftko.training import TOKEN_ROW_PARAM
+from peftko.model import fused_loss
+from peftko.model.base import Precision, load_tokenizer
+from peftko.core.config import TrainConfig
+from peftko.core.errors import UserError
+from peftko.model.kernels import apply_fast_kernels, fused_ce_active, fused_loss_kwargs, fused_loss_sees_token_rows, liger_would_apply
+from peftko.model.builder import build_trainable
+from peftko.model.tiny_base import build_tiny_base
+from peftko.model.token_rows import register_markers, token_rows_layer
+from peftko.model.adapters import TOKEN_ROW_PARAM
 
 CPU = Precision(torch.device("cpu"), torch.float32)
 MARKERS = ["|START_OF_TITLE|>", "|SOUND|>"]
@@ -123,24 +117,24 @@ def test_plain_linear_has_nothing_to_hide():
 
 def test_kernels_are_off_on_the_cpu(peft_model):
     model, _ = peft_model
-    assert apply_fast_kernels(model, TrainConfig(liger="auto"), CPU) is None
-    assert apply_fast_kernels(model, TrainConfig(liger="off"), CPU) is None
+    assert apply_fast_kernels(model, "auto", CPU) is None
+    assert apply_fast_kernels(model, "off", CPU) is None
     assert not fused_ce_active(model)
     with pytest.raises(UserError, match="CUDA"):
-        apply_fast_kernels(model, TrainConfig(liger="on"), CPU)
-    assert not liger_would_apply(TrainConfig(), "cpu", "llama")
+        apply_fast_kernels(model, "on", CPU)
+    assert not liger_would_apply("auto", "cpu", "llama")
 
 
 def test_missing_liger_on_cuda_falls_back_or_explains(peft_model, monkeypatch):
-    import peftko.kernels as kernels
+    import peftko.model.kernels as kernels
 
     model, _ = peft_model
     monkeypatch.setattr(kernels, "liger_installed", lambda: False)
     cuda = Precision(torch.device("cuda"), torch.bfloat16)  # never touched: the check comes first
-    assert apply_fast_kernels(model, TrainConfig(liger="auto"), cuda) is None
+    assert apply_fast_kernels(model, "auto", cuda) is None
     with pytest.raises(UserError, match="pip install"):
-        apply_fast_kernels(model, TrainConfig(liger="on"), cuda)
-    assert not liger_would_apply(TrainConfig(), "cuda", "llama")
+        apply_fast_kernels(model, "on", cuda)
+    assert not liger_would_apply("auto", "cuda", "llama")
 
 
 class FakeLiger:
@@ -160,7 +154,7 @@ class FakeLiger:
 
 @pytest.fixture
 def fake_liger(monkeypatch):
-    import peftko.kernels as kernels
+    import peftko.model.kernels as kernels
 
     fake = FakeLiger()
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
@@ -180,7 +174,7 @@ CUDA = Precision(torch.device("cuda"), torch.bfloat16)  # a label only: nothing 
 
 
 def test_liger_applies_all_four_kernels_to_the_transformers_model(fake_liger, fresh_model):
-    description = apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA)
+    description = apply_fast_kernels(fresh_model, "auto", CUDA)
     assert description == "Liger kernels: fused linear cross-entropy, RMSNorm, RoPE, SwiGLU"
     (call,) = fake_liger.calls
     assert call["model"] is fresh_model.get_base_model()  # the LlamaForCausalLM, not the PeftModel
@@ -189,9 +183,9 @@ def test_liger_applies_all_four_kernels_to_the_transformers_model(fake_liger, fr
     assert fused_loss.installed(fresh_model.get_base_model())
     assert fused_ce_active(fresh_model)
     assert fused_loss_kwargs(fresh_model) == {"skip_logits": True}
-    assert liger_would_apply(TrainConfig(), "cuda", "llama")
+    assert liger_would_apply("auto", "cuda", "llama")
     # Idempotent: the lead may call it from setup_model while the benchmark calls it too.
-    assert apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA) == description
+    assert apply_fast_kernels(fresh_model, "auto", CUDA) == description
     assert len(fake_liger.calls) == 1
 
 
@@ -199,7 +193,7 @@ def test_other_architectures_keep_liger_own_fused_forward(fake_liger, fresh_mode
     """An architecture whose head peftko's loss does not know gets Liger's fused forward, when the
     marker rows are visible to it through lm_head.weight."""
     monkeypatch.setattr(fused_loss, "PLAIN_HEAD_TYPES", frozenset())
-    description = apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA)
+    description = apply_fast_kernels(fresh_model, "auto", CUDA)
     assert description == "Liger kernels: fused linear cross-entropy, RMSNorm, RoPE, SwiGLU"
     assert fake_liger.calls[0]["fused_linear_cross_entropy"] is True
     assert not fused_loss.installed(fresh_model.get_base_model()) and fused_ce_active(fresh_model)
@@ -212,7 +206,7 @@ def test_flce_stays_off_when_it_would_hide_the_marker_rows(fake_liger, fresh_mod
 
     monkeypatch.setattr(TrainableTokensWrapper, "_getattr_wrapped",
                         lambda self, name, modules: modules["token_adapter"].get_base_layer().weight)
-    description = apply_fast_kernels(fresh_model, TrainConfig(liger="on"), CUDA)
+    description = apply_fast_kernels(fresh_model, "on", CUDA)
     assert "fused linear cross-entropy off" in description and "RMSNorm" in description
     assert fake_liger.calls[0]["fused_linear_cross_entropy"] is False
     assert not fused_ce_active(fresh_model)
@@ -221,17 +215,17 @@ def test_flce_stays_off_when_it_would_hide_the_marker_rows(fake_liger, fresh_mod
 
 def test_unsupported_architecture(fake_liger, fresh_model, monkeypatch):
     monkeypatch.setattr(fresh_model.get_base_model().config, "model_type", "gpt_neox")
-    assert apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA) is None
+    assert apply_fast_kernels(fresh_model, "auto", CUDA) is None
     with pytest.raises(UserError, match="gpt_neox"):
-        apply_fast_kernels(fresh_model, TrainConfig(liger="on"), CUDA)
-    assert not liger_would_apply(TrainConfig(), "cuda", "gpt_neox")
+        apply_fast_kernels(fresh_model, "on", CUDA)
+    assert not liger_would_apply("auto", "cuda", "gpt_neox")
 
 
 def test_liger_leaves_the_modeling_module_to_other_models(fresh_model, monkeypatch, tmp_path):
     """Like Liger's real apply functions, the stand-in also rewrites modeling_llama: a norm class and the
     RoPE function (whose triton kernel fails on CPU tensors). A model built afterwards, on the CPU,
     must get neither; the patched model keeps its RoPE on CUDA tensors."""
-    import peftko.kernels as kernels
+    import peftko.model.kernels as kernels
     from transformers.models.llama import modeling_llama
 
     original_norm, original_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
@@ -248,7 +242,7 @@ def test_liger_leaves_the_modeling_module_to_other_models(fresh_model, monkeypat
 
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
     monkeypatch.setattr(kernels, "_liger_apply_functions", lambda: {"llama": apply_liger_kernel_to_llama})
-    assert apply_fast_kernels(fresh_model, TrainConfig(liger="auto"), CUDA)
+    assert apply_fast_kernels(fresh_model, "auto", CUDA)
 
     assert modeling_llama.LlamaRMSNorm is original_norm
     base = build_tiny_base(tmp_path / "later", tie=False)

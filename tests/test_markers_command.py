@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.config import DEFAULT_MARKER_PATTERN
-from peftko.corpus_report import scan_corpus
+from peftko.core.config import DEFAULT_MARKER_PATTERN
+from peftko.corpus.report import scan_corpus
 from tests.conftest import deny_open
 
 BOOK = """|START_OF_BOOK|>
@@ -184,14 +184,14 @@ def test_unreadable_and_damaged_files_are_listed_with_the_reason(clean_corpus, m
 
 
 def test_training_refuses_unreadable_files_unless_told_to_skip_them(clean_corpus, monkeypatch):
-    from peftko.config import TrainConfig
-    from peftko.errors import UserError
-    from peftko.train_command import read_corpus
+    from peftko.core.config import TrainConfig
+    from peftko.core.errors import UserError
+    from peftko.corpus.reading import read_corpus
 
     locked = clean_corpus / "02.txt"
     deny_open(monkeypatch, locked)
     with pytest.raises(UserError) as e:
-        read_corpus(TrainConfig(data=[str(clean_corpus)]))
+        read_corpus(TrainConfig(data=[str(clean_corpus)]).corpus())
     assert f"{locked}: unreadable: Permission denied" in str(e.value) and "--skip-bad-files" in str(e.value)
-    _, files = read_corpus(TrainConfig(data=[str(clean_corpus)], skip_bad_files=True))
+    _, files = read_corpus(TrainConfig(data=[str(clean_corpus)], skip_bad_files=True).corpus())
     assert [f.path.name for f in files] == ["01.txt", "03.md"]

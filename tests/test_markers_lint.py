@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from peftko.config import DEFAULT_MARKER_PATTERN as PATTERN
-from peftko.markers import Problem, lint_corpus, lint_text, pair_role
-from peftko.textfiles import Document
+from peftko.core.config import DEFAULT_MARKER_PATTERN as PATTERN
+from peftko.corpus.lint import Problem, lint_corpus, lint_text, pair_role
+from peftko.corpus.documents import Document
 
 KNOWN = [
     "|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_TITLE|>",

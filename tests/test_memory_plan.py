@@ -10,12 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.memory_plan import (
-    ModelShape,
-    checkpoint_stats,
-    plan_memory,
-    shape_from_config,
-)
+from peftko.model.memory_plan import ModelShape, checkpoint_stats, plan_memory, shape_from_config
 
 LLAMA3_8B = {  # the Llama-3-8B config.json values that matter
     "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -68,7 +63,7 @@ def test_prediction_is_within_15_percent_of_measured_8b_peaks(kwargs, measured_g
 
 @pytest.mark.parametrize("shape, kwargs, measured_gib", [
     # Training peaks measured on an NVIDIA H100 by benchmarks/gpu_check.sh and benchmarks/recipes.py
-    # (benchmarks/RESULTS.md), peftko's fused loss (peftko/fused_loss.py) for the Liger rows.
+    # (benchmarks/RESULTS.md), peftko's fused loss (peftko/model/fused_loss.py) for the Liger rows.
     (B8, dict(**STEP, liger=True), 9.50),
     (B8, dict(**STEP, liger=True, offload_checkpoints=True), 7.71),
     (B8, dict(batch_size=1, seq_len=8192, liger=True), 9.64),
@@ -140,7 +135,7 @@ def dry_run(model_dir: Path, *extra: str):
 @pytest.fixture(scope="module")
 def weightless_tiny_base(tmp_path_factory) -> Path:
     """A real tiny base whose weights file was deleted: a dry run that loaded weights would fail."""
-    from peftko.tiny_base import build_tiny_base
+    from peftko.model.tiny_base import build_tiny_base
 
     base = build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
     (base / "model.safetensors").unlink()

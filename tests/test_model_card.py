@@ -92,7 +92,7 @@ def run_card_code(folder: Path, monkeypatch) -> dict:
 
 def test_card_code_loads_the_adapter_as_peftko_does(tiny_run, monkeypatch):
     """transformers + peft alone, resized to the recorded rows, give peftko's own logits."""
-    from peftko.inference import load_for_inference
+    from peftko.model.reload import load_for_inference
 
     scope = run_card_code(tiny_run, monkeypatch)
     plain, plain_tok = scope["model"], scope["tokenizer"]
@@ -109,7 +109,7 @@ def test_card_code_loads_the_adapter_as_peftko_does(tiny_run, monkeypatch):
 
 
 def test_card_code_loads_the_merged_model(merged, monkeypatch):
-    from peftko.inference import load_for_inference
+    from peftko.model.reload import load_for_inference
 
     scope = run_card_code(merged, monkeypatch)
     ours, tokenizer, _ = load_for_inference(merged, quant="none", device="cpu")

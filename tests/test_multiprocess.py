@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from peftko.checkpoints import complete_checkpoints
+from peftko.run.checkpoints import complete_checkpoints
 from peftko.cli import main
 from tests.conftest import two_story_env
 

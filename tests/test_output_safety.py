@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from peftko.run_dir import LOCK
+from peftko.run.layout import LOCK
 from tests.test_resilience import REPO, Run, args, env, invoke, logged_a_step, refused  # noqa: F401
 
 
@@ -149,7 +149,7 @@ def test_a_second_run_into_a_running_runs_output_is_refused(env, tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(env, tmp_path, capsys):
-    from peftko.output_lock import hold
+    from peftko.core.lock import hold
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -163,7 +163,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(env, tmp_path, 
 def test_a_merge_into_an_output_another_process_is_writing_is_refused(finished, tmp_path):
     out = tmp_path / "merged"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from peftko.output_lock import hold\n"
+        [sys.executable, "-c", "import sys, time; from peftko.core.lock import hold\n"
          f"with hold(__import__('pathlib').Path({str(tmp_path / '.merged.peftko-lock')!r}), 'x'):\n"
          "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

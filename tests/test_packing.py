@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftko.collate import PackedCollator
-from peftko.config import TrainConfig
-from peftko.packing import choose_val_docs, pack_blocks, prepare_data
-from peftko.textfiles import find_files, scan_file
-from peftko.paths import sample_corpus_dir
-from peftko.token_rows import register_markers
+from peftko.train.collate import PackedCollator
+from peftko.core.config import TrainConfig
+from peftko.train.packing import choose_val_docs, pack_blocks, prepare_data
+from peftko.corpus.documents import find_files, scan_file
+from peftko.core.paths import sample_corpus_dir
+from peftko.model.token_rows import register_markers
 
 MARKERS = ["|START_OF_BOOK|>", "|END_OF_BOOK|>", "|START_OF_TITLE|>", "|END_OF_TITLE|>",
            "|START_OF_DIALOGUE|>", "|END_OF_DIALOGUE|>", "|SOUND|>"]
@@ -31,7 +31,7 @@ def tokenizer(tiny_bases):
 def packed(folder, tokenizer, cache, **overrides):
     cfg = TrainConfig(seq_len=128, val_fraction=overrides.pop("val_fraction", 0.0), **overrides)
     files = [scan_file(p, cfg.jsonl_field) for p in find_files([folder])]
-    return prepare_data(files, tokenizer, cfg, cache)
+    return prepare_data(files, tokenizer, cfg.blocks(), cache)
 
 
 def story(i: int = 0) -> str:
@@ -84,7 +84,7 @@ def test_pack_blocks_cuts_long_documents_and_rebases_positions():
 
 
 def test_even_block_length_leaves_at_most_a_token_of_padding_per_block():
-    from peftko.packing import even_block_len
+    from peftko.train.packing import even_block_len
 
     assert even_block_len(13_670, 256) == 254  # 54 blocks either way; the last is no longer short
     assert even_block_len(1_000, 256) == 250 and even_block_len(512, 256) == 256
@@ -212,7 +212,7 @@ def test_an_interrupted_build_writes_nothing_outside_its_folder_and_leaves_nothi
     import datasets
     import tempfile
 
-    from peftko import packing
+    from peftko.train import packing
 
     scratch, hf_cache, cache = tmp_path / "tmp", tmp_path / "hf", tmp_path / "cache"
     scratch.mkdir()
@@ -246,7 +246,7 @@ def test_stale_builds_of_dead_processes_are_removed_but_not_live_ones(tmp_path):
     import subprocess
     import sys
 
-    from peftko.packing import BUILD_PREFIX, remove_stale_builds
+    from peftko.train.packing import BUILD_PREFIX, remove_stale_builds
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -285,9 +285,9 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next_run(tokenizer, tmp_pa
 import sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
-from peftko import packing
-from peftko.config import TrainConfig
-from peftko.textfiles import find_files, scan_file
+from peftko.train import packing
+from peftko.core.config import TrainConfig
+from peftko.corpus.documents import find_files, scan_file
 def stuck(token_ds, seq_len):
     Path({str(started)!r}).write_text("x")
     time.sleep(120)
@@ -295,7 +295,7 @@ def stuck(token_ds, seq_len):
 packing._packed_arrays = stuck
 tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
 files = [scan_file(p) for p in find_files([{str(corpus)!r}])]
-packing.prepare_data(files, tok, TrainConfig(seq_len=128, val_fraction=0.0), Path({str(cache)!r}))
+packing.prepare_data(files, tok, TrainConfig(seq_len=128, val_fraction=0.0).blocks(), Path({str(cache)!r}))
 """
     proc = subprocess.Popen([sys.executable, "-c", child])
     try:
@@ -324,7 +324,7 @@ def test_tokenising_in_several_processes_gives_the_same_blocks(tokenizer, tmp_pa
 
 
 def test_long_documents_are_tokenised_in_bounded_groups(tokenizer, monkeypatch):
-    from peftko import packing
+    from peftko.train import packing
 
     monkeypatch.setattr(packing, "TOKENIZE_BATCH_CHARS", 10)
     groups = list(packing._char_groups(["abcd", "efgh", "ij", "a" * 30, "k"]))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftko import base_model
-from peftko.base_model import pick_precision
-from peftko.config import load_config
-from peftko.errors import UserError
+from peftko.model import base as base_model
+from peftko.model.base import pick_precision
+from peftko.core.config import load_config
+from peftko.core.errors import UserError
 
 
 @pytest.mark.parametrize("fast_bf16,expected", [(True, torch.bfloat16), (False, torch.float32)])

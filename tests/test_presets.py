@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.memory_plan import ALLOCATOR_SLACK, CARD_OVERHEAD_GIB, shape_from_config
+from peftko.model.memory_plan import ALLOCATOR_SLACK, CARD_OVERHEAD_GIB, shape_from_config
 from tests.conftest import train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +148,8 @@ def test_a_real_run_on_a_config_only_folder_refuses_before_loading(small_corpus,
 
 
 def test_a_tokenizer_error_is_reported_whole(tmp_path):
-    from peftko.base_model import load_tokenizer
-    from peftko.errors import UserError
+    from peftko.model.base import load_tokenizer
+    from peftko.core.errors import UserError
 
     # No tokenizer file at all: transformers explains over several lines ("... from one of: (1) ...
     # (2) ..."), all of which must reach the user, not a sentence cut at its colon.

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftko.cli import main
-from peftko.config import DEFAULT_MARKER_PATTERN
+from peftko.core.config import DEFAULT_MARKER_PATTERN
 from tests.real_vocab import FAMILIES, MODELS, reference_cases
 
 SAMPLE = "|START_OF_TITLE|>반딧불이 숲|END_OF_TITLE|>\n|SOUND|>쉿! 누가 왔을까요?"

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.config import load_config
-from peftko.errors import UserError
+from peftko.core.config import load_config
+from peftko.core.errors import UserError
 from tests.conftest import train_args
 
 

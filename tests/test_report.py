@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
-from peftko.errors import UserError
-from peftko.report import BPC_BARS, TRAIN_LOSS, read_history, write_report, write_report_or_warn
+from peftko.core.errors import UserError
+from peftko.run.plot import BPC_BARS, TRAIN_LOSS, read_history, write_report, write_report_or_warn
 from tests.conftest import train_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +100,7 @@ def test_a_failed_plot_only_warns(tmp_path, monkeypatch, capsys):
     def broken(run_dir):
         raise RuntimeError("no space for the picture")
 
-    monkeypatch.setattr("peftko.report.write_report", broken)
+    monkeypatch.setattr("peftko.run.plot.write_report", broken)
     write_report_or_warn(run)  # must not raise: the adapter is already saved
     assert "warning: could not draw" in capsys.readouterr().err
 
@@ -113,7 +113,7 @@ def test_missing_font_package_is_named(monkeypatch, tmp_path):
 
 # --- log lines
 def test_progress_is_a_bar_only_when_both_streams_are_terminals(monkeypatch):
-    from peftko.training import PlainLogLines, ReadableProgress, progress_callback
+    from peftko.train.logs import PlainLogLines, ReadableProgress, progress_callback
 
     for out_tty, err_tty, expected in ((True, True, ReadableProgress), (False, True, PlainLogLines),
                                        (True, False, PlainLogLines), (False, False, PlainLogLines)):
@@ -194,7 +194,7 @@ def wandb_env(monkeypatch, tmp_path):
 def test_wandb_without_a_key_logs_offline_into_the_run_dir(wandb_env, tmp_path, capsys):
     import os
 
-    from peftko.training import prepare_wandb
+    from peftko.train.logs import prepare_wandb
 
     prepare_wandb(tmp_path / "run")
     assert os.environ["WANDB_MODE"] == "offline"
@@ -206,7 +206,7 @@ def test_wandb_without_a_key_logs_offline_into_the_run_dir(wandb_env, tmp_path, 
 def test_wandb_with_a_key_but_no_network_logs_offline(wandb_env, tmp_path, capsys):
     import os
 
-    from peftko.training import prepare_wandb
+    from peftko.train.logs import prepare_wandb
 
     def unreachable(*a, **k):
         raise OSError("network is unreachable")
@@ -220,7 +220,7 @@ def test_wandb_with_a_key_but_no_network_logs_offline(wandb_env, tmp_path, capsy
 def test_wandb_online_when_a_key_and_the_server_are_there_or_the_user_chose(wandb_env, tmp_path, capsys):
     import os
 
-    from peftko.training import prepare_wandb
+    from peftko.train.logs import prepare_wandb
 
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
     wandb_env.setenv("NETRC", str(tmp_path / "netrc"))
@@ -234,9 +234,9 @@ def test_wandb_online_when_a_key_and_the_server_are_there_or_the_user_chose(wand
 
 def test_eval_steps_zero_still_evaluates_once_at_the_end_inside_the_trainer(tmp_path):
     """So the last held-out loss reaches metrics.jsonl, TensorBoard and W&B like every other one."""
-    from peftko.base_model import pick_precision
-    from peftko.config import load_config
-    from peftko.training import training_arguments
+    from peftko.model.base import pick_precision
+    from peftko.core.config import load_config
+    from peftko.train.trainer import training_arguments
 
     cfg = load_config(None, {"eval_steps": "0", "max_steps": "7", "device": "cpu"})
     args = training_arguments(cfg, pick_precision("cpu"), tmp_path, n_blocks=10, has_eval=True)

@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import peftko.training
-from peftko.checkpoints import complete_checkpoints, latest_checkpoint
+import peftko.train.session
+from peftko.run.checkpoints import complete_checkpoints, latest_checkpoint
 from peftko.cli import main
 from tests.conftest import two_story_env
 
@@ -77,14 +77,14 @@ def losses(output: Path) -> dict[int, float]:
 
 def add_callback(monkeypatch, callback):
     """Add a callback to the trainer peftko builds (the real one, with all of its own callbacks)."""
-    real = peftko.training.make_trainer
+    real = peftko.train.session.make_trainer
 
     def make_trainer(*a, **kw):
         trainer = real(*a, **kw)
         trainer.add_callback(callback)
         return trainer
 
-    monkeypatch.setattr(peftko.training, "make_trainer", make_trainer)
+    monkeypatch.setattr(peftko.train.session, "make_trainer", make_trainer)
 
 
 class SignalDuringStep(TrainerCallback):
@@ -540,8 +540,8 @@ def test_parameters_that_end_not_finite_never_exit_0_nor_write_an_adapter(env, t
 
 
 def test_a_config_key_added_after_the_run_started_reads_as_its_default():
-    from peftko.checkpoints import identity_changes
-    from peftko.config import TrainConfig
+    from peftko.run.resume import identity_changes
+    from peftko.core.config import TrainConfig
 
     new = {"config": TrainConfig().to_dict(), "corpus": [], "tokenizer": "t", "base": {"weights": {}}}
     old = {**new, "config": {k: v for k, v in new["config"].items() if k != "dtype"}}
@@ -550,11 +550,11 @@ def test_a_config_key_added_after_the_run_started_reads_as_its_default():
 
 
 def test_out_of_memory_advice_follows_the_checkpointing_in_use():
-    from peftko.config import load_config
-    from peftko.guards import oom_message
+    from peftko.core.config import load_config
+    from peftko.train.oom import oom_message
 
     def advice(**keys):
-        return oom_message(load_config(None, {"seq_len": "512", **{k: str(v).lower() for k, v in keys.items()}}), "training")
+        return oom_message(load_config(None, {"seq_len": "512", **{k: str(v).lower() for k, v in keys.items()}}).memory_levers(), "training")
 
     assert "--gradient-checkpointing (" in advice(gradient_checkpointing=False)
     assert "--offload-checkpoints" in advice(gradient_checkpointing=True)

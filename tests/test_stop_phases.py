@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from peftko.checkpoints import latest_checkpoint
-from peftko.run_dir import read_manifest
+from peftko.run.checkpoints import latest_checkpoint
+from peftko.run.manifest import read_manifest
 from tests.test_resilience import REPO, args, env, invoke  # noqa: F401 - env is a fixture
 
 

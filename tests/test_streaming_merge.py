@@ -20,8 +20,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from peftko.cli import main
-from peftko.errors import UserError
-from peftko.streaming_merge import INDEX, base_files, read_tensor, stream_merge
+from peftko.core.errors import UserError
+from peftko.merge.streaming import INDEX, base_files, read_tensor, stream_merge
 from tests.conftest import train_args
 
 CASES = ["llama-tied", "llama-untied", "qwen2-padded"]
@@ -131,7 +131,7 @@ def test_sharded_base_gives_sharded_output_with_a_loadable_index(trained, sharde
 
 
 def test_self_check_catches_a_missing_delta_and_a_wrong_marker_row(trained, tmp_path, monkeypatch):
-    import peftko.streaming_merge as sm
+    import peftko.merge.streaming as sm
 
     base, run = trained["llama-untied"]
     real = sm.merged_tensor
@@ -168,7 +168,7 @@ def test_merge_command_streams_and_full_check_compares_logits(tiny_run, tmp_path
 
 def test_merge_falls_back_to_the_whole_model_where_it_cannot_stream(tiny_run, tmp_path, monkeypatch):
     """A base stored as pytorch_model.bin, for instance, has no safetensors to stream from."""
-    import peftko.streaming_merge as sm
+    import peftko.merge.streaming as sm
 
     def unsupported(base, remote):
         raise sm.StreamingUnsupported(f"{base} has no model.safetensors")
@@ -182,7 +182,7 @@ def test_merge_falls_back_to_the_whole_model_where_it_cannot_stream(tiny_run, tm
 
 
 def test_a_base_without_safetensors_is_not_streamed(tmp_path):
-    from peftko.streaming_merge import StreamingUnsupported
+    from peftko.merge.streaming import StreamingUnsupported
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(StreamingUnsupported, match="model.safetensors"):
@@ -197,7 +197,7 @@ def test_full_check_limit_follows_rounding_on_a_deep_base(small_corpus, tmp_path
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftko.tiny_base import sample_texts, train_tokenizer
+    from peftko.model.tiny_base import sample_texts, train_tokenizer
 
     tokenizer = train_tokenizer(sample_texts())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=8,

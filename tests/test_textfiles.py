@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from peftko import textfiles
-from peftko.errors import UserError
-from peftko.textfiles import (
-    detect_encoding,
-    find_files,
-    iter_documents,
-    iter_located_documents,
-    normalize_text,
-    scan_file,
-)
+from peftko.core.errors import UserError
+from peftko.corpus import documents, encoding
+from peftko.corpus.documents import find_files, iter_documents, iter_located_documents, scan_file
+from peftko.corpus.encoding import UTF16_HINT, detect_file, normalize_text
 from tests.conftest import deny_open
+
+
+def detect_encoding(path: Path) -> tuple[str | None, str]:
+    """(encoding, status) of a file, as scan_file reads them."""
+    return detect_file(path)[:2]
 
 KOREAN = "|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n하늘이는 창문을 열었습니다.\n"
 PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x06\x00\x00\x00"
@@ -67,7 +66,7 @@ def test_cp949_only_syllable_decodes(tmp_path):
 
 def test_cp949_bytes_late_in_a_big_file_are_not_missed(tmp_path, monkeypatch):
     # Small chunks make the file span many of them: the CP949 byte sits after the first chunk.
-    monkeypatch.setattr(textfiles, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(encoding, "CHUNK_BYTES", 64)
     path = write(tmp_path / "late.txt", ("abc " * 100 + "똠\n").encode("cp949"))
     assert detect_encoding(path) == ("cp949", "ok")
 
@@ -80,9 +79,9 @@ def test_crlf_and_cr_become_lf(tmp_path, newline):
 
 
 def test_crlf_split_across_chunks_is_one_newline(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "CHUNK_BYTES", 4)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 4)
     path = write(tmp_path / "nl.txt", b"abc\r\ndef\r\n\r\nghi")  # "\r" ends the first chunk
-    assert list(textfiles.iter_lines(path, "utf-8")) == ["abc\n", "def\n", "\n", "ghi"]
+    assert list(documents.iter_lines(path, "utf-8")) == ["abc\n", "def\n", "\n", "ghi"]
 
 
 def test_nfd_korean_reads_as_its_nfc_twin(tmp_path):
@@ -125,7 +124,7 @@ def test_utf16_without_its_byte_order_mark_is_refused_with_the_reason(tmp_path, 
     """Not guessed (the wrong byte order trains on garbage), but said, so the user knows what to fix."""
     text = "|START_OF_TITLE|>반딧불이 숲|END_OF_TITLE|>\n\"안녕?\" 쉿!\n" * 3
     scan = scan_file(write(tmp_path / "x.txt", text.encode(encoding)))
-    assert (scan.status, scan.detail) == ("binary", textfiles.UTF16_HINT)
+    assert (scan.status, scan.detail) == ("binary", UTF16_HINT)
     assert "UTF-16" in scan.describe() and "byte-order mark" in scan.describe()
 
 
@@ -194,7 +193,7 @@ def test_without_doc_end_marker_a_file_is_one_document(tmp_path):
 
 
 def test_documents_stream_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 7)
     books = [f"|START_OF_BOOK|>\n이야기 {i}\r\n|END_OF_BOOK|>" for i in range(5)]
     path = write(tmp_path / "many.txt", "\n".join(books))
     assert list(iter_documents(path, "utf-8")) == [b.replace("\r\n", "\n") for b in books]
@@ -237,16 +236,14 @@ def test_jsonl_with_only_blank_texts_is_empty(tmp_path):
 
 
 def test_training_documents_are_cut_at_line_ends_when_huge(tmp_path, monkeypatch):
-    import peftko.textfiles as textfiles
-
-    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 50)
+    monkeypatch.setattr(documents, "MAX_DOC_CHARS", 50)
     path = tmp_path / "long.txt"
     lines = [f"{i:02d} 긴 책의 한 줄입니다. 끝없이 이어집니다." for i in range(20)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    docs = list(textfiles.iter_documents(path, "utf-8", doc_end_marker=""))
+    docs = list(documents.iter_documents(path, "utf-8", doc_end_marker=""))
     assert len(docs) > 5
     assert "\n".join(docs) == "\n".join(lines)  # nothing lost, every cut at a line end
-    located = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker=""))
+    located = list(documents.iter_located_documents(path, "utf-8", doc_end_marker=""))
     assert len(located) == 1  # lint still sees the whole document
 
 
@@ -259,10 +256,10 @@ def _one_line(repeats: int) -> str:
 
 
 def test_a_line_without_line_breaks_is_read_in_pieces_cut_after_sentence_ends(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 300)
+    monkeypatch.setattr(documents, "MAX_LINE_CHARS", 300)
     text = _one_line(40)
     path = write(tmp_path / "one.txt", text)
-    pieces = list(textfiles.iter_pieces(path, "utf-8", textfiles.MAX_LINE_CHARS))
+    pieces = list(documents.iter_pieces(path, "utf-8", documents.MAX_LINE_CHARS))
     assert len(pieces) > 5 and all(len(p) <= 300 for p, _ in pieces)
     assert [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(p for p, _ in pieces) == text
@@ -272,11 +269,11 @@ def test_a_line_without_line_breaks_is_read_in_pieces_cut_after_sentence_ends(tm
 
 @pytest.mark.parametrize("form", ["NFC", "NFD"])
 def test_a_line_without_spaces_is_cut_between_characters_never_inside_a_marker(tmp_path, monkeypatch, form):
-    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 97)
+    monkeypatch.setattr(documents, "MAX_LINE_CHARS", 97)
     unit = "달빛우체부|END_OF_TITLE|>하늘이는창문을열었습니다"  # no space, no sentence end
     text = unit * 60
     path = write(tmp_path / "dense.txt", unicodedata.normalize(form, text))
-    pieces = [p for p, _ in textfiles.iter_pieces(path, "utf-8", textfiles.MAX_LINE_CHARS)]
+    pieces = [p for p, _ in documents.iter_pieces(path, "utf-8", documents.MAX_LINE_CHARS)]
     assert len(pieces) > 10
     assert "".join(pieces) == text  # NFD jamo are never cut apart from the syllable they build
     assert sum(p.count("|END_OF_TITLE|>") for p in pieces) == 60
@@ -284,8 +281,8 @@ def test_a_line_without_spaces_is_cut_between_characters_never_inside_a_marker(t
 
 
 def test_a_custom_document_end_marker_is_never_cut(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 50)
-    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 50)
+    monkeypatch.setattr(documents, "MAX_LINE_CHARS", 50)
+    monkeypatch.setattr(documents, "MAX_DOC_CHARS", 50)
     books = [f"이야기{i}" * 7 + "<<끝>>" for i in range(30)]  # not marker-shaped, no spaces
     path = write(tmp_path / "books.txt", "".join(books))
     assert list(iter_documents(path, "utf-8", doc_end_marker="<<끝>>"))[-1].endswith("<<끝>>")
@@ -295,17 +292,17 @@ def test_a_custom_document_end_marker_is_never_cut(tmp_path, monkeypatch):
 
 
 def test_training_documents_of_a_one_line_file_are_bounded_and_lose_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 1000)
-    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 3000)
+    monkeypatch.setattr(documents, "MAX_LINE_CHARS", 1000)
+    monkeypatch.setattr(documents, "MAX_DOC_CHARS", 3000)
     text = _one_line(300)
     path = write(tmp_path / "one.txt", text)
-    docs = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))
+    docs = list(documents.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))
     assert len(docs) > 5 and all(len(d.text) <= 4000 for d in docs)
     assert all(d.line == 1 for d in docs)
     assert "".join(d.text for d in docs) == text
     # Lines after a cut line keep their numbers.
     path = write(tmp_path / "two.txt", text + "\n둘째 줄\n")
-    last = list(textfiles.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))[-1]
+    last = list(documents.iter_located_documents(path, "utf-8", doc_end_marker="", max_chars=3000))[-1]
     assert last.text.endswith("둘째 줄") and last.line <= 2
 
 
@@ -323,8 +320,8 @@ def _peak_bytes(path: Path) -> int:
 
 def test_memory_does_not_grow_with_the_length_of_a_line(tmp_path, monkeypatch):
     # Small caps keep the test quick; the property is the same with the real ones.
-    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 1 << 16)
-    monkeypatch.setattr(textfiles, "MAX_DOC_CHARS", 1 << 18)
+    monkeypatch.setattr(documents, "MAX_LINE_CHARS", 1 << 16)
+    monkeypatch.setattr(documents, "MAX_DOC_CHARS", 1 << 18)
     unit = _one_line(1).encode("utf-8")
     small = write(tmp_path / "small.txt", unit * ((1 << 20) // len(unit)))
     big = write(tmp_path / "big.txt", unit * ((8 << 20) // len(unit)))
@@ -335,7 +332,7 @@ def test_memory_does_not_grow_with_the_length_of_a_line(tmp_path, monkeypatch):
 
 
 def test_a_jsonl_record_longer_than_the_cap_is_refused_with_its_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(textfiles, "MAX_RECORD_CHARS", 100)
+    monkeypatch.setattr(documents, "MAX_RECORD_CHARS", 100)
     path = _jsonl(tmp_path / "d.jsonl", [{"text": "짧다"}, {"text": "길다" * 200}], blank_lines=False)
     with pytest.raises(UserError, match=r"d\.jsonl:2: a record longer than 100 characters"):
         list(iter_documents(path, "utf-8"))
@@ -354,7 +351,7 @@ def test_invalid_utf8_names_line_and_byte_offset(tmp_path, monkeypatch):
     assert (scan.encoding, scan.status) == (None, "undecodable")
     assert scan.detail.startswith(expected), scan.detail
     assert scan.describe().startswith("undecodable: " + expected)
-    monkeypatch.setattr(textfiles, "CHUNK_BYTES", 5)  # the bad byte after a held-back partial character
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 5)  # the bad byte after a held-back partial character
     assert scan_file(path).detail.startswith(expected)
 
 
@@ -414,6 +411,6 @@ def test_no_cut_falls_inside_a_marker_wherever_the_limit_falls():
     line = "달빛우체부|END_OF_TITLE|>하늘이는창문을열었습니다<|SOUND|>" * 40  # no space to cut after
     spans = [m.span() for m in re.finditer(r"<?\|[A-Z_]+\|>", line)]
     for limit in range(40, 600):
-        cut = textfiles._cut_point(line, limit)
+        cut = documents._cut_point(line, limit)
         assert 0 < cut <= limit
         assert not any(start < cut < end for start, end in spans), (limit, line[cut - 15 : cut + 15])

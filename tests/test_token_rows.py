@@ -9,9 +9,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
-from peftko.errors import UserError
-from peftko.tiny_base import sample_texts, tiny_config
-from peftko.token_rows import grow_embeddings, init_marker_rows, register_markers, round_trip_problems
+from peftko.core.errors import UserError
+from peftko.model.tiny_base import sample_texts, tiny_config
+from peftko.model.token_rows import grow_embeddings, init_marker_rows, register_markers, round_trip_problems
 
 MARKERS = ["|START_OF_TITLE|>", "|END_OF_TITLE|>", "|SOUND|>"]
 TEXT = '|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n|SOUND|>똑똑 그리고 |SOUND|> 쾅, 끝.'

@@ -8,12 +8,13 @@ import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from peftko.base_model import pick_precision
+from peftko.model.base import pick_precision
 from peftko.cli import main
-from peftko.config import load_config
-from peftko.session import TrainingSession
-from peftko.textfiles import find_files, scan_file
-from peftko.training import TOKEN_ROW_PARAM, make_trainer
+from peftko.core.config import load_config
+from peftko.train.session import TrainingSession
+from peftko.corpus.documents import find_files, scan_file
+from peftko.model.adapters import TOKEN_ROW_PARAM
+from peftko.train.trainer import make_trainer
 from tests.conftest import train_args
 
 
@@ -136,14 +137,14 @@ def test_a_corpus_without_markers_trains_plain_lora(tiny_bases, tmp_path):
 def test_offloaded_checkpoints_only_where_there_is_a_gpu_to_free(tmp_path):
     """--offload-checkpoints asks transformers to hold the checkpointed hidden states in pinned host
     memory; on the CPU there is nothing to move and no pinned allocator, so it is not asked there."""
-    from peftko.base_model import Precision
-    from peftko.training import checkpointing_kwargs, training_arguments
+    from peftko.model.base import Precision
+    from peftko.train.trainer import checkpointing_kwargs, training_arguments
 
     cfg = load_config(None, {"offload_checkpoints": "true", "device": "cpu"})
     cpu = pick_precision("cpu")
-    assert checkpointing_kwargs(cfg, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is True
-    assert checkpointing_kwargs(cfg, cpu) == {"use_reentrant": False, "offload": False}
+    assert checkpointing_kwargs(cfg.offload_checkpoints, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is True
+    assert checkpointing_kwargs(cfg.offload_checkpoints, cpu) == {"use_reentrant": False, "offload": False}
     args = training_arguments(cfg, cpu, tmp_path, n_blocks=10, has_eval=False)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False, "offload": False}
     plain = load_config(None, {"device": "cpu"})
-    assert checkpointing_kwargs(plain, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is False
+    assert checkpointing_kwargs(plain.offload_checkpoints, Precision(torch.device("cuda"), torch.bfloat16))["offload"] is False

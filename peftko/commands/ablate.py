@@ -1,0 +1,173 @@
+"""`peftko ablate`: should the markers be registered, kept as plain text, or deleted? Measured.
+
+Three LoRA runs with the same base, data split, seed, steps and every other setting:
+  registered  markers are single added tokens (the lora-train default);
+  as-text     markers stay in the text but are not registered (an empty marker list), so the
+              base tokenizer splits them into pieces;
+  deleted     markers are removed from every document AFTER the corpus is split into documents.
+              The deleted documents are written, in the same order, one JSONL record each, to
+              DIR/deleted-data/corpus.jsonl: lora-train then sees the same number of documents
+              and its seeded split holds out the same ones. (Deleting can leave a blank first or
+              last line, which lora-train trims as in any document.)
+Each variant is trained by `run_lora_train` into DIR/<variant>/ and scored on the held-out
+documents with the rules of `peftko eval` (peftko/evaluate/scoring.py); `deleted` is scored on
+its own, marker-free text. The structure score (peftko/evaluate/structure.py) samples
+continuations of the held-out documents' first three quarters and counts those whose START_/END_
+pairs balance and that end with the book-end marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import click
+
+from peftko.commands.lora_train import run_lora_train, training_inputs
+from peftko.core.atomic import replaced_on_success, write_json_atomic
+from peftko.core.config import TrainConfig
+from peftko.core.errors import UserError
+from peftko.corpus.documents import iter_documents
+from peftko.corpus.lint import marker_regex
+from peftko.corpus.reading import choose_markers, documents_of, read_corpus
+from peftko.evaluate.scoring import default_seq_len, evaluate_texts
+from peftko.evaluate.structure import SampleOptions, overall_top1, structure_score
+from peftko.model.base import resolve_model_path
+from peftko.model.reload import load_for_inference
+from peftko.run.layout import MANIFEST
+from peftko.run.ownership import check_place
+from peftko.train.packing import choose_val_docs
+
+DELETED_DATA = "deleted-data"
+
+
+def delete_markers(text: str, rx: re.Pattern) -> str:
+    return rx.sub("", text)
+
+
+def write_deleted_corpus(docs: list[str], rx: re.Pattern, folder: Path) -> tuple[Path, list[str]]:
+    """The documents without markers, one JSONL record each, read back as lora-train will read them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.jsonl"
+    with replaced_on_success(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": delete_markers(doc, rx)}, ensure_ascii=False) + "\n")
+    back = list(iter_documents(path, "utf-8", "text", ""))
+    if len(back) != len(docs):
+        raise UserError(f"{len(docs) - len(back)} document(s) hold nothing but markers; deleting the markers "
+                        "would empty them and shift the held-out split. Remove those documents first.")
+    return path, back
+
+
+def variant_configs(cfg: TrainConfig, out: Path, deleted_path: Path) -> dict[str, TrainConfig]:
+    """Every setting the same but the output, the marker list and (deleted) the data."""
+    return {
+        "registered": dataclasses.replace(cfg, output=str(out / "registered")),
+        "as-text": dataclasses.replace(cfg, output=str(out / "as-text"), markers=[]),
+        "deleted": dataclasses.replace(cfg, output=str(out / "deleted"), markers=[], data=[str(deleted_path)],
+                                       jsonl_field="text"),
+    }
+
+
+def evaluate_variant(name: str, run_dir: Path, held_out: list[str], markers: list[str], cfg: TrainConfig,
+                     opts: SampleOptions) -> dict:
+    """Held-out scores of one trained variant, by the rules of `peftko eval`, and its structure score."""
+    model, tokenizer, info = load_for_inference(run_dir, device=cfg.device)
+    seq_len = cfg.seq_len if isinstance(cfg.seq_len, int) else default_seq_len(model)
+    scored = markers if name != "deleted" else []
+    scores = evaluate_texts(model, tokenizer, held_out, scored, seq_len, cfg.batch_size,
+                            next(model.parameters()).device).to_json()
+    manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    row = {"variant": name, "dir": str(run_dir), "vocab": len(tokenizer),
+           "registered_markers": len(info.markers), "train_loss": manifest["results"].get("train_loss"),
+           "bpc_text": scores["bits_per_char_text"], "bpc": None, "marker_top1": None, "structure": None,
+           "tokens_per_char": scores["tokens_per_char"], "held_out_chars": scores["chars"], "eval": scores}
+    if name != "deleted":
+        row["bpc"] = scores["bits_per_char"]
+        row["marker_top1"] = overall_top1(scores["markers"])
+        row["structure"] = structure_score(model, tokenizer, info, held_out, markers, opts, cfg.doc_end_marker,
+                                           cfg.marker_pattern, cfg.seed)
+    return row
+
+
+def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: bool = False,
+               as_json: bool = False) -> dict:
+    out = Path(cfg.output)
+    # Before anything is written (DIR/deleted-data first): never into the corpus or the base.
+    check_place(out, training_inputs(cfg, resolve_model_path(cfg.model)))
+    if (out / "ablation.json").exists() and not force:
+        raise UserError(f"{out} already holds an ablation; pass --force to run it again, or choose another --output")
+    # The corpus and its markers as lora-train reads and chooses them (its summary, its refusals).
+    report, files = read_corpus(cfg.corpus())
+    markers = choose_markers(cfg.corpus(), report)
+    docs = documents_of(files, cfg.jsonl_field, cfg.doc_end_marker)
+    val = sorted(choose_val_docs(len(docs), cfg.val_fraction, cfg.seed))
+    if not val:
+        raise UserError("ablate compares held-out documents: use --val-fraction above 0 and a corpus "
+                        f"of two documents or more (found {len(docs)})")
+    if not markers:
+        raise UserError("the corpus has no markers: there is nothing to ablate")
+    deleted_path, deleted_docs = write_deleted_corpus(docs, marker_regex(markers), out / DELETED_DATA)
+    rows = []
+    for name, vcfg in variant_configs(cfg, out, deleted_path).items():
+        click.echo(f"\n=== ablate: {name} ===")
+        if run_lora_train(vcfg, force=force) != 0:
+            raise UserError(f"training the {name} variant stopped; nothing was compared")
+        held_out = [(deleted_docs if name == "deleted" else docs)[i] for i in val]
+        rows.append(evaluate_variant(name, Path(vcfg.output), held_out, markers, vcfg, opts))
+    result = {"held_out_documents": val, "markers": markers, "sampling": dataclasses.asdict(opts),
+              "config": cfg.to_dict(), "variants": rows}
+    write_json_atomic(out / "ablation.json", result)
+    table = render_table(rows)
+    with replaced_on_success(out / "ablation.md") as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    chart = write_chart(rows, out / "ablation.png")
+    click.echo(json.dumps(result, ensure_ascii=False) if as_json else "\n" + table)
+    click.echo(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}" + (f", {chart}" if chart else ""),
+               err=as_json)
+    return result
+
+
+def _f(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| variant | held-out bpc, story text | held-out bpc, whole text | marker top-1 | structure "
+             "(balanced, ends with marker) | tokens/char | vocab |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["structure"]
+        structure = "n/a" if s is None else (f"{s['structure']:.2f} ({s['balanced']:.2f}, "
+                                             f"{s['ends_with_marker']:.2f}; {s['samples']} samples)")
+        lines.append(f"| {r['variant']} | {_f(r['bpc_text'])} | {_f(r['bpc'])} | {_f(r['marker_top1'], '.1%')} | "
+                     f"{structure} | {_f(r['tokens_per_char'])} | {r['vocab']} |")
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[dict], path: Path) -> Path | None:
+    """Held-out bits per character per variant (English labels only, no CJK font needed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        click.echo("note: matplotlib is not installed; no chart written", err=True)
+        return None
+    names = [r["variant"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["bpc_text"] or 0 for r in rows], width=0.4, label="story text")
+    ax.bar([i + 0.2 for i in x], [r["bpc"] or 0 for r in rows], width=0.4, label="whole text (with markers)")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("held-out bits per character")
+    ax.set_title("peftko ablate: markers registered / as text / deleted")
+    ax.legend()
+    fig.tight_layout()
+    with replaced_on_success(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,46 @@
+"""`peftko eval`: bits per character of a corpus, with and without the markers, and per marker,
+by the rules of peftko.evaluate.scoring, as a table or one JSON object."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
+from peftko.corpus.reading import read_documents
+from peftko.evaluate.scoring import default_seq_len, evaluate_texts
+from peftko.model.reload import load_for_inference
+
+
+def run_eval(model_path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
+             quant: str | None = None, device: str = "auto", pattern: str | None = None,
+             as_json: bool = False) -> dict:
+    model, tokenizer, info = load_for_inference(model_path, quant, device)
+    docs, found = read_documents(data, pattern or DEFAULT_MARKER_PATTERN,
+                                 doc_end_marker=info.doc_end_marker or DEFAULT_DOC_END)
+    seq_len = seq_len or default_seq_len(model)
+    scores = evaluate_texts(model, tokenizer, docs, sorted({*found, *info.markers}), seq_len, batch_size,
+                            next(model.parameters()).device)
+    result = {"model": str(info.path), "seq_len": seq_len, **scores.to_json()}
+    click.echo(json.dumps(result, ensure_ascii=False) if as_json else render(result))
+    return result
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(r: dict) -> str:
+    lines = [f"{r['documents']} documents, {r['chars']:,} characters, {r['tokens']:,} tokens "
+             f"({_fmt(r['tokens_per_char'])} tokens per character; windows of {r['seq_len']} tokens)",
+             f"bits per character, whole text:    {_fmt(r['bits_per_char'])}",
+             f"bits per character, story text:    {_fmt(r['bits_per_char_text'])} "
+             f"({r['text_chars']:,} characters outside markers)"]
+    if r["markers"]:
+        width = max(len(m) for m in r["markers"])
+        lines.append(f"{'marker':<{width}}  {'count':>6}  {'bits/occurrence':>15}  {'top-1':>6}")
+        for m, s in r["markers"].items():
+            lines.append(f"{m:<{width}}  {s['count']:>6}  {_fmt(s['bits_per_occurrence'], '.2f'):>15}  "
+                         f"{_fmt(s['top1'], '.1%'):>6}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`peftko lora-train`: setup -> train -> save, as plain steps.
+
+Order matters for the user: everything that can fail on bad input (config, corpus, markers,
+output directory, base path) is checked before the model is loaded, so a typo costs seconds,
+not a model load. One signal handler covers the whole command (peftko.core.signals), and the
+output is locked (peftko.core.lock) before anything in it is judged or removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import click
+
+from peftko.core import distributed
+from peftko.core.config import TrainConfig
+from peftko.core.errors import UserError
+from peftko.core.lock import hold
+from peftko.core.paths import resolve_data_paths
+from peftko.core.signals import Stopper
+from peftko.corpus.reading import choose_markers, read_corpus
+from peftko.model.adapters import check_target_modules
+from peftko.model.base import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
+                               resolve_seq_len)
+from peftko.model.plan_report import echo_plan
+from peftko.run.layout import LOCK
+from peftko.run.output import claim_run_dir, prepare_output
+from peftko.train.session import TrainingSession
+
+
+def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
+                   strict: bool = False, num_processes: int | None = None) -> int:
+    distributed.quiet_other_ranks()  # under torchrun / accelerate launch, rank 0 alone speaks
+
+    stopper = Stopper("before training began; nothing in --output was changed. Run the same command "
+                      "again to start.")
+    with stopper.installed():
+        return _run_lora_train(cfg, stopper, resume, force, dry_run, strict, num_processes)
+
+
+def training_inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
+    """What a training output must stay clear of (peftko.run.ownership.check_place): corpus and base."""
+    return {f"--data {d}": d for d in resolve_data_paths(cfg.data)} | {"the base model": model_path}
+
+
+def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_run: bool, strict: bool,
+                    num_processes: int | None = None) -> int:
+    # The base first: a wrong, pickle-only or damaged base is named in a second, before the corpus pass.
+    distributed.refuse_sharding()
+    processes = planned_processes(num_processes, dry_run)
+    model_path = resolve_model_path(cfg.model)
+    warnings = check_base_config(model_path, cfg.base_loading(), dry_run=dry_run)
+    seq_len = resolve_seq_len(model_path, cfg.seq_len)
+    if seq_len != cfg.seq_len:
+        click.echo(f"seq_len: {seq_len} (auto: at most 2048 and the base's context)")
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    check_target_modules(model_path, cfg.target_modules, cfg.trust_remote_code)
+    check_safetensors(model_path)
+    precision = pick_precision(cfg.device, cfg.dtype)
+    report, files = read_corpus(cfg.corpus(), strict)
+    markers = choose_markers(cfg.corpus(), report)
+    if dry_run:
+        for w in warnings:
+            click.echo(f"warning: {w}")
+        echo_plan(cfg, model_path, precision, markers=markers, processes=processes)
+        return 0
+    distributed.setup(precision.device.type)
+    output = Path(cfg.output)
+    with contextlib.ExitStack() as lock:
+        # Rank 0 alone prepares, locks and judges the output; its refusal stops every rank.
+        replace = distributed.on_main(lambda: claim_output(output, model_path, cfg, resume, force, lock)) or []
+        session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
+        return session.run(resume=resume, force=force)
+
+
+def claim_output(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,
+                 lock: contextlib.ExitStack) -> list[Path]:
+    """Create and lock --output (the lock held until `lock` closes); what --force replaces."""
+    prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
+    lock.enter_context(hold(output / LOCK, f"--output {output}"))
+    return claim_run_dir(output, resume=resume, force=force)
+
+
+def planned_processes(num_processes: int | None, dry_run: bool) -> int:
+    """The data-parallel processes to plan for: the launcher's count, or --num-processes for a dry run."""
+    launched = distributed.world_size()
+    if num_processes is None:
+        return launched
+    if num_processes < 1:
+        raise UserError(f"--num-processes {num_processes}: give 1 or more (one per GPU)")
+    if not dry_run:
+        raise UserError("--num-processes only plans a --dry-run; to train on N GPUs, launch with "
+                        "`torchrun --nproc_per_node N -m peftko lora-train ...` (see the README)")
+    if launched > 1 and num_processes != launched:
+        raise UserError(f"--num-processes {num_processes} differs from the {launched} processes this "
+                        "launcher started; drop the flag or launch that many")
+    return num_processes

@@ -1,0 +1,47 @@
+"""`peftko markers`: a corpus report (encodings, markers, marker mistakes with file and line), as
+tables or one JSON object; with --model, how that base's tokenizer splits each marker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
+from peftko.core.errors import UserError
+from peftko.core.paths import resolve_data_paths
+from peftko.corpus.report import scan_corpus
+
+
+def tokenizer_for_markers(model: str):
+    """--model's tokenizer for `peftko markers`, from a local directory (or the built-in base): no network,
+    no remote code."""
+    # Imported here, not at the top: torch and transformers load only when --model asks for a
+    # tokenizer, so the lint alone answers in a fraction of a second.
+    from peftko.model.base import load_tokenizer, resolve_model_path
+
+    if model == BUILTIN_MODEL:
+        return load_tokenizer(resolve_model_path(model))
+    if not Path(model).is_dir():  # a tokenizer folder is enough here; no config.json needed
+        raise UserError(f"--model {model}: not a local model directory")
+    return load_tokenizer(Path(model))
+
+
+def run_markers_command(
+    paths: Sequence[str | Path],
+    model: str | None = None,
+    as_json: bool = False,
+    strict: bool = False,
+    pattern: str = DEFAULT_MARKER_PATTERN,
+    jsonl_field: str = "text",
+) -> int:
+    """Print the report; return 1 when `strict` and any problem was found, else 0."""
+    tokenizer = tokenizer_for_markers(model) if model else None
+    report = scan_corpus(resolve_data_paths(paths), pattern, jsonl_field=jsonl_field, tokenizer=tokenizer)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(report.render_table(), nl=False)
+    return 1 if strict and report.problems else 0

@@ -1,0 +1,60 @@
+"""The structure score of `peftko ablate`: do sampled continuations close what they open and end
+the book?
+
+Continuations of the held-out documents' first three quarters are sampled; a sample counts when
+its START_/END_ pairs balance (peftko.corpus.lint) and it ends with the book-end marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import transformers
+
+from peftko.corpus.lint import lint_text, with_literals
+from peftko.model.generation import GenerateOptions, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    samples: int = 2  # continuations per held-out document
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    prompt_fraction: float = 0.75  # of each held-out document's characters, cut at a line end
+
+
+def structure_ok(text: str, markers: list[str], doc_end: str, pattern: str) -> tuple[bool, bool]:
+    """(START_/END_ pairs balanced, ends with the book-end marker) for one sampled document."""
+    ended = text.rstrip().endswith(doc_end)
+    # A sample cut off by the token limit is judged on its complete lines, its book closed for it:
+    # not ending is counted once, by `ended`, not again as an open BOOK pair.
+    judged = text if ended else text[: text.rfind("\n") + 1] + doc_end
+    problems = lint_text("sample", judged, markers, with_literals(pattern, markers))
+    return (not any(p.kind == "unbalanced" for p in problems)), ended
+
+
+def prompt_of(doc: str, fraction: float) -> str:
+    cut = doc.find("\n", int(len(doc) * fraction))
+    return doc[: cut + 1] if cut >= 0 else doc
+
+
+def structure_score(model, tokenizer, info, held_out: list[str], markers: list[str], opts: SampleOptions,
+                    doc_end: str, pattern: str, seed: int) -> dict:
+    """Shares of the samples that balance their pairs, that end with `doc_end`, and that do both."""
+    gen = GenerateOptions(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed)
+    transformers.set_seed(seed)
+    balanced = ended = both = n = 0
+    for doc in held_out:
+        prompt = prompt_of(doc, opts.prompt_fraction)
+        for _ in range(opts.samples):
+            s = sample(model, tokenizer, info, prompt, gen)
+            b, e = structure_ok(prompt + s.text, markers, doc_end, pattern)
+            balanced, ended, both, n = balanced + b, ended + e, both + (b and e), n + 1
+    return {"samples": n, "balanced": balanced / n, "ends_with_marker": ended / n, "structure": both / n}
+
+
+def overall_top1(markers: dict) -> float | None:
+    """Top-1 over all predicted marker occurrences (each marker weighted by its count)."""
+    hits = sum((s["top1"] or 0) * s["count"] for s in markers.values() if s["top1"] is not None)
+    total = sum(s["count"] for s in markers.values() if s["top1"] is not None)
+    return hits / total if total else None

@@ -1,0 +1,47 @@
+"""The merged model's config files: the grown vocabulary, the output dtype, and a stop at the book end."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import AutoConfig, GenerationConfig
+
+from peftko.model.base import load_tokenizer
+
+
+def stop_at_book_end(generation_config, manifest: dict) -> None:
+    """Make generate() stop at the document-end marker as well as at the base's own eos.
+
+    Training kept the marker in the labels, so the model learned to emit it where a book ends.
+    """
+    end = manifest["config"].get("doc_end_marker")
+    ids = [m["id"] for m in manifest["markers"] if m["marker"] == end]
+    if not ids:
+        return
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    generation_config.eos_token_id = list(dict.fromkeys(eos + ids))
+
+
+def write_config(base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
+    """config.json with the grown vocabulary and the output dtype; generation_config.json with the stop."""
+    remote = bool(manifest["config"].get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=remote)
+    config.get_text_config().vocab_size = manifest["vocab"]["rows_after"]
+    config.dtype = dtype
+    config.save_pretrained(stage)
+    try:
+        generation = GenerationConfig.from_pretrained(base_path)
+    except OSError:  # no generation_config.json: what from_pretrained would derive
+        generation = GenerationConfig.from_model_config(config)
+    stop_at_book_end(generation, manifest)
+    generation.save_pretrained(stage)
+    if remote:  # the model's own code, which config.json's auto_map points at
+        for code in base_path.glob("*.py"):
+            shutil.copyfile(code, stage / code.name)
+
+
+def merged_tokenizer(run_dir: Path, manifest: dict):
+    """The run's tokenizer, markers included: the merged model's."""
+    return load_tokenizer(run_dir, bool(manifest["config"].get("trust_remote_code")))

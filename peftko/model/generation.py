@@ -1,0 +1,72 @@
+"""Sampling a continuation: markers kept as written, stopping at the book-end marker.
+
+Markers are added tokens, not special ones, so decoding with skip_special_tokens=True keeps them
+(and drops only BOS/EOS/padding). Generation stops at the book-end marker (peftko.json's
+doc_end_marker, or the merged model's generation_config, which `peftko merge` extends), at the
+base's eos, or after max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 42
+    num_samples: int = 1
+    quant: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str
+    new_tokens: int
+    stop_reason: str  # "marker" | "eos" | "length"
+    tokens_per_s: float
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "new_tokens": self.new_tokens,
+                "stop_reason": self.stop_reason, "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def generation_kwargs(opts: GenerateOptions, stop: list[int], pad_id: int | None) -> dict:
+    kwargs = dict(max_new_tokens=opts.max_new_tokens, eos_token_id=stop, pad_token_id=pad_id,
+                  repetition_penalty=opts.repetition_penalty)
+    if opts.temperature == 0:
+        return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {**kwargs, "do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p,
+            "top_k": opts.top_k or None}
+
+
+def sample(model, tokenizer, info, prompt: str, opts: GenerateOptions, streamer=None) -> Sample:
+    """One continuation of `prompt`."""
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else info.stop_ids[0] if info.stop_ids else None
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, **generation_kwargs(opts, info.stop_ids, pad), streamer=streamer)
+    seconds = time.perf_counter() - start
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    return Sample(prompt, tokenizer.decode(new, skip_special_tokens=True), len(new),
+                  stop_reason(new, info, tokenizer, opts.max_new_tokens), len(new) / max(seconds, 1e-9))
+
+
+def stop_reason(new: list[int], info, tokenizer, max_new_tokens: int) -> str:
+    if new:
+        end_id = tokenizer.convert_tokens_to_ids(info.doc_end_marker) if info.doc_end_marker else None
+        if new[-1] == end_id:
+            return "marker"
+        if new[-1] in info.stop_ids:
+            return "eos"
+    return "length"

@@ -1,0 +1,122 @@
+"""Loading what peftko wrote, or any local model, for use: ONE loader behind `eval`, `generate`,
+`ablate` and `merge`.
+
+MODEL may be
+  - a `peftko lora-train` output (peftko.json): the recorded base, checked against its fingerprint,
+    loaded with the recorded quantization, its embeddings grown to the recorded row count, the
+    adapter applied with peft, and the tokenizer (markers included) from the run directory;
+  - a `peftko merge` output or any local Hugging Face model directory: loaded as it is
+    (unquantized unless `quant` says otherwise).
+Every bad path or changed base is a UserError (exit 2), with the same messages as training and merge.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import PeftModel
+from safetensors import SafetensorError
+
+from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
+from peftko.core.errors import UserError
+from peftko.model.base import load_base, load_tokenizer, pick_precision, resolve_model_path
+from peftko.run.layout import ADAPTER_FILES, MANIFEST
+from peftko.run.manifest import check_base, read_manifest
+
+
+@dataclass
+class ModelInfo:
+    """What the caller needs besides the model and tokenizer."""
+
+    kind: str  # "adapter" | "model"
+    path: Path
+    base: Path  # the base the weights come from (the model itself when not an adapter)
+    quant: str
+    device: str
+    markers: list[str] = field(default_factory=list)  # marker strings that are single tokens
+    doc_end_marker: str | None = None  # the book-end marker, when it is a single token
+    stop_ids: list[int] = field(default_factory=list)  # generation stops at any of these
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in (MANIFEST, *ADAPTER_FILES))
+
+
+def load_for_inference(path: str | Path, quant: str | None = None, device: str = "auto"):
+    """(model in eval mode, tokenizer, ModelInfo) for an adapter run, a merged model or a plain base."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path} (pass a `peftko lora-train` output, a `peftko merge` "
+                        "output or a local Hugging Face model folder)")
+    if path.is_dir() and is_adapter_dir(path):
+        model, tokenizer, info = _load_adapter(path, quant, device)
+    else:
+        model, tokenizer, info = _load_model(path, quant, device)
+    model.eval()
+    info.stop_ids = stop_ids(model, tokenizer, info.doc_end_marker)
+    return model, tokenizer, info
+
+
+def _load_adapter(run_dir: Path, quant: str | None, device: str):
+    manifest = read_manifest(run_dir)
+    base = check_base(manifest, None)
+    cfg = manifest["config"]
+    quant = quant or manifest.get("quantization", "none")
+    precision = pick_precision(device)
+    model, tokenizer = load_with_adapter(run_dir, base, manifest, quant, precision,
+                                         cfg.get("attn_implementation", "auto"))
+    markers = [m["marker"] for m in manifest["markers"]]
+    end = cfg.get("doc_end_marker") or None
+    info = ModelInfo("adapter", run_dir, base, quant, str(precision.device), markers,
+                     end if end in markers else None)
+    return model, tokenizer, info
+
+
+def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, precision, attn: str = "auto"):
+    """The base grown as training grew it, with the adapter applied (not merged), and the run's
+    tokenizer: for inference and for `peftko merge`. Consent given at training time
+    (--allow-pickle, --trust-remote-code) carries over; nothing more."""
+    cfg = manifest["config"]
+    remote = bool(cfg.get("trust_remote_code"))
+    tokenizer = load_tokenizer(run_dir, remote)
+    model = load_base(base, quant, precision, attn, remote, bool(cfg.get("allow_pickle")))
+    rows = manifest["vocab"]["rows_after"]
+    if model.get_input_embeddings().weight.shape[0] < rows:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    try:
+        return PeftModel.from_pretrained(model, run_dir), tokenizer
+    except SafetensorError as e:  # a damaged adapter from a run saved before its hash was recorded
+        raise UserError(f"cannot read {run_dir / 'adapter_model.safetensors'}: {e}. It was cut short "
+                        "or damaged: restore it, or train again.") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot apply the adapter in {run_dir}: {str(e).splitlines()[0]}") from None
+
+
+def _load_model(path: Path, quant: str | None, device: str):
+    path = resolve_model_path(str(path))
+    quant = quant or "none"
+    precision = pick_precision(device)
+    model = load_base(path, quant, precision)
+    tokenizer = load_tokenizer(path)
+    markers = added_markers(tokenizer)
+    end = DEFAULT_DOC_END if DEFAULT_DOC_END in markers else None
+    return model, tokenizer, ModelInfo("model", path, path, quant, str(precision.device), markers, end)
+
+
+def added_markers(tokenizer) -> list[str]:
+    """Markers a merged model carries: added, non-special tokens that look like markers."""
+    special = set(tokenizer.all_special_tokens)
+    rx = re.compile(DEFAULT_MARKER_PATTERN)
+    return sorted(t for t in tokenizer.get_added_vocab() if t not in special and rx.fullmatch(t))
+
+
+def stop_ids(model, tokenizer, doc_end_marker: str | None) -> list[int]:
+    """The base's eos id(s), the generation config's (merge adds the book-end marker there), the marker."""
+    ids: list[int] = []
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids += [] if value is None else ([value] if isinstance(value, int) else list(value))
+    if doc_end_marker:
+        ids.append(tokenizer.convert_tokens_to_ids(doc_end_marker))
+    return list(dict.fromkeys(ids))

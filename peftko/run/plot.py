@@ -1,0 +1,206 @@
+"""`peftko report RUN_DIR`: one picture of a run, RUN_DIR/report.png.
+
+Everything comes from the run directory: metrics.jsonl (one JSON object per log: loss, lr,
+grad_norm and tokens_seen from training; eval_loss from the held-out documents; a last line with
+the bits per character) and the "results" of peftko.json when the run finished. A run that is
+still going, or was stopped, is plotted as far as it got.
+
+Labels are Korean first. matplotlib's own font (DejaVu Sans) has no Hangul, so the NanumGothic
+file that the koreanize-matplotlib package ships (SIL Open Font License) is registered by path;
+importing that package instead would change matplotlib's global settings as a side effect.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from peftko.core.atomic import replaced_on_success
+from peftko.core.errors import UserError
+from peftko.run.layout import MANIFEST, METRICS, REPORT as REPORT_FILE
+
+FONT_PACKAGE, FONT_FILE = "koreanize_matplotlib", "fonts/NanumGothic.ttf"
+
+TOKENS = "학습한 토큰 수 (tokens seen)"
+TRAIN_LOSS = "학습 손실 (training loss)"
+EVAL_LOSS = "검증 손실 (held-out loss)"
+LOSS = "손실 (loss)"
+LR = "학습률 (learning rate)"
+GRAD_NORM = "기울기 노름 (gradient norm)"
+SKIPPED = "건너뛴 스텝 (skipped non-finite steps)"
+BPC = "문자당 비트 (bits per character), 낮을수록 좋음 (lower is better)"
+BPC_BARS = (  # results key, label, colour
+    ("bpc_base", "기본 모델\n(base, its own tokenizer)", "tab:gray"),
+    ("bpc_before", "마커 등록 후\n(markers registered)", "tab:blue"),
+    ("bpc_after", "학습 후\n(trained)", "tab:green"),
+)
+NOT_MEASURED = "측정하지 않음\n(not measured: no held-out documents)"
+
+
+@dataclass
+class RunHistory:
+    """What a run logged, split by kind of record."""
+
+    name: str
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+
+    @property
+    def non_finite(self) -> list[dict]:
+        """Logged training records whose loss or gradient norm is NaN/inf: steps the guard skipped."""
+        return [r for r in self.train if not all(_finite(r.get(k)) for k in ("loss", "grad_norm"))]
+
+
+def _finite(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+def read_history(run_dir: Path) -> RunHistory:
+    """metrics.jsonl and peftko.json of RUN_DIR, or a UserError saying what is missing."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS
+    if not metrics.is_file():
+        raise UserError(f"{metrics} not found: RUN_DIR must be the --output of `peftko lora-train` "
+                        "(it is written from the first logged step on)")
+    history = RunHistory(name=run_dir.resolve().name)
+    with open(metrics, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash or a full disk: plot the rest
+            if "loss" in record:
+                history.train.append(record)
+            elif "eval_loss" in record:
+                history.evals.append(record)
+            elif "bpc_after" in record:
+                history.results.update({k: v for k, v in record.items() if k.startswith("bpc_")})
+    history.results.update(_manifest_results(run_dir))
+    return history
+
+
+def _manifest_results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("results") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # an unfinished run has no peftko.json yet
+
+
+def hangul_font() -> Path:
+    """The NanumGothic file shipped by koreanize-matplotlib, found without importing the package."""
+    spec = importlib.util.find_spec(FONT_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / FONT_FILE
+        if path.is_file():
+            return path
+    raise UserError("the Korean font for report.png is missing; install it with: "
+                    "pip install koreanize-matplotlib")
+
+
+def _font_family() -> list[str]:
+    """Register NanumGothic with matplotlib; DejaVu Sans after it covers what Nanum lacks (the minus sign)."""
+    from matplotlib import font_manager
+
+    path = hangul_font()
+    name = font_manager.FontProperties(fname=path).get_name()
+    if not any(f.fname == str(path) for f in font_manager.fontManager.ttflist):
+        font_manager.fontManager.addfont(str(path))
+    return [name, "DejaVu Sans"]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Draw RUN_DIR/report.png (written to a temporary file, then renamed in) and return its path."""
+    import matplotlib
+    from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
+
+    run_dir = Path(run_dir)
+    history = read_history(run_dir)
+    if not history.train and not history.evals:
+        raise UserError(f"{run_dir / METRICS} holds no logged step yet: nothing to plot")
+    with matplotlib.rc_context({"font.family": _font_family(), "axes.grid": True, "grid.alpha": 0.3}):
+        fig = Figure(figsize=(12, 8), dpi=110, layout="constrained")
+        (loss_ax, lr_ax), (grad_ax, bpc_ax) = fig.subplots(2, 2)
+        _plot_loss(loss_ax, history)
+        _plot_line(lr_ax, history.train, "lr", LR, "tab:green")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        _plot_line(grad_ax, history.train, "grad_norm", GRAD_NORM, "tab:purple")
+        _mark_skipped(grad_ax, history)
+        _plot_bpc(bpc_ax, history.results)
+        steps = history.results.get("steps") or max(r["step"] for r in history.train + history.evals)
+        fig.suptitle(f"{history.name}: {steps} 스텝 (steps)", fontsize=14)
+        path = run_dir / REPORT_FILE
+        with replaced_on_success(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    return path
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    points = [(r.get("tokens_seen") or 0, r[key]) for r in records if r.get(key) is not None and _finite(r[key])]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _tokens_axis(ax, title: str) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    ax.set_title(title)
+    ax.set_xlabel(TOKENS)
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _plot_loss(ax, history: RunHistory) -> None:
+    ax.plot(*_series(history.train, "loss"), label=TRAIN_LOSS, color="tab:blue")
+    if history.evals:
+        ax.plot(*_series(history.evals, "eval_loss"), "o-", label=EVAL_LOSS, color="tab:orange")
+    _mark_skipped(ax, history)
+    _tokens_axis(ax, LOSS)
+    ax.legend()
+
+
+def _plot_line(ax, records: list[dict], key: str, title: str, color: str) -> None:
+    ax.plot(*_series(records, key), color=color)
+    _tokens_axis(ax, title)
+
+
+def _mark_skipped(ax, history: RunHistory) -> None:
+    """A red line where a logged step had a non-finite loss or gradient norm; the count in the legend."""
+    bad = history.non_finite
+    count = history.results.get("skipped_steps", len(bad))
+    for i, record in enumerate(bad):
+        ax.axvline(record.get("tokens_seen") or 0, color="tab:red", alpha=0.6,
+                   label=f"{SKIPPED}: {count}" if i == 0 else None)
+    if count and not bad:  # skipped between logged steps: say so without a position
+        ax.plot([], [], color="tab:red", label=f"{SKIPPED}: {count}")
+    if count:
+        ax.legend()
+
+
+def _plot_bpc(ax, results: dict) -> None:
+    ax.set_title(BPC)
+    bars = [(label, results[key], color) for key, label, color in BPC_BARS if results.get(key) is not None]
+    if not bars:
+        ax.text(0.5, 0.5, NOT_MEASURED, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    labels, values, colors = zip(*bars)
+    drawn = ax.bar(labels, values, color=colors)
+    ax.bar_label(drawn, fmt="%.3f")
+    ax.grid(False, axis="x")
+    ax.margins(y=0.15)
+
+
+# --- the end of lora-train
+def write_report_or_warn(output: Path) -> None:
+    """End of `lora-train`: a plot that fails must not fail a finished run, so it only warns."""
+    try:
+        path = write_report(output)
+    except Exception as e:  # noqa: BLE001 - the adapter is already saved; anything here is cosmetic
+        click.secho(f"warning: could not draw {Path(output) / REPORT_FILE} ({type(e).__name__}: {e}); "
+                    f"the run itself is complete. Try again with: peftko report {output}", fg="yellow", err=True)
+        return
+    click.echo(f"report: {path} (loss, learning rate, gradient norm, bits per character)")

@@ -1,0 +1,158 @@
+"""The run identity: what `--resume` continues, and what it refuses.
+
+OUTPUT/run.json records what the run trains on: the resolved config, a fingerprint of every
+corpus file, the tokenizer with its markers and the base (peftko.run.identity). `--resume`
+compares it with the present and names each difference; only keys that cannot change the trained
+result in a way the user did not ask for (RESUMABLE_KEYS) may differ without --force.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftko.core.atomic import write_json_atomic
+from peftko.core.config import LoraSettings, TrainConfig
+from peftko.core.errors import UserError
+from peftko.run.checkpoints import PREFIX, latest_checkpoint
+from peftko.run.layout import RUN_FILE
+
+# Keys that may change on --resume without --force. max_steps/epochs extend or shorten a run (the
+# LR schedule is recomputed for the new length from the resumed step on); the rest change how
+# often or where things are logged or saved, or how (not what) is computed. data and model are compared
+# by content (corpus and base fingerprints), so moving the files is not a change.
+RESUMABLE_KEYS = frozenset({
+    "output", "data", "model", "max_steps", "epochs", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "max_bad_steps", "num_proc", "device", "attn_implementation",
+    "gradient_checkpointing", "offload_checkpoints", "liger", "trust_remote_code", "allow_pickle", "skip_bad_files",
+    "report_to",
+})
+
+
+# How a step's blocks are split: over processes (torchrun), micro-batches and accumulation. Only
+# their product, the global batch, shapes the training and sets where a resumed run is in the
+# data (the Trainer skips global_step x global batch blocks of the same shuffled order), so a run
+# may resume on another number of GPUs when the product stays the same.
+SPLIT_KEYS = frozenset({"batch_size", "grad_accum"})
+
+
+def global_batch(identity: dict) -> int:
+    c = {**TrainConfig().to_dict(), **identity["config"]}
+    return c["batch_size"] * c["grad_accum"] * identity.get("processes", 1)
+
+
+def describe_batch(identity: dict) -> str:
+    c = {**TrainConfig().to_dict(), **identity["config"]}
+    return (f"{c['batch_size']} x {c['grad_accum']} accumulation x {identity.get('processes', 1)} "
+            f"process(es) = {global_batch(identity)}")
+
+
+def write_run_record(output: Path, identity: dict, **extra) -> None:
+    write_json_atomic(Path(output) / RUN_FILE, {"identity": identity, **extra})
+
+
+def read_run_record(output: Path) -> dict | None:
+    path = Path(output) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """Each difference that makes a resumed run something other than a continuation."""
+    changes = []
+    # A key added to TrainConfig after the run started reads as its default: that is what ran.
+    defaults = TrainConfig().to_dict()
+    oc, nc = {**defaults, **old["config"]}, {**defaults, **new["config"]}
+    for key in sorted(set(oc) | set(nc)):
+        if key not in RESUMABLE_KEYS | SPLIT_KEYS and oc.get(key) != nc.get(key):
+            changes.append(f"config {key}: {oc.get(key)!r} -> {nc.get(key)!r}")
+    if global_batch(old) != global_batch(new):
+        changes.append(f"global batch: {describe_batch(old)} -> {describe_batch(new)} blocks a step (a "
+                       "different batch, and a different place in the data; keep the product the same, "
+                       "e.g. half the processes and twice --grad-accum)")
+    changes += _corpus_changes(old["corpus"], new["corpus"])
+    if old["tokenizer"] != new["tokenizer"]:
+        changes.append("tokenizer: the base tokenizer or the registered markers differ")
+    if old["base"] != new["base"]:
+        changed = sorted(k for k in set(old["base"]["weights"]) | set(new["base"]["weights"])
+                         if old["base"]["weights"].get(k) != new["base"]["weights"].get(k))
+        what = "config.json" if old["base"]["config_sha256"] != new["base"]["config_sha256"] else ""
+        changes.append("base model: " + ", ".join(filter(None, [what, *changed])) + " differ")
+    return changes
+
+
+def _corpus_changes(old: list, new: list) -> list[str]:
+    if old == new:
+        return []
+    o, n = {e[0]: e for e in old}, {e[0]: e for e in new}
+    out = [f"corpus: {name} was added" for name in n if name not in o]
+    out += [f"corpus: {name} was removed" for name in o if name not in n]
+    out += [f"corpus: {name} changed (size {o[name][1]} -> {n[name][1]} bytes)"
+            for name in n if name in o and o[name] != n[name]]
+    return out or ["corpus: the files are read in a different order"]
+
+
+# --- resume
+def resume_point(output: Path) -> Path:
+    """The latest complete checkpoint, or a UserError saying why there is none."""
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        partial = [p.name for p in Path(output).glob(PREFIX + "*") if p.is_dir()]
+        why = (f" ({', '.join(sorted(partial))} incomplete)" if partial else
+               " (checkpoints are written every --save-steps, and when training is interrupted)")
+        raise UserError(f"--resume: {output} holds no complete checkpoint to resume from{why}. "
+                        "Start again without --resume (add --force to replace the directory).")
+    return checkpoint
+
+
+def check_resume(output: Path, identity: dict, force: bool) -> dict:
+    """Refuse a resume whose config, corpus or base changed, unless forced; returns run.json."""
+    record = read_run_record(output)
+    if record is None:
+        if force:
+            return {}
+        raise UserError(f"--resume: {output / RUN_FILE} is missing, so peftko cannot check that the "
+                        "config, corpus and base are unchanged. Pass --force to resume anyway.")
+    changes = identity_changes(record["identity"], identity)
+    if changes and not force:
+        listing = "\n".join(f"  - {c}" for c in changes)
+        raise UserError(f"--resume: this is not the run in {output}:\n{listing}\n"
+                        "Undo the change, train into a new --output, or pass --force to continue anyway.")
+    return record
+
+
+def check_adapter_shape(checkpoint: Path, record: dict | None, lora: LoraSettings, tokens) -> None:
+    """A checkpoint holds matrices of one LoRA rank, on one set of modules, and one set of marker
+    rows: no --force can load them into another shape, so a changed shape is always refused."""
+    changes = _shape_changes(checkpoint, record or {}, lora, tokens)
+    if changes:
+        raise UserError(f"--resume cannot continue from {checkpoint}: the adapter's shape changed "
+                        f"({'; '.join(changes)}), and the checkpoint holds matrices of the old shape "
+                        "(--force cannot change that). Undo the change, or train into a new --output.")
+
+
+def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, tokens) -> list[str]:
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    changes = []
+    if saved.get("r") not in (None, lora.r):
+        changes.append(f"lora_r {saved['r']} -> {lora.r}")
+    old_modules = record.get("identity", {}).get("config", {}).get("target_modules")
+    if old_modules is not None and _modules(old_modules) != _modules(lora.target_modules):
+        changes.append(f"target_modules {old_modules} -> {lora.target_modules}")
+    rows = saved.get("trainable_token_indices") or []
+    rows = sorted(next(iter(rows.values()), []) if isinstance(rows, dict) else rows)
+    if "r" in saved and rows != sorted(t.id for t in tokens):
+        changes.append(f"marker rows: {len(rows)} -> {len(tokens)}" if len(rows) != len(tokens)
+                       else "marker rows: other markers or token ids")
+    return changes
+
+
+def _modules(target_modules) -> set[str] | str:
+    return target_modules if isinstance(target_modules, str) else set(target_modules)

@@ -1,0 +1,302 @@
+"""One training run, as the steps a reader expects: tokenizer -> data -> model -> train -> save.
+
+Each step takes what it needs and returns what it makes; only `setup()` and `run()` store
+results on the session, so the order of the steps is the order of the lines there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from peftko import __version__
+from peftko.core import distributed
+from peftko.core.config import TrainConfig
+from peftko.core.errors import Interrupted
+from peftko.core.paths import peftko_home
+from peftko.core.signals import Stopper
+from peftko.evaluate.heldout import bits_per_char, held_out_nll
+from peftko.model.base import load_tokenizer
+from peftko.model.builder import TrainableModel, load, make_trainable
+from peftko.model.token_rows import register_markers
+from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
+from peftko.run.identity import fingerprint_base, run_identity
+from peftko.run.layout import MANIFEST, METRICS
+from peftko.run.output import save_final
+from peftko.run.ownership import remove_entries
+from peftko.run.plot import write_report_or_warn
+from peftko.run.resume import check_adapter_shape, check_resume, read_run_record, resume_point, write_run_record
+from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
+from peftko.train.collate import PackedCollator
+from peftko.train.disk import check_disk_space, output_bytes_needed
+from peftko.train.gpu_memory import peak_gib, reset_peak
+from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
+from peftko.train.oom import translate_oom
+from peftko.train.packing import PackedData, pack_texts, prepare_data
+from peftko.train.rerun import resume_command
+from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps
+
+
+@dataclass
+class Results:
+    """What the run measured; written into peftko.json under "results"."""
+
+    bpc_base: float | None = None  # held-out bits per character of the base, its own tokenizer
+    kernels: str | None = None
+    bpc_before: float | None = None  # with the markers registered, before training
+    train_loss: float | None = None
+    steps: int | None = None
+    skipped_steps: int | None = None
+    eval_loss: float | None = None  # absent from the manifest without held-out data
+    bpc_after: float | None = None
+    gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
+    gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        for optional in ("eval_loss", "gpu_peak_load_gib", "gpu_peak_train_gib"):
+            if record[optional] is None:
+                del record[optional]
+        return record
+
+
+class TrainingSession:
+    def __init__(self, cfg: TrainConfig, model_path: Path, precision, output: Path, markers, files,
+                 stopper=None, replace: list[Path] = ()):
+        self.cfg, self.model_path, self.precision = cfg, model_path, precision
+        self.output, self.markers, self.files = output, markers, files
+        # stopper: the command's signal handler (peftko.core.signals); replace: what --force removes
+        self.stopper, self.replace = stopper or Stopper("before training began"), list(replace)
+        self.results = Results()
+        self.checkpoint: Path | None = None  # what --resume continues from
+
+    def run(self, resume: bool = False, force: bool = False) -> int:
+        self.checkpoint = resume_point(self.output) if resume else None  # before any slow step
+        distributed.on_main(lambda: clean_leftovers(self.output))
+        self.setup(force)
+        self.check_disk()
+        self.results.gpu_peak_load_gib = peak_gib(self.precision.device)
+        reset_peak(self.precision.device)
+        with translate_oom(self.cfg.memory_levers(), "training"):
+            if self.checkpoint is None:
+                self.results.bpc_before = self.held_out_bpc()
+            self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
+            self.trainer = self.make_trainer(self.guard)
+            self.results.train_loss, self.results.steps = self.train(self.trainer, self.guard)
+            self.results.skipped_steps = self.guard.skipped
+        self.results.gpu_peak_train_gib = peak_gib(self.precision.device)
+        if self.results.gpu_peak_train_gib is not None:
+            click.echo(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
+                       f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
+        if self.stopper.agreed():
+            return self.stop_with_checkpoint()
+        return self.finish()
+
+    # --- setup
+    def setup(self, force: bool = False) -> None:
+        """Tokenizer, data, the run's identity (checked against --resume), then the model."""
+        self.tokenizer, self.vocab_before, self.tokens = self.setup_tokenizer()
+        self.data = self.setup_data(self.tokenizer)
+        self.fingerprint = fingerprint_base(self.model_path)
+        # processes: data-parallel runs resume on another count only with the same global batch
+        self.identity = {**run_identity(self.cfg.to_dict(), self.files, self.tokenizer, self.fingerprint),
+                         "processes": distributed.world_size()}
+        if self.checkpoint is not None:
+            # Held-out bpc before training was measured on the untrained model: keep that number.
+            self.results.bpc_before = self.check_identity(self.checkpoint, self.identity, force)
+        with translate_oom(self.cfg.memory_levers(), "loading the model"):
+            self.results.bpc_base, self.built = self.setup_model(self.tokenizer, self.tokens)
+        self.results.kernels = self.built.kernels
+        self.model = self.built.model
+        self.collator = PackedCollator.for_model(self.tokenizer, self.model.get_base_model(), self.precision.dtype)
+
+    def setup_tokenizer(self):
+        """The tokenizer with the markers registered, its size before, and the marker tokens."""
+        tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
+        vocab_before = len(tokenizer)
+        tokens = register_markers(tokenizer, self.markers)
+        echo_markers(tokens)
+        return tokenizer, vocab_before, tokens
+
+    def setup_data(self, tokenizer) -> PackedData:
+        # Data-parallel: rank 0 builds the cache, the other ranks then read it (never build it twice).
+        d = distributed.main_first(
+            lambda: prepare_data(self.files, tokenizer, self.cfg.blocks(), peftko_home() / "datasets"))
+        click.echo(
+            f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
+            f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
+            + (" (from cache)" if d.from_cache else "")
+        )
+        if note := passes_note(self.cfg.steps(), len(d.train)):
+            click.echo(note)
+        return d
+
+    def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
+        """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
+        changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
+        check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), self.tokens)
+        record = check_resume(self.output, identity, force)
+        click.echo(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
+        return record.get("bpc_before")
+
+    def setup_model(self, tokenizer, tokens) -> tuple[float | None, TrainableModel]:
+        """Load the base, measure it as loaded, then make it trainable."""
+        cfg = self.cfg
+        click.echo(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype_name}, {self.precision.device})")
+        base = load(self.model_path, cfg.base_loading(), self.precision)
+        bpc_base = self.base_bpc(base)
+        built = make_trainable(base, tokenizer, tokens, cfg.lora(), self.precision, cfg.liger, cfg.seed)
+        if built.kernels:
+            click.echo(built.kernels)
+        click.echo(f"trainable parameters: {built.trainable_params:,} "
+                   f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows)")
+        return bpc_base, built
+
+    def check_disk(self) -> None:
+        tokenizer_bytes = sum(f.stat().st_size for f in self.model_path.glob("*token*") if f.is_file())
+        need = output_bytes_needed(self.built.trainable_params, self.cfg.save_steps, self.cfg.save_total_limit,
+                                   tokenizer_bytes, planned_steps(self.cfg.steps(), len(self.data.train)))
+        check_disk_space(self.output, need)
+
+    # --- measure, train, save
+    def base_bpc(self, model) -> float | None:
+        """Held-out bits per character of the base as loaded, with its own tokenizer (markers in pieces:
+        bits per character compare across tokenizers). Loaded here, only with a held-out split: a
+        262k-entry tokenizer takes seconds to load."""
+        if self.data.val_text is None:
+            return None
+        base_tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
+        blocks = pack_texts(self.data.val_text["text"], base_tokenizer, self.cfg.seq_len)
+        collator = PackedCollator.for_model(base_tokenizer, model, self.precision.dtype)
+        return self.shared_bpc(model, blocks, collator)
+
+    def held_out_bpc(self) -> float | None:
+        if self.data.val is None:
+            return None
+        return self.shared_bpc(self.model, self.data.val, self.collator)
+
+    def shared_bpc(self, model, blocks, collator) -> float:
+        """Bits per character over all the held-out blocks: data-parallel, each rank measures its
+        share and the sums are added, so every block counts once (the unwrapped model: no DDP sync)."""
+        nll, _ = held_out_nll(model, distributed.my_share(blocks), collator, self.cfg.batch_size,
+                              self.precision.device)
+        (nll,) = distributed.sum_over_ranks(nll)
+        return bits_per_char(nll, self.data.val_chars)
+
+    def make_trainer(self, guard):
+        return make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
+                            self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit)])
+
+    def train(self, trainer, guard) -> tuple[float, int]:
+        """trainer.train() with the stop-on-signal and non-finite guards around it: (loss, steps)."""
+        with self.stopper.during("train"):
+            resume = str(self.checkpoint) if self.checkpoint else None
+            result = trainer.train(resume_from_checkpoint=resume)
+        if guard.diverged:
+            raise guard.diverged_error(self.cfg.lr, self.cfg.embedding_lr, self.output, latest_checkpoint(self.output))
+        check_finite_parameters(self.model, self.cfg.lr, self.cfg.embedding_lr)
+        return result.training_loss, trainer.state.global_step
+
+    def commit(self) -> None:
+        """The run's first write, once every check has passed and the trainer has loaded what it
+        resumes from: remove what --force replaces, trim the log, record the run (rank 0 only)."""
+        if not distributed.is_main():
+            return
+        remove_entries(self.replace, first=MANIFEST)
+        extra = {"bpc_before": self.results.bpc_before}
+        if self.checkpoint is not None:
+            trim_metrics(self.output, step_of(self.checkpoint))
+            extra["resumed_from"] = self.checkpoint.name
+        write_run_record(self.output, self.identity, **extra)
+
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """(eval_loss, bpc_after) on the held-out data, None without it."""
+        eval_loss = final_eval_loss(self.trainer) if self.data.val is not None else None
+        return eval_loss, self.held_out_bpc()
+
+    def manifest(self) -> dict:
+        built = self.built
+        return {
+            "peftko_version": __version__,
+            "base_model": str(self.model_path.resolve()),
+            "base_fingerprint": self.fingerprint,
+            "markers": [t.to_json() for t in built.tokens],
+            "vocab": {"tokenizer_before": self.vocab_before, "tokenizer_after": len(self.tokenizer),
+                      "rows_before": built.rows_before, "rows_after": built.rows_after},
+            "tied_embeddings": built.tied,
+            "quantization": self.cfg.quant,
+            "compute_dtype": self.precision.dtype_name,
+            "config": self.cfg.to_dict(),
+            # What the model card reports; tokens are the training documents' (held-out ones apart).
+            "corpus": {"documents": self.data.train_docs + self.data.val_docs,
+                       "characters": sum(f.chars for f in self.files), "tokens": self.data.train_tokens},
+            "results": self.results.to_json(),
+        }
+
+    def finish(self) -> int:
+        """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
+        instead; one during the save lets the save complete, then stops."""
+        # Data-parallel, the evaluation is shared: no rank may leave it alone, so a signal waits for its end.
+        phase = "evaluate together" if distributed.active() else "evaluate"
+        try:
+            with self.stopper.during(phase), translate_oom(self.cfg.memory_levers(), "evaluating"):
+                self.results.eval_loss, self.results.bpc_after = self.evaluate()
+        except Interrupted:
+            return self.stop_with_checkpoint()
+        if distributed.active() and self.stopper.agreed():
+            return self.stop_with_checkpoint()
+        if not distributed.is_main():
+            return self.stopper.exit_code  # rank 0 writes the adapter and the report
+        with self.stopper.during("save"):
+            log_bpc(self.output, self.results)
+            save_final(self.output, self.model, self.tokenizer, self.manifest())
+        echo_done(self.output, self.results)
+        write_report_or_warn(self.output)
+        if self.stopper.signum:
+            click.echo(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
+                       "the run is complete.", err=True)
+        return self.stopper.exit_code
+
+    def stop_with_checkpoint(self) -> int:
+        with self.stopper.during("save"):
+            self.trainer.save_checkpoint_now()
+        return echo_stopped(self.output, self.stopper)
+
+
+def echo_stopped(output: Path, stopper) -> int:
+    click.echo(f"peftko: stopped by {stopper.name}; checkpoint written to {latest_checkpoint(output)}.\n"
+               f"Continue with: {resume_command(output)}", err=True)
+    return stopper.exit_code
+
+
+def echo_markers(tokens) -> None:
+    if not tokens:
+        return
+    click.echo("markers registered (one token each):")
+    width = max(len(t.marker) for t in tokens)
+    for t in tokens:
+        click.echo(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
+
+
+def log_bpc(output: Path, results: Results) -> None:
+    if results.bpc_before is None:
+        return
+    record = {"step": results.steps, "bpc_base": results.bpc_base,
+              "bpc_before": results.bpc_before, "bpc_after": results.bpc_after}
+    with open(output / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def echo_done(output: Path, results: Results) -> None:
+    if results.bpc_before is not None:
+        base = results.bpc_base
+        click.echo("held-out bits per character: "
+                   + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
+                   + f"{results.bpc_before:.3f} with the markers registered, "
+                   f"{results.bpc_after:.3f} after training")
+    click.echo(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
+    click.echo(f"next: peftko merge {output} --output {output}-merged")

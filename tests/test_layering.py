@@ -1,0 +1,107 @@
+"""The folder tree is the architecture: each subpackage is a layer, and a layer imports only from
+itself and the layers below it, with no import cycle anywhere.
+
+Read from the source with `ast` (nothing is imported), so a violation fails here even when no
+test happens to execute the offending line.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "peftko"
+# Lowest first. The package root only holds __version__, so every layer may read it.
+LAYERS = ("core", "corpus", "run", "model", "evaluate", "train", "merge", "commands", "cli", "__main__")
+# Imports of peftko's own modules inside a function, and why each is lazy. The CLI imports each
+# command's module inside the command (`peftko --help` without torch); `peftko markers` loads a
+# tokenizer (torch, transformers) only when --model asks for one.
+LAZY = {"peftko.cli", "peftko.commands.markers"}
+MAX_LINES = 500
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, bool]]:
+    """(imported peftko module, inside a function?) for every import statement in the module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    in_function = {id(node) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for node in ast.walk(f) if node is not f}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                package = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{package}.{base}".rstrip(".")
+            # `from peftko.model import base` imports the module peftko.model.base
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        found += [(t, id(node) in in_function) for t in targets if t == "peftko" or t.startswith("peftko.")]
+    return found
+
+
+def layer(module: str) -> int | None:
+    """The layer's rank; None for the package root, which any layer may import."""
+    parts = module.split(".")
+    return None if len(parts) == 1 else LAYERS.index(parts[1])
+
+
+GRAPH = {name: imports(name, path, set(modules())) for name, path in modules().items()}
+
+
+def test_every_module_sits_in_a_known_layer():
+    unknown = [m for m in GRAPH if m != "peftko" and m.split(".")[1] not in LAYERS]
+    assert not unknown, f"put these modules into one of the layers {LAYERS}: {unknown}"
+
+
+def test_no_layer_imports_a_layer_above_it():
+    upward = [f"{m} imports {t}" for m, targets in GRAPH.items() for t, _ in targets
+              if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_there_is_no_import_cycle():
+    edges = {m: {t for t, _ in targets if t in GRAPH and t != m} for m, targets in GRAPH.items()}
+    done, path = set(), []
+
+    def visit(m: str) -> None:
+        if m in path:
+            pytest.fail("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for t in sorted(edges[m]):
+            visit(t)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(edges):
+        visit(m)
+
+
+def test_imports_are_at_the_top_except_where_laziness_is_the_point():
+    lazy = [f"{m} imports {t} inside a function" for m, targets in GRAPH.items() for t, inner in targets
+            if inner and m not in LAZY]
+    assert not lazy, "\n".join(lazy)
+    total = sum(len(targets) for targets in GRAPH.values())
+    inner = sum(inner for targets in GRAPH.values() for _, inner in targets)
+    assert inner <= 0.15 * total, (inner, total)
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    long = {m: n for m, p in modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"split these modules by responsibility: {long}"
