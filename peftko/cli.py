@@ -13,21 +13,22 @@ import dataclasses
 import os
 import sys
 import typing
-import warnings
 
 import rich_click as click
 
 from peftko.core.config import FIELDS, GROUPS, TrainConfig, load_config
 from peftko.core.errors import Interrupted, UserError
+from peftko.core.quiet import keep_libraries_offline_and_quiet
 from peftko.core.signals import Stopper
 from peftko.merge.gguf import DEFAULT_TYPE, GgufOptions, TYPES as GGUF_TYPES
 
-
-# peft still asks transformers 5 for the old attribute name; the user can do nothing about it.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+keep_libraries_offline_and_quiet()  # before any command imports torch, peft or bitsandbytes
 
 
 RUN = "실행 (run)"
+INFERENCE_DTYPE = dict(type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                       help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
+                            "the dtype the run trained or the merge wrote in; auto for other folders]")
 
 
 class _Group(click.RichGroup):
@@ -204,9 +205,10 @@ def markers(paths, model, as_json, strict, pattern, jsonl_field):
 @click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
               "(default: as trained for an adapter, none for a model folder).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", **INFERENCE_DTYPE)
 @click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
+def eval_(model, data, seq_len, batch_size, quant, device, dtype, pattern, as_json):
     """Bits per character of a corpus, with and without the markers, and per marker.
 
     MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
@@ -214,7 +216,7 @@ def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
     _no_library_bars_in_files()
     from peftko.commands.eval import run_eval
 
-    run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device,
+    run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device, dtype=dtype,
              pattern=pattern, as_json=as_json)
 
 
@@ -233,6 +235,7 @@ def eval_(model, data, seq_len, batch_size, quant, device, pattern, as_json):
 @click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
               "(default: as trained for an adapter, none for a model folder).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", **INFERENCE_DTYPE)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
 def generate(model, prompt, prompt_file, as_json, **options):
     """Continue a prompt, streaming token by token; markers are printed as written.

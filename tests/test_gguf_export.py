@@ -193,7 +193,7 @@ def test_without_the_converter_says_how_to_get_it(tiny_run, tmp_path, monkeypatc
         monkeypatch.setenv("PEFTKO_LLAMA_CPP", str(tmp_path / "llama.cpp"))
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
-    assert "pip download --no-deps --no-binary :all: llama-cpp-python" in r.output
+    assert "pip download --no-deps --no-binary llama-cpp-python llama-cpp-python" in r.output
     assert "--llama-cpp DIR" in r.output and "PEFTKO_LLAMA_CPP" in r.output
     if where == "empty":
         assert "holds no convert_hf_to_gguf.py" in r.output

@@ -6,6 +6,8 @@ real run gets past every check that needs no weights.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
@@ -137,9 +139,28 @@ def test_many_passes_over_a_small_corpus_are_announced():
     from peftko.train.trainer import passes_note
 
     cfg = TrainConfig(max_steps=80, batch_size=4, grad_accum=1)
-    assert "5.9 passes over 54 training blocks" in passes_note(cfg.steps(), 54)
+    # 14 steps a pass (13 of 4 blocks, the last of 2): 5 passes and 10 steps of 4 blocks.
+    assert "80 steps train 310 blocks = 5.7 passes over 54 training blocks" in passes_note(cfg.steps(), 54)
     assert passes_note(TrainConfig(max_steps=10, batch_size=4, grad_accum=1).steps(), 54) is None
     assert passes_note(TrainConfig(max_steps=-1, epochs=5).steps(), 54) is None  # asked for in epochs: no surprise
+
+
+def test_a_training_set_smaller_than_a_step_is_said_and_counted_as_trained(tiny_bases, small_corpus, tmp_path):
+    """Fewer blocks than batch_size x grad_accum: every step trains the blocks there are, and the
+    notes and peftko.json say so (the Trainer's own count of tokens is the check)."""
+    corpus = tmp_path / "one"
+    corpus.mkdir()
+    shutil.copy(sorted(small_corpus.glob("*.txt"))[0], corpus / "book.txt")
+    out = tmp_path / "run"
+    result = invoke(*train_args(tiny_bases["llama-tied"], corpus, out, "--seq-len", "1024", "--batch-size", "4",
+                                "--max-steps", "5", "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    blocks, block_len = map(int, re.search(r"(\d+) blocks? of (\d+) tokens", result.output).groups())
+    assert blocks < 4
+    assert "fewer than the 4 a step takes (batch_size 4 x grad_accum 1)" in result.output
+    assert f"5 steps train {5 * blocks} blocks" in result.output
+    results = json.loads((out / "peftko.json").read_text(encoding="utf-8"))["results"]
+    assert results["tokens_seen"] == 5 * blocks * block_len
 
 
 def test_a_relative_base_path_is_recorded_absolute(tiny_bases, small_corpus, tmp_path, monkeypatch):

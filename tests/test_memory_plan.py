@@ -156,6 +156,7 @@ def test_dry_run_prints_the_plan_without_weights(weightless_tiny_base, monkeypat
         assert part in out
     assert "fits in 12 GiB: yes, 24 GiB: yes" in out
     assert "4 x 256 x" in out
+    assert "far too slow on a CPU" not in out  # a tiny model trains on the CPU (the demo)
 
 
 def test_dry_run_on_an_8b_config_alone(tmp_path: Path):
@@ -171,6 +172,10 @@ def test_dry_run_on_an_8b_config_alone(tmp_path: Path):
     assert "training peak 9.78" in liger_line and "evaluation 6.4" in liger_line
     assert "fits in 12 GiB: yes, 24 GiB: yes" in liger_line  # measured: 9.50 GiB, 10.23 reserved on an H100
     assert "GiB of RAM" in out
+    # 6 FLOPs per parameter and token, 4 x 4 x 2048 tokens a step: a CPU run of this is a plan for a GPU.
+    cpu_line = next(line for line in out.splitlines() if line.startswith("this run is on the CPU"))
+    assert "one step of 32,768 tokens is about 1.6e+15 floating-point operations" in cpu_line
+    assert "far too slow on a CPU: plan the run for a CUDA card" in cpu_line
     # Offloaded checkpoints: 32 layers x 8192 tokens x 4096 x 2 bytes leave the GPU for pinned RAM.
     offload = dry_run(tmp_path, "--seq-len", "2048", "--batch-size", "4", "--offload-checkpoints")
     assert offload.exit_code == 0, offload.output

@@ -91,13 +91,16 @@ def run_card_code(folder: Path, monkeypatch) -> dict:
 
 
 def test_card_code_loads_the_adapter_as_peftko_does(tiny_run, monkeypatch):
-    """transformers + peft alone, resized to the recorded rows, give peftko's own logits."""
+    """transformers + peft alone, resized to the recorded rows, give peftko's own logits.
+
+    The card loads with dtype="auto", the base's own float32; peftko computes in the run's recorded
+    dtype (bfloat16 where the CPU has AVX512-BF16), so the comparison asks for float32."""
     from peftko.model.reload import load_for_inference
 
     scope = run_card_code(tiny_run, monkeypatch)
     plain, plain_tok = scope["model"], scope["tokenizer"]
     assert type(plain).__name__ == "PeftModelForCausalLM"
-    ours, tokenizer, _ = load_for_inference(tiny_run, quant="none", device="cpu")
+    ours, tokenizer, _ = load_for_inference(tiny_run, quant="none", device="cpu", dtype="float32")
     ids = tokenizer(KOREAN)["input_ids"]
     assert plain_tok(KOREAN)["input_ids"] == ids
     assert tokenizer.convert_tokens_to_ids("|SOUND|>") in ids  # markers are single tokens in both

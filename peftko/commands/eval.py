@@ -15,14 +15,14 @@ from peftko.model.reload import load_for_inference
 
 def run_eval(model_path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
              quant: str | None = None, device: str = "auto", pattern: str | None = None,
-             as_json: bool = False) -> dict:
-    model, tokenizer, info = load_for_inference(model_path, quant, device)
+             as_json: bool = False, dtype: str | None = None) -> dict:
+    model, tokenizer, info = load_for_inference(model_path, quant, device, dtype)
     docs, found = read_documents(data, pattern or DEFAULT_MARKER_PATTERN,
                                  doc_end_marker=info.doc_end_marker or DEFAULT_DOC_END)
     seq_len = seq_len or default_seq_len(model)
     scores = evaluate_texts(model, tokenizer, docs, sorted({*found, *info.markers}), seq_len, batch_size,
                             next(model.parameters()).device)
-    result = {"model": str(info.path), "seq_len": seq_len, **scores.to_json()}
+    result = {"model": str(info.path), "seq_len": seq_len, "dtype": info.dtype, **scores.to_json()}
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else render(result))
     return result
 
@@ -33,7 +33,8 @@ def _fmt(x, spec=".3f") -> str:
 
 def render(r: dict) -> str:
     lines = [f"{r['documents']} documents, {r['chars']:,} characters, {r['tokens']:,} tokens "
-             f"({_fmt(r['tokens_per_char'])} tokens per character; windows of {r['seq_len']} tokens)",
+             f"({_fmt(r['tokens_per_char'])} tokens per character; windows of {r['seq_len']} tokens, "
+             f"computed in {r['dtype']})",
              f"bits per character, whole text:    {_fmt(r['bits_per_char'])}",
              f"bits per character, story text:    {_fmt(r['bits_per_char_text'])} "
              f"({r['text_chars']:,} characters outside markers)"]

@@ -34,7 +34,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: bool = False) -> int:
-    model, tokenizer, info = load_for_inference(model_path, opts.quant, opts.device)
+    model, tokenizer, info = load_for_inference(model_path, opts.quant, opts.device, opts.dtype)
     transformers.set_seed(opts.seed)  # once: the samples differ from each other, and repeat as a set
     for i in range(opts.num_samples):
         if as_json:

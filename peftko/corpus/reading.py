@@ -86,7 +86,8 @@ def choose_markers(corpus: CorpusSettings, report: CorpusReport) -> list[str]:
         if any(not m.strip() for m in corpus.markers):
             raise UserError("markers: an explicit marker list must not contain empty strings")
         markers = list(dict.fromkeys(corpus.markers))
-        warn_unlisted(markers, report)
+        if markers:  # an empty list registers nothing on purpose (ablate's as-text variant)
+            warn_unlisted(markers, report)
     refuse_overlaps(markers)
     return markers
 

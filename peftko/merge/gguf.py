@@ -44,7 +44,7 @@ MODELFILE = "Modelfile"
 PACKAGES = ("sentencepiece", "gguf")
 GET_IT = (
     "Get it with\n"
-    "  pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz\n"
+    "  pip download --no-deps --no-binary llama-cpp-python llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz\n"
     "(the unpacked llama_cpp_python-* folder holds it in vendor/llama.cpp/), or use a checkout of llama.cpp "
     f"(ggml-org/llama.cpp); then pass --llama-cpp DIR or set {ENV}=DIR."
 )

@@ -25,6 +25,7 @@ class GenerateOptions:
     num_samples: int = 1
     quant: str | None = None
     device: str = "auto"
+    dtype: str | None = None  # None: as the run or the merged model records it
 
 
 @dataclass

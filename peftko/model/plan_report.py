@@ -45,7 +45,7 @@ def echo_plan(cfg: TrainConfig, model_path: Path, precision: Precision, markers:
     if not on_cuda:
         ram = plan_memory(shape, compute_bytes=_dtype_bytes(precision.dtype), liger=False, **kwargs)
         lines.append(f"this run is on the CPU ({str(precision.dtype).replace('torch.', '')}): "
-                     f"about {max(ram.peak, ram.loading) / GIB:.1f} GiB of RAM")
+                     f"about {max(ram.peak, ram.loading) / GIB:.1f} GiB of RAM" + _cpu_warning(shape, cfg))
     if processes > 1 or cfg.max_steps > 0:
         lines.append(batch_line(cfg.steps(), processes))
     if stats and abs(stats[0] - shape.total_params) > 0.05 * stats[0]:
@@ -54,6 +54,20 @@ def echo_plan(cfg: TrainConfig, model_path: Path, precision: Precision, markers:
     for line in lines:
         click.echo(line)
     return plan
+
+
+CPU_PRACTICAL_PARAMS = 1e9  # above this, a CPU run is a plan for a GPU, not a run to wait for
+
+
+def _cpu_warning(shape: ModelShape, cfg: TrainConfig) -> str:
+    """Training costs about 6 FLOPs per parameter and token (forward and backward): say what that
+    means for a step of this model, which on a CPU is a matter of hours, not seconds."""
+    if shape.total_params < CPU_PRACTICAL_PARAMS:
+        return ""
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    return (f"; but one step of {tokens:,} tokens is about {6 * shape.total_params * tokens:.1e} floating-point "
+            f"operations for {shape.total_params / 1e9:.1f} B parameters, far too slow on a CPU: plan the run "
+            "for a CUDA card (the table above)")
 
 
 def _shape(model_path: Path) -> ModelShape | None:

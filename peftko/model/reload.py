@@ -7,6 +7,10 @@ MODEL may be
     adapter applied with peft, and the tokenizer (markers included) from the run directory;
   - a `peftko merge` output or any local Hugging Face model directory: loaded as it is
     (unquantized unless `quant` says otherwise).
+It computes in the dtype the result records (the run's compute dtype in peftko.json, the dtype a
+merge wrote in peftko-merge.json), so the numbers are the same on every CPU and match what
+transformers gives for the merged model; `dtype` overrides that ("auto": the device's fastest
+exact-enough type, which is also the choice for a folder peftko did not write).
 Every bad path or changed base is a UserError (exit 2), with the same messages as training and merge.
 """
 
@@ -16,14 +20,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 from peft import PeftModel
 from safetensors import SafetensorError
 
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
-from peftko.model.base import load_base, load_tokenizer, pick_precision, resolve_model_path
-from peftko.run.layout import ADAPTER_FILES, MANIFEST
-from peftko.run.manifest import check_base, read_manifest
+from peftko.model.base import Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
+from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
+from peftko.run.manifest import check_base, read_json_object, read_manifest
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ModelInfo:
     base: Path  # the base the weights come from (the model itself when not an adapter)
     quant: str
     device: str
+    dtype: str  # what the model computes in: "float32", "bfloat16" or "float16"
     markers: list[str] = field(default_factory=list)  # marker strings that are single tokens
     doc_end_marker: str | None = None  # the book-end marker, when it is a single token
     stop_ids: list[int] = field(default_factory=list)  # generation stops at any of these
@@ -44,32 +52,34 @@ def is_adapter_dir(path: Path) -> bool:
     return any((path / name).exists() for name in (MANIFEST, *ADAPTER_FILES))
 
 
-def load_for_inference(path: str | Path, quant: str | None = None, device: str = "auto"):
-    """(model in eval mode, tokenizer, ModelInfo) for an adapter run, a merged model or a plain base."""
+def load_for_inference(path: str | Path, quant: str | None = None, device: str = "auto", dtype: str | None = None):
+    """(model in eval mode, tokenizer, ModelInfo) for an adapter run, a merged model or a plain base.
+
+    dtype None: as the result records it (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path} (pass a `peftko lora-train` output, a `peftko merge` "
                         "output or a local Hugging Face model folder)")
     if path.is_dir() and is_adapter_dir(path):
-        model, tokenizer, info = _load_adapter(path, quant, device)
+        model, tokenizer, info = _load_adapter(path, quant, device, dtype)
     else:
-        model, tokenizer, info = _load_model(path, quant, device)
+        model, tokenizer, info = _load_model(path, quant, device, dtype)
     model.eval()
     info.stop_ids = stop_ids(model, tokenizer, info.doc_end_marker)
     return model, tokenizer, info
 
 
-def _load_adapter(run_dir: Path, quant: str | None, device: str):
+def _load_adapter(run_dir: Path, quant: str | None, device: str, dtype: str | None):
     manifest = read_manifest(run_dir)
     base = check_base(manifest, None)
     cfg = manifest["config"]
     quant = quant or manifest.get("quantization", "none")
-    precision = pick_precision(device)
+    precision = inference_precision(device, dtype, manifest.get("compute_dtype"), "the run trained")
     model, tokenizer = load_with_adapter(run_dir, base, manifest, quant, precision,
                                          cfg.get("attn_implementation", "auto"))
     markers = [m["marker"] for m in manifest["markers"]]
     end = cfg.get("doc_end_marker") or None
-    info = ModelInfo("adapter", run_dir, base, quant, str(precision.device), markers,
+    info = ModelInfo("adapter", run_dir, base, quant, str(precision.device), precision.dtype_name, markers,
                      end if end in markers else None)
     return model, tokenizer, info
 
@@ -94,15 +104,32 @@ def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, pre
         raise UserError(f"cannot apply the adapter in {run_dir}: {str(e).splitlines()[0]}") from None
 
 
-def _load_model(path: Path, quant: str | None, device: str):
+def _load_model(path: Path, quant: str | None, device: str, dtype: str | None):
     path = resolve_model_path(str(path))
     quant = quant or "none"
-    precision = pick_precision(device)
+    recorded = read_json_object(path / MERGE_MARK).get("dtype")  # a folder peftko did not write records none
+    precision = inference_precision(device, dtype, recorded, "the merge wrote")
     model = load_base(path, quant, precision)
     tokenizer = load_tokenizer(path)
     markers = added_markers(tokenizer)
     end = DEFAULT_DOC_END if DEFAULT_DOC_END in markers else None
-    return model, tokenizer, ModelInfo("model", path, path, quant, str(precision.device), markers, end)
+    return model, tokenizer, ModelInfo("model", path, path, quant, str(precision.device), precision.dtype_name,
+                                       markers, end)
+
+
+def inference_precision(device: str, dtype: str | None, recorded, what: str) -> Precision:
+    """--dtype when given, else the recorded dtype where this device can compute in it, else auto."""
+    if dtype is not None:
+        return pick_precision(device, dtype)
+    if recorded in DTYPES:
+        try:
+            return pick_precision(device, recorded)
+        except UserError:  # float16 from a CUDA run, on a CPU; bfloat16 on a card without it
+            precision = pick_precision(device)
+            click.echo(f"note: {what} in {recorded}, which {precision.device} cannot compute in; "
+                       f"using {precision.dtype_name} (set it with --dtype)", err=True)
+            return precision
+    return pick_precision(device)
 
 
 def added_markers(tokenizer) -> list[str]:

@@ -109,15 +109,12 @@ def _facts(manifest: dict) -> dict:
     names = [name for name, _ in markers]
     stop = cfg.get("doc_end_marker") or ""
     start = next((n for n in names if n.startswith("|START_OF_TITLE")), names[0] if names else "")
-    tokens = None
-    if all(isinstance(cfg.get(k), int) for k in ("batch_size", "grad_accum", "seq_len")) and results.get("steps"):
-        tokens = results["steps"] * cfg["batch_size"] * cfg["grad_accum"] * cfg["seq_len"]
     return {
         "base": manifest["base_model"], "sha": manifest.get("base_fingerprint", {}).get("config_sha256", "?"),
         "markers": markers, "stop": stop, "prompt": start, "rows": manifest["vocab"]["rows_after"],
         "quant": manifest.get("quantization", "?"), "steps": results.get("steps"),
         "corpus": manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {},
-        "tokens": tokens,
+        "tokens": results.get("tokens_seen"),  # what the steps processed, as the Trainer counted
         "bpc": [(k, results.get(k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
     }
 
@@ -130,6 +127,18 @@ BPC_KO = {"bpc_base": "기반 모델 (자체 토크나이저)", "bpc_before": "�
 BPC_EN = {"bpc_base": "base model (its own tokenizer)", "bpc_before": "markers registered, before training",
           "bpc_after": "after training"}
 CORPUS_KEYS = ("documents", "characters", "tokens")  # shown when the manifest records them
+BEFORE_TRAINING = {"ko": "학습 전", "en": "before training"}  # bpc_before of a run that registered no marker
+
+
+def _bpc_label(language: str, key: str, facts: dict) -> str:
+    if key == "bpc_before" and not facts["markers"]:
+        return BEFORE_TRAINING[language]
+    return {"ko": BPC_KO, "en": BPC_EN}[language][key]
+
+
+PARTS_KO = {"training": "학습", "held_out": "검증"}
+PARTS_EN = {"training": "training", "held_out": "held out"}
+HELD_OUT_SHOWN = 10
 
 
 def _marker_list(facts: dict, word: str) -> list[str]:
@@ -137,19 +146,43 @@ def _marker_list(facts: dict, word: str) -> list[str]:
     return [f"- `{m}`: {word} {i}" for m, i in facts["markers"]]
 
 
+def _corpus_ko(corpus: dict) -> str:
+    def counts(d: dict) -> str:
+        words = {"documents": "문서", "characters": "글자", "tokens": "토큰"}
+        return ", ".join(f"{words[k]} {_num(d[k])}" for k in CORPUS_KEYS if k in d)
+
+    parts = "; ".join(f"{PARTS_KO[p]}: {counts(corpus[p])}" for p in PARTS_KO if isinstance(corpus.get(p), dict))
+    return counts(corpus) + (f" ({parts})" if parts else "")
+
+
+def _corpus_en(corpus: dict) -> str:
+    def counts(d: dict) -> str:
+        return ", ".join(f"{_num(d[k])} {k}" for k in CORPUS_KEYS if k in d)
+
+    parts = "; ".join(f"{PARTS_EN[p]}: {counts(corpus[p])}" for p in PARTS_EN if isinstance(corpus.get(p), dict))
+    return counts(corpus) + (f" ({parts})" if parts else "")
+
+
+def _held_out(corpus: dict) -> str:
+    names = (corpus.get("held_out") or {}).get("names") or []
+    more = f" … (+{len(names) - HELD_OUT_SHOWN})" if len(names) > HELD_OUT_SHOWN else ""
+    return ", ".join(f"`{n}`" for n in names[:HELD_OUT_SHOWN]) + more
+
+
 def _facts_ko(facts: dict) -> list[str]:
-    corpus = ", ".join(f"{k} {_num(facts['corpus'][k])}" for k in CORPUS_KEYS if k in facts["corpus"])
+    corpus, held_out = _corpus_ko(facts["corpus"]), _held_out(facts["corpus"])
     return [
         f"- 기반 모델: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
         f"- 학습: {_num(facts['steps'])} 단계, 양자화 {facts['quant']}"
-        + (f", 처리한 토큰 최대 {_num(facts['tokens'])}개 (단계 × 배치 × 누적 × 길이)" if facts["tokens"] else ""),
+        + (f", 처리한 토큰 {_num(facts['tokens'])}개" if facts["tokens"] else ""),
         *([f"- 말뭉치: {corpus}"] if corpus else []),
+        *([f"- 검증에 떼어 둔 문서: {held_out}"] if held_out else []),
         f"- 문서 끝 마커 (생성 중단): `{facts['stop']}`",
         "",
         "검증 데이터의 문자당 비트 (낮을수록 좋음):",
         "",
         "| | bits/char |", "|---|---|",
-        *(f"| {BPC_KO[k]} | {_num(v)} |" for k, v in facts["bpc"]),
+        *(f"| {_bpc_label('ko', k, facts)} | {_num(v)} |" for k, v in facts["bpc"]),
         "",
         "마커 (각각 토큰 하나):",
         "",
@@ -158,19 +191,19 @@ def _facts_ko(facts: dict) -> list[str]:
 
 
 def _facts_en(facts: dict) -> list[str]:
-    corpus = ", ".join(f"{_num(facts['corpus'][k])} {k}" for k in CORPUS_KEYS if k in facts["corpus"])
+    corpus, held_out = _corpus_en(facts["corpus"]), _held_out(facts["corpus"])
     return [
         f"- Base model: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
         f"- Training: {_num(facts['steps'])} steps, quantization {facts['quant']}"
-        + (f", at most {_num(facts['tokens'])} tokens seen (steps × batch × accumulation × length)"
-           if facts["tokens"] else ""),
+        + (f", {_num(facts['tokens'])} tokens processed" if facts["tokens"] else ""),
         *([f"- Corpus: {corpus}"] if corpus else []),
+        *([f"- Held-out documents: {held_out}"] if held_out else []),
         f"- Document-end marker (stops generation): `{facts['stop']}`",
         "",
         "Held-out bits per character (lower is better):",
         "",
         "| | bits/char |", "|---|---|",
-        *(f"| {BPC_EN[k]} | {_num(v)} |" for k, v in facts["bpc"]),
+        *(f"| {_bpc_label('en', k, facts)} | {_num(v)} |" for k, v in facts["bpc"]),
         "",
         "Markers (one token each):",
         "",

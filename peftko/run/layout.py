@@ -34,4 +34,5 @@ FINAL_FILES = (*ADAPTER_FILES, "README.md", "tokenizer.json", "tokenizer_config.
                "chat_template.json")
 SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 FORMAT_VERSION = 1
+MERGE_MARK = "peftko-merge.json"  # written last into a merged model: what it is, its dtype, which files are ours
 

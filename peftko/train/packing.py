@@ -28,10 +28,10 @@ from datasets.exceptions import DatasetGenerationError
 from peftko.core.atomic import process_alive, replace_dir, staging_dir
 from peftko.core.config import BlockSettings
 from peftko.core.errors import UserError
-from peftko.corpus.documents import iter_documents
+from peftko.corpus.documents import MAX_DOC_CHARS, iter_located_documents
 from peftko.run.identity import tokenizer_fingerprint
 
-CACHE_VERSION = "4"  # 4: documents cut at corpus.documents.MAX_DOC_CHARS = 256k characters (was 4M)
+CACHE_VERSION = "5"  # 5: the held-out documents' names and each part's characters and tokens in stats.json
 # Characters handed to the tokenizer in one call: a fast tokenizer holds some 100-350 bytes per
 # character while it works, so this, not the corpus, sets the peak (see benchmarks/RESULTS.md).
 TOKENIZE_BATCH_CHARS = 1 << 18
@@ -52,8 +52,11 @@ class PackedData:
     val_text: "datasets.Dataset | None"  # noqa: F821 - column text: the held-out documents
     train_docs: int
     val_docs: int
+    train_chars: int
     val_chars: int
     train_tokens: int
+    val_tokens: int
+    held_out: list[str]  # the held-out documents as FILE:LINE (the line the document starts on)
     real_token_fraction: float
     block_len: int
     cache_dir: Path
@@ -75,13 +78,22 @@ def cache_key(files, tokenizer, seq_len, doc_end_marker, jsonl_field, val_fracti
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
-def _documents(files: list[tuple[str, str]], jsonl_field: str, doc_end_marker: str):
-    for path, encoding in files:
+def _documents(files: list[tuple[str, str, str]], jsonl_field: str, doc_end_marker: str):
+    """Each document's text, and where it starts (NAME:LINE), which names it when it is held out."""
+    for path, encoding, name in files:
         try:
-            for text in iter_documents(Path(path), encoding, jsonl_field, doc_end_marker):
-                yield {"text": text}
+            for doc in iter_located_documents(Path(path), encoding, jsonl_field, doc_end_marker, MAX_DOC_CHARS):
+                yield {"text": doc.text, "source": f"{name}:{doc.line}"}
         except OSError as e:  # scanned a moment ago, so it was moved or changed since
             raise UserError(f"cannot read {path}: {e.strerror or e}; did it change?") from None
+
+
+def short_names(files) -> list[str]:
+    """Each file's path below the folder that holds them all: what names a document in the log and
+    peftko.json without this machine's directories."""
+    paths = [Path(f.path).resolve() for f in files]
+    root = os.path.commonpath([str(p.parent) for p in paths])
+    return [os.path.relpath(p, root) for p in paths]
 
 
 def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
@@ -209,10 +221,10 @@ def build_packed(files, tokenizer, blocks: BlockSettings, workdir: Path) -> dict
                         "set eos_token in the model's tokenizer_config.json")
     docs = _from_generator(
         _documents,
-        gen_kwargs={"files": [(str(f.path), f.encoding) for f in files],
+        gen_kwargs={"files": [(str(f.path), f.encoding, name) for f, name in zip(files, short_names(files))],
                     "jsonl_field": blocks.jsonl_field, "doc_end_marker": blocks.doc_end_marker},
         cache_dir=str(workdir / "raw"),
-        features=datasets.Features({"text": datasets.Value("string")}),
+        features=datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string")}),
         writer_batch_size=DOC_WRITER_ROWS,
     )
     if len(docs) == 0:
@@ -233,8 +245,10 @@ def build_packed(files, tokenizer, blocks: BlockSettings, workdir: Path) -> dict
     val_tok = tokens.select(sorted(val_ids))
     train_tokens = int(sum(train_tok["n_tokens"]))
     stats = {"train_docs": len(train_tok), "val_docs": len(val_tok),
-             "val_chars": int(sum(val_tok["chars"])) if len(val_tok) else 0,
-             "train_tokens": train_tokens, "block_len": even_block_len(train_tokens, blocks.seq_len)}
+             "train_chars": int(sum(train_tok["chars"])), "val_chars": int(sum(val_tok["chars"])),
+             "train_tokens": train_tokens, "val_tokens": int(sum(val_tok["n_tokens"])),
+             "held_out": list(docs.select(sorted(val_ids))["source"]),
+             "block_len": even_block_len(train_tokens, blocks.seq_len)}
     for name, part in (("train", train_tok), ("val", val_tok)):
         if len(part) == 0:
             continue
@@ -301,10 +315,10 @@ def prepare_data(files, tokenizer, blocks: BlockSettings, cache_root: Path) -> P
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "val")) if (target / "val").exists() else None
     val_text = datasets.load_from_disk(str(target / "val_text")) if (target / "val_text").exists() else None
-    total = stats["train_tokens"]
-    fraction = real_token_fraction(total, len(train), stats["block_len"])
-    return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["val_chars"],
-                      total, fraction, stats["block_len"], target, from_cache)
+    fraction = real_token_fraction(stats["train_tokens"], len(train), stats["block_len"])
+    return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["train_chars"],
+                      stats["val_chars"], stats["train_tokens"], stats["val_tokens"], stats["held_out"], fraction,
+                      stats["block_len"], target, from_cache)
 
 
 def _build_prefix(pid: int | None = None) -> str:

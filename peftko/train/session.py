@@ -38,7 +38,7 @@ from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
 from peftko.train.oom import translate_oom
 from peftko.train.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
-from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps
+from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Results:
     bpc_before: float | None = None  # with the markers registered, before training
     train_loss: float | None = None
     steps: int | None = None
+    tokens_seen: int | None = None  # every input position the steps processed (the Trainer's count)
     skipped_steps: int | None = None
     eval_loss: float | None = None  # absent from the manifest without held-out data
     bpc_after: float | None = None
@@ -86,7 +87,8 @@ class TrainingSession:
                 self.results.bpc_before = self.held_out_bpc()
             self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
             self.trainer = self.make_trainer(self.guard)
-            self.results.train_loss, self.results.steps = self.train(self.trainer, self.guard)
+            self.results.train_loss, self.results.steps, self.results.tokens_seen = self.train(self.trainer,
+                                                                                                self.guard)
             self.results.skipped_steps = self.guard.skipped
         self.results.gpu_peak_train_gib = peak_gib(self.precision.device)
         if self.results.gpu_peak_train_gib is not None:
@@ -131,8 +133,13 @@ class TrainingSession:
             f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
             + (" (from cache)" if d.from_cache else "")
         )
-        if note := passes_note(self.cfg.steps(), len(d.train)):
-            click.echo(note)
+        if d.held_out:
+            click.echo(f"held out: {shown(d.held_out)}")
+        processes = distributed.world_size()
+        for note in (short_data_note(self.cfg.steps(), len(d.train), processes),
+                     passes_note(self.cfg.steps(), len(d.train), processes)):
+            if note:
+                click.echo(note)
         return d
 
     def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
@@ -159,7 +166,8 @@ class TrainingSession:
     def check_disk(self) -> None:
         tokenizer_bytes = sum(f.stat().st_size for f in self.model_path.glob("*token*") if f.is_file())
         need = output_bytes_needed(self.built.trainable_params, self.cfg.save_steps, self.cfg.save_total_limit,
-                                   tokenizer_bytes, planned_steps(self.cfg.steps(), len(self.data.train)))
+                                   tokenizer_bytes,
+                                   planned_steps(self.cfg.steps(), len(self.data.train), distributed.world_size()))
         check_disk_space(self.output, need)
 
     # --- measure, train, save
@@ -191,15 +199,15 @@ class TrainingSession:
         return make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
                             self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit)])
 
-    def train(self, trainer, guard) -> tuple[float, int]:
-        """trainer.train() with the stop-on-signal and non-finite guards around it: (loss, steps)."""
+    def train(self, trainer, guard) -> tuple[float, int, int]:
+        """trainer.train() with the stop-on-signal and non-finite guards around it: (loss, steps, tokens)."""
         with self.stopper.during("train"):
             resume = str(self.checkpoint) if self.checkpoint else None
             result = trainer.train(resume_from_checkpoint=resume)
         if guard.diverged:
             raise guard.diverged_error(self.cfg.lr, self.cfg.embedding_lr, self.output, latest_checkpoint(self.output))
         check_finite_parameters(self.model, self.cfg.lr, self.cfg.embedding_lr)
-        return result.training_loss, trainer.state.global_step
+        return result.training_loss, trainer.state.global_step, int(trainer.state.num_input_tokens_seen or 0)
 
     def commit(self) -> None:
         """The run's first write, once every check has passed and the trainer has loaded what it
@@ -231,9 +239,7 @@ class TrainingSession:
             "quantization": self.cfg.quant,
             "compute_dtype": self.precision.dtype_name,
             "config": self.cfg.to_dict(),
-            # What the model card reports; tokens are the training documents' (held-out ones apart).
-            "corpus": {"documents": self.data.train_docs + self.data.val_docs,
-                       "characters": sum(f.chars for f in self.files), "tokens": self.data.train_tokens},
+            "corpus": corpus_record(self.data),
             "results": self.results.to_json(),
         }
 
@@ -254,7 +260,7 @@ class TrainingSession:
         with self.stopper.during("save"):
             log_bpc(self.output, self.results)
             save_final(self.output, self.model, self.tokenizer, self.manifest())
-        echo_done(self.output, self.results)
+        echo_done(self.output, self.results, registered=bool(self.tokens))
         write_report_or_warn(self.output)
         if self.stopper.signum:
             click.echo(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
@@ -265,6 +271,19 @@ class TrainingSession:
         with self.stopper.during("save"):
             self.trainer.save_checkpoint_now()
         return echo_stopped(self.output, self.stopper)
+
+
+def corpus_record(d: PackedData) -> dict:
+    """What the model card reports of the corpus: the whole, and the training and held-out parts."""
+    return {"documents": d.train_docs + d.val_docs, "characters": d.train_chars + d.val_chars,
+            "training": {"documents": d.train_docs, "characters": d.train_chars, "tokens": d.train_tokens},
+            "held_out": {"documents": d.val_docs, "characters": d.val_chars, "tokens": d.val_tokens,
+                         "names": d.held_out}}
+
+
+def shown(names: list[str], at_most: int = 10) -> str:
+    more = f" and {len(names) - at_most} more (all in peftko.json)" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
 
 
 def echo_stopped(output: Path, stopper) -> int:
@@ -291,12 +310,12 @@ def log_bpc(output: Path, results: Results) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def echo_done(output: Path, results: Results) -> None:
+def echo_done(output: Path, results: Results, registered: bool = True) -> None:
     if results.bpc_before is not None:
         base = results.bpc_base
+        before = "with the markers registered" if registered else "before training"
         click.echo("held-out bits per character: "
                    + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
-                   + f"{results.bpc_before:.3f} with the markers registered, "
-                   f"{results.bpc_after:.3f} after training")
+                   + f"{results.bpc_before:.3f} {before}, {results.bpc_after:.3f} after training")
     click.echo(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
     click.echo(f"next: peftko merge {output} --output {output}-merged")

@@ -48,25 +48,55 @@ def make_optimizer(peft_model, cfg, device: torch.device):
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
-def planned_steps(steps: StepSettings, n_blocks: int) -> int:
+def steps_per_epoch(steps: StepSettings, n_blocks: int, processes: int = 1) -> int:
+    """Optimizer steps in one pass over the training blocks, as the Trainer takes them: each process
+    reads its share in batches, and the last step of a pass takes the batches that are left (fewer
+    than grad_accum when they do not divide evenly)."""
+    batches = math.ceil(math.ceil(n_blocks / processes) / steps.batch_size)
+    return max(1, math.ceil(batches / steps.grad_accum))
+
+
+def planned_steps(steps: StepSettings, n_blocks: int, processes: int = 1) -> int:
     if steps.max_steps > 0:
         return steps.max_steps
-    per_epoch = max(1, math.ceil(n_blocks / steps.blocks_per_step))
-    return max(1, math.ceil(per_epoch * steps.epochs))
+    return max(1, math.ceil(steps_per_epoch(steps, n_blocks, processes) * steps.epochs))
+
+
+def blocks_trained(steps: StepSettings, n_blocks: int, processes: int = 1) -> int:
+    """The blocks the planned steps train, passes over the data counted whole (a pass reads each
+    block once; data-parallel, a short share is padded with repeats, as the sampler does)."""
+    per_epoch = steps_per_epoch(steps, n_blocks, processes)
+    passes, rest = divmod(planned_steps(steps, n_blocks, processes), per_epoch)
+    per_pass = math.ceil(n_blocks / processes) * processes
+    return passes * per_pass + min(rest * steps.blocks_per_step * processes, per_pass)
 
 
 MANY_PASSES = 3  # beyond this, a small corpus is being memorised rather than learned from
 
 
-def passes_note(steps: StepSettings, n_blocks: int) -> str | None:
+def passes_note(steps: StepSettings, n_blocks: int, processes: int = 1) -> str | None:
     """A line to print when --max-steps means many passes over a small corpus, else None."""
-    planned = planned_steps(steps, n_blocks)
-    passes = planned * steps.blocks_per_step / max(n_blocks, 1)
+    planned, trained = planned_steps(steps, n_blocks, processes), blocks_trained(steps, n_blocks, processes)
+    passes = trained / max(n_blocks, 1)
     if steps.max_steps <= 0 or passes <= MANY_PASSES:
         return None
-    return (f"note: {planned} steps x {steps.blocks_per_step} blocks = {passes:.1f} passes over "
-            f"{n_blocks} training blocks; this many passes over a small corpus can memorise it "
+    return (f"note: {planned} steps train {trained:,} blocks = {passes:.1f} passes over {n_blocks} training "
+            f"block{'s' if n_blocks != 1 else ''}; this many passes over a small corpus can memorise it "
             "(watch the held-out eval_loss, or lower --max-steps)")
+
+
+def short_data_note(steps: StepSettings, n_blocks: int, processes: int = 1) -> str | None:
+    """A line to print when the training set is smaller than one step's batch, else None: every step
+    then trains the whole set, fewer blocks than configured."""
+    per_step = steps.blocks_per_step * processes
+    if n_blocks >= per_step:
+        return None
+    split = f"batch_size {steps.batch_size} x grad_accum {steps.grad_accum}" + (
+        f" x {processes} processes" if processes > 1 else "")
+    trains = "that one block" if n_blocks == 1 else f"all {n_blocks} of them"
+    return (f"note: the training set holds {n_blocks} block{'s' if n_blocks != 1 else ''}, fewer than the "
+            f"{per_step} a step takes ({split}): every step trains {trains}. Add text, or lower --batch-size "
+            "or --grad-accum to match")
 
 
 def checkpointing_kwargs(offload_checkpoints: bool, precision) -> dict:
@@ -76,7 +106,7 @@ def checkpointing_kwargs(offload_checkpoints: bool, precision) -> dict:
 
 
 def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bool) -> TrainingArguments:
-    steps = planned_steps(cfg.steps(), n_blocks)
+    steps = planned_steps(cfg.steps(), n_blocks, distributed.world_size())
     return TrainingArguments(
         output_dir=str(output),
         per_device_train_batch_size=cfg.batch_size,
