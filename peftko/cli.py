@@ -85,6 +85,8 @@ def _config_options(func):
 
 
 MULTIPLE = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("multiple")]
+# Repeated flags that read as one comma-separated value, as `--markers A,B` always has (`auto` too).
+JOINED = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("joined")]
 
 
 def _show_default(f: dataclasses.Field) -> str:
@@ -132,6 +134,8 @@ def _load_config(config_file, sets, flags: dict) -> TrainConfig:
     """The TrainConfig from the file, --set and the generated flags (see _config_options)."""
     for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
         flags[name] = list(flags[name]) or None
+    for name in JOINED:  # every repeat counts: --markers A --markers B is A,B, never just B
+        flags[name] = ",".join(flags[name]) if flags[name] else None
     return load_config(config_file, flags, list(sets))
 
 

@@ -78,6 +78,19 @@ def test_report_to_flag_is_repeatable_on_the_command_line(tmp_path, monkeypatch)
     assert report_targets(seen["cfg"].report_to) == ["tensorboard"]
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--markers", "|A|>", "--markers", "|B|>"], ["|A|>", "|B|>"]),  # every repeat counts
+    (["--markers", "|A|>,|B|>"], ["|A|>", "|B|>"]),
+    (["--markers", "auto"], "auto"),
+])
+def test_markers_flag_accumulates_its_repeats(tmp_path, monkeypatch, argv, expected):
+    seen = {}
+    monkeypatch.setattr("peftko.commands.lora_train.run_lora_train", lambda cfg, **kw: seen.setdefault("cfg", cfg) and 0)
+    result = CliRunner().invoke(main, ["lora-train", *argv, "--output", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].markers == expected
+
+
 def test_unknown_or_missing_integration_is_one_clear_error(monkeypatch):
     with pytest.raises(UserError, match=r"report_to: unknown value 'tensorbord'"):
         load_config(None, {"report_to": ["tensorbord"]})

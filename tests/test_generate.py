@@ -132,3 +132,17 @@ def test_a_stop_mid_stream_is_one_line_and_130_or_143(tiny_run, signum, code):
     text = err.decode("utf-8", "replace")
     assert proc.returncode == code, text
     assert "Traceback" not in text and "Aborted" not in text and "peftko: stopped by" in text
+
+
+def test_new_tokens_stop_at_what_the_model_can_attend_to(tiny_run, tmp_path):
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged)]).exit_code == 0
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    (merged / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}), encoding="utf-8")
+    prompt_tokens = len(AutoTokenizer.from_pretrained(merged)(PROMPT)["input_ids"])
+    result = generate(merged, "--prompt", PROMPT, "--max-new-tokens", "1000000000", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"generating at most {48 - prompt_tokens}" in result.stderr
+    assert json.loads(result.stdout)["new_tokens"] <= 48 - prompt_tokens
+    too_long = generate(merged, "--prompt", PROMPT * 30, "--json")
+    assert too_long.exit_code == 2 and "Shorten the prompt" in too_long.output

@@ -180,3 +180,31 @@ def test_blocks_too_short_for_a_training_pair_are_refused(tiny_bases, small_corp
     args = [a if a != "64" else seq_len for a in train_args(tiny_bases["llama-tied"], small_corpus, tmp_path / "r")]
     refused(invoke(*args), "seq_len: must be at least 2")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("quant, bad", [("4bit", float("nan")), ("none", float("inf"))])
+def test_non_finite_base_weights_are_refused_at_load_by_name(base_copy, small_corpus, tmp_path, quant, bad):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base_copy / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][3, 5] = bad
+    save_file(weights, base_copy / "model.safetensors", metadata={"format": "pt"})
+    result = invoke(*train_args(base_copy, small_corpus, tmp_path / "run", "--quant", quant))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "NaN or inf" in result.output and "layers.1.mlp.down_proj" in result.output
+
+
+def test_output_and_disk_refusals_come_before_the_corpus_pass(tiny_bases, small_corpus, tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr("peftko.corpus.reading.scan_corpus", lambda *a, **k: read.append(1))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
+    refused(invoke(*train_args(tiny_bases["llama-tied"], small_corpus, foreign, "--force")), "notes.txt")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "new" / "run"
+    refused(invoke(*train_args(tiny_bases["llama-tied"], small_corpus, out)), "not enough disk space")
+    assert read == []
+    assert not (tmp_path / "new").exists()  # both folders it made for the run, taken back

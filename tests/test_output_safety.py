@@ -79,6 +79,26 @@ def test_force_refuses_a_directory_peftko_did_not_write(env, tmp_path):
     assert tree(out) == {Path("keep.txt"): b"my notes"}
 
 
+def test_force_refuses_a_trainer_output_that_only_looks_like_a_run(env, tmp_path):
+    """A Hugging Face Trainer's folder: checkpoint-N, an adapter, a card. No record of peftko's in it."""
+    out = tmp_path / "hf"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    (out / "adapter_model.safetensors").write_bytes(b"mine")
+    (out / "README.md").write_text("card", encoding="utf-8")
+    before = tree(out)
+    refused(invoke(args(env, out, "--max-steps", "1", "--force")), 2, "checkpoint-500/", "did not write")
+    assert tree(out) == before
+
+
+def test_force_refuses_a_checkpoint_peftko_did_not_seal_inside_a_run(env, run_copy):
+    (run_copy / "checkpoint-500").mkdir()
+    (run_copy / "checkpoint-500" / "optimizer.pt").write_bytes(b"someone else's")
+    before = tree(run_copy)
+    refused(invoke(args(env, run_copy, "--max-steps", "1", "--force")), 2, "checkpoint-500/", "never deletes")
+    assert tree(run_copy) == before
+
+
 def test_force_refuses_a_run_directory_holding_a_file_peftko_did_not_write(env, run_copy):
     (run_copy / "notes.txt").write_text("mine", encoding="utf-8")
     before = tree(run_copy)
@@ -235,3 +255,15 @@ def test_merge_checks_that_the_output_is_writable_before_loading(finished, tmp_p
             "cannot write", str(locked))
     assert loads == []  # refused before the base was loaded
     locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("record", ['{"identity": 1}', "[]", '{"identity": {"config": {}}}'])
+def test_resume_refuses_a_run_record_of_the_wrong_shape(env, run_copy, record):
+    (run_copy / "run.json").write_text(record, encoding="utf-8")
+    refused(invoke(args(env, run_copy, "--max-steps", "4", "--resume")), 2, "not a peftko run record")
+
+
+def test_a_checkpoint_whose_state_does_not_read_is_not_resumed_from(env, run_copy):
+    (run_copy / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2,', encoding="utf-8")
+    refused(invoke(args(env, run_copy, "--max-steps", "4", "--resume")), 2, "no complete checkpoint",
+            "checkpoint-2 incomplete")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -167,4 +168,59 @@ def test_seq_len_beyond_the_base_context(tiny_bases, small_corpus, tmp_path):
     args = train_args(tiny_bases["llama-tied"], small_corpus, out)
     args[args.index("--seq-len") + 1] = "4096"  # the tiny bases were built with 1024 positions
     assert_refused(invoke(*args), "--seq-len 4096", "1024")
+    assert not out.exists()
+
+
+def test_merge_of_a_folder_no_run_started_in_says_so(small_corpus, tmp_path):
+    out = tmp_path / "merged"
+    result = invoke("merge", str(small_corpus), "--output", str(out))
+    assert_refused(result, "is not a `peftko lora-train` output")
+    assert "--resume" not in result.output
+    assert not out.exists()
+
+
+# --- merge believes the files, not peftko.json
+
+
+def forged(trained, tmp_path, edit) -> Path:
+    """A copy of the run whose peftko.json EDIT changed (adapter hash and all, as a forger would)."""
+    copy = tmp_path / "forged"
+    shutil.copytree(trained, copy)
+    manifest = json.loads((copy / "peftko.json").read_text(encoding="utf-8"))
+    edit(manifest)
+    (copy / "peftko.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return copy
+
+
+def test_merge_refuses_a_manifest_whose_rows_disagree_with_the_files(trained, tmp_path):
+    run = forged(trained, tmp_path, lambda m: m["vocab"].update(rows_after=99999))
+    out = tmp_path / "merged"
+    assert_refused(invoke("merge", str(run), "--output", str(out)), "vocab.rows_after is 99999", "edited or damaged")
+    assert not out.exists()
+
+
+def test_merge_refuses_a_manifest_whose_marker_ids_disagree_with_the_tokenizer(trained, tmp_path):
+    run = forged(trained, tmp_path, lambda m: m["markers"][0].update(id=5))
+    out = tmp_path / "merged"
+    assert_refused(invoke("merge", str(run), "--output", str(out)), "is id 5 there but", "saved tokenizer")
+    assert not out.exists()
+
+
+def test_merge_refuses_to_write_non_finite_marker_rows(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from peftko.run.identity import sha256_file
+
+    copy = tmp_path / "inf"
+    shutil.copytree(trained, copy)
+    adapter = copy / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    key = next(k for k in tensors if k.endswith("trainable_tokens_delta"))
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, adapter, metadata={"format": "pt"})
+    manifest = json.loads((copy / "peftko.json").read_text(encoding="utf-8"))
+    manifest["adapter_sha256"] = sha256_file(adapter)  # the forger updates the hash too
+    (copy / "peftko.json").write_text(json.dumps(manifest), encoding="utf-8")
+    out = tmp_path / "merged"
+    assert_refused(invoke("merge", str(copy), "--output", str(out)), "NaN or inf", "trained marker rows")
     assert not out.exists()

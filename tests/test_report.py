@@ -79,6 +79,17 @@ def test_history_splits_training_eval_and_bpc_records(tmp_path):
     assert {k for k, _, _ in BPC_BARS} <= set(history.results)
 
 
+def test_damaged_lines_anywhere_in_the_metrics_are_skipped_not_a_traceback(tmp_path):
+    run = fake_run(tmp_path / "run", logged_run())
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    damage = [b'\xff\xfe{"step":3\n', b"[1, 2]\n", b'"text"\n', b'{"step": "x", "loss": 1}\n',
+              b'{"step": 4, "loss": 2.0, "tokens_seen": "many"}\n']
+    (run / "metrics.jsonl").write_bytes(b"".join(lines[:5] + damage + lines[5:]))
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert len(read_history(run).train) == 21  # the 20 good steps and the one with an odd token count
+
+
 def test_unfinished_run_without_held_out_documents_still_draws(tmp_path):
     records = [r for r in logged_run(steps=5) if "loss" in r]  # no eval, no bpc, no peftko.json
     assert draw_strictly(fake_run(tmp_path / "run", records)).is_file()

@@ -361,6 +361,7 @@ def test_too_little_disk_space_is_refused_before_training(env, tmp_path, monkeyp
     r = invoke(args(env, out, "--max-steps", "4", "--save-steps", "2"))
     refused(r, 2, "not enough disk space", str(out), "9.8 KiB is free")
     assert not (out / "metrics.jsonl").exists()  # refused before the first step
+    assert not out.exists()  # and the folder it made for the run is gone again
 
 
 def test_unwritable_output_is_refused(env, tmp_path, monkeypatch):

@@ -7,15 +7,17 @@ one JSON object per sample instead.
 from __future__ import annotations
 
 import json
+import sys
 import unicodedata
 from pathlib import Path
 
 import click
 import transformers
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from peftko.core.errors import UserError
-from peftko.model.generation import GenerateOptions, sample
+from peftko.model.generation import GenerateOptions, context_length, room_for, sample
 from peftko.model.reload import load_for_inference
 
 
@@ -33,12 +35,45 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return unicodedata.normalize("NFC", prompt)  # as the corpus was normalised for training
 
 
+def check_room(model, tokenizer, prompt: str, wanted: int) -> None:
+    """Refuse a prompt that fills the model's context; say when fewer new tokens than asked fit."""
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    room = room_for(model, prompt_tokens, wanted)
+    if room == 0:
+        raise UserError(f"the prompt is {prompt_tokens:,} tokens, and the model attends to {context_length(model):,}: "
+                        "nothing fits after it. Shorten the prompt.")
+    if room < wanted:
+        click.echo(f"note: --max-new-tokens {wanted:,} does not fit after this prompt ({prompt_tokens:,} of the "
+                   f"model's {context_length(model):,} positions): generating at most {room:,}", err=True)
+
+
+class Progress(BaseStreamer):
+    """Under --json on a terminal: a count of the new tokens on stderr while a sample is generated."""
+
+    def __init__(self, label: str):
+        self.label, self.count, self.prompt_seen = label, 0, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.count += value.numel()
+        sys.stderr.write(f"\r{self.label}: {self.count} tokens")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        sys.stderr.write("\n")
+
+
 def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: bool = False) -> int:
     model, tokenizer, info = load_for_inference(model_path, opts.quant, opts.device, opts.dtype)
+    check_room(model, tokenizer, prompt, opts.max_new_tokens)
     transformers.set_seed(opts.seed)  # once: the samples differ from each other, and repeat as a set
     for i in range(opts.num_samples):
         if as_json:
-            click.echo(json.dumps(sample(model, tokenizer, info, prompt, opts).to_json(), ensure_ascii=False))
+            progress = Progress(f"sample {i + 1}/{opts.num_samples}") if sys.stderr.isatty() else None
+            click.echo(json.dumps(sample(model, tokenizer, info, prompt, opts, progress).to_json(),
+                                  ensure_ascii=False))
             continue
         if opts.num_samples > 1:
             click.echo(f"--- sample {i + 1}/{opts.num_samples}")

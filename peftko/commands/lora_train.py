@@ -24,9 +24,12 @@ from peftko.corpus.reading import choose_markers, read_corpus
 from peftko.model.adapters import check_target_modules
 from peftko.model.base import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                resolve_seq_len)
+from peftko.model.memory_plan import read_config, shape_from_config
 from peftko.model.plan_report import echo_plan
 from peftko.run.layout import LOCK
-from peftko.run.output import claim_run_dir, prepare_output
+from peftko.run.output import claim_run_dir, prepare_output, remove_if_empty
+from peftko.run.resume import resume_point
+from peftko.train.disk import check_disk_space, output_bytes_needed
 from peftko.train.session import TrainingSession
 
 
@@ -59,28 +62,59 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
     check_target_modules(model_path, cfg.target_modules, cfg.trust_remote_code)
     check_safetensors(model_path)
     precision = pick_precision(cfg.device, cfg.dtype)
-    report, files = read_corpus(cfg.corpus(), strict)
-    markers = choose_markers(cfg.corpus(), report)
     if dry_run:
+        markers, _ = read_corpus_and_markers(cfg, strict)
         for w in warnings:
             click.echo(f"warning: {w}")
         echo_plan(cfg, model_path, precision, markers=markers, processes=processes)
         return 0
     distributed.setup(precision.device.type)
     output = Path(cfg.output)
-    with contextlib.ExitStack() as lock:
-        # Rank 0 alone prepares, locks and judges the output; its refusal stops every rank.
-        replace = distributed.on_main(lambda: claim_output(output, model_path, cfg, resume, force, lock)) or []
-        session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
-        return session.run(resume=resume, force=force)
+    created: list[Path] = []
+    try:
+        with contextlib.ExitStack() as lock:
+            # The output before the corpus pass (a refusal costs seconds): rank 0 alone prepares, locks
+            # and judges it; its refusal stops every rank.
+            replace, created = distributed.on_main(
+                lambda: claim_output(output, model_path, cfg, resume, force, lock))
+            check_disk_early(cfg, model_path, output)
+            markers, files = read_corpus_and_markers(cfg, strict)
+            session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
+            return session.run(resume=resume, force=force)
+    finally:
+        # A run refused or stopped before its first write leaves no folder it made (the lock is gone by now).
+        if distributed.is_main():
+            remove_if_empty(created)
+
+
+def read_corpus_and_markers(cfg: TrainConfig, strict: bool):
+    """The corpus summary and refusals, then the markers to register: (markers, readable files)."""
+    report, files = read_corpus(cfg.corpus(), strict)
+    return choose_markers(cfg.corpus(), report), files
 
 
 def claim_output(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,
-                 lock: contextlib.ExitStack) -> list[Path]:
-    """Create and lock --output (the lock held until `lock` closes); what --force replaces."""
-    prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
+                 lock: contextlib.ExitStack) -> tuple[list[Path], list[Path]]:
+    """Create and lock --output (the lock held until `lock` closes): (what --force replaces, the
+    folders this made)."""
+    created = prepare_output(output, resume=resume, inputs=training_inputs(cfg, model_path))
     lock.enter_context(hold(output / LOCK, f"--output {output}"))
-    return claim_run_dir(output, resume=resume, force=force)
+    if resume:
+        resume_point(output)  # no complete checkpoint: said now, not after the corpus pass
+    return claim_run_dir(output, resume=resume, force=force), created
+
+
+def check_disk_early(cfg: TrainConfig, model_path: Path, output: Path) -> None:
+    """The disk check that needs no corpus: LoRA's size from config.json and at most one checkpoint
+    (the session checks again, exactly, once the model is built and the steps are known)."""
+    try:
+        shape = shape_from_config(read_config(model_path))
+    except (KeyError, TypeError, ValueError):
+        return  # an architecture the plan does not know: the exact check after loading stays
+    steps = cfg.max_steps if cfg.max_steps > 0 else cfg.save_steps
+    tokenizer_bytes = sum(f.stat().st_size for f in model_path.glob("*token*") if f.is_file())
+    check_disk_space(output, output_bytes_needed(shape.lora_params(cfg.lora_r, cfg.target_modules),
+                                                 cfg.save_steps, cfg.save_total_limit, tokenizer_bytes, steps))
 
 
 def planned_processes(num_processes: int | None, dry_run: bool) -> int:

@@ -19,6 +19,7 @@ import click
 from peftko.core.lock import hold
 from peftko.core.signals import Stopper
 from peftko.merge import gguf
+from peftko.merge.facts import check_manifest_facts
 from peftko.merge.in_memory import compare_logits, merge_and_check
 from peftko.merge.model_files import merged_tokenizer, write_config
 from peftko.merge.output import check_output, claim_output, save_atomically
@@ -46,6 +47,7 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
         if gguf_options:  # llama.cpp refuses some tokenizers: know it before the merge, not after
             gguf.preflight(base_path, out, gguf_options)
         tokenizer = merged_tokenizer(run_dir, manifest)
+        check_manifest_facts(run_dir, base_path, manifest, tokenizer)
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
         writer = streaming_writer(run_dir, base_path, manifest, dtype, full_check)
         save_atomically(writer, tokenizer, out, record, stopper, manifest)

@@ -137,7 +137,8 @@ class TrainConfig:
     val_fraction: float = _opt(0.1, "Fraction of whole documents held out for evaluation.", group=EVAL)
     # --- markers
     markers: list[str] | str = _opt(
-        "auto", "'auto' (find |NAME|> in the corpus) or a list of markers.", group=MARKERS)
+        "auto", "'auto' (find |NAME|> in the corpus) or the markers to register: comma-separated, or one per "
+        "flag (--markers '|A|>' --markers '|B|>').", group=MARKERS, multiple=True, joined=True, metavar="MARKER")
     marker_pattern: str = _opt(DEFAULT_MARKER_PATTERN, "Regex that finds markers when markers=auto.", group=MARKERS)
     # --- base model
     quant: Literal["4bit", "8bit", "none"] = _opt("4bit", "Base weights: NF4, LLM.int8 or unquantized.", group=MODEL)

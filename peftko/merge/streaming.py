@@ -249,6 +249,18 @@ def grow_rows(w: torch.Tensor, rows: int, std: float) -> torch.Tensor:
     return torch.cat([w, new.to(w.dtype)])
 
 
+def finite(w: torch.Tensor, name: str, plan: AdapterPlan) -> torch.Tensor:
+    """`w`, unless it holds NaN or inf, which no merged model may: refused, naming where it came from."""
+    if not w.is_floating_point() or bool(torch.isfinite(w).all()):
+        return w
+    bad = int((~torch.isfinite(w)).sum())
+    source = ("the adapter's trained marker rows" if name in plan.rows else
+              "the adapter's LoRA matrices" if name in plan.lora else
+              "the adapter's copy" if name in plan.replace else "the base")
+    raise UserError(f"merge refused: {name} would hold {bad:,} NaN or inf values, from {source}; nothing was "
+                    "written. Restore the adapter (or the base) from a good copy, or train again.")
+
+
 # ---------------------------------------------------------------- writing shards
 
 
@@ -364,7 +376,7 @@ def write_weights(stage: Path, layout: Layout, plan: AdapterPlan, rows: int, dty
         writer = ShardWriter(stage / name, shard)
         try:
             for e in shard:
-                writer.write(merged_tensor(e.name, layout, plan, rows, dtype))
+                writer.write(finite(merged_tensor(e.name, layout, plan, rows, dtype), e.name, plan))
         except BaseException:
             writer.file.close()  # the staging folder goes; this error, not "not written", is the news
             raise

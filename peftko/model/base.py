@@ -314,9 +314,34 @@ def load_base(
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError, SafetensorError) as e:
         raise UserError(f"cannot load the model from {path}: {_first_line(e)}") from None
+    refuse_non_finite(model, path)
+    return model
+
+
+def refuse_non_finite(model, path: Path) -> None:
+    """A NaN or inf in the weights is named now: trained on, it would surface hours later as a
+    diverged run blamed on the learning rate."""
+    bad = [name for name, p in model.named_parameters()
+           if any(not bool(torch.isfinite(t).all()) for t in _numbers_of(p))]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{path} holds NaN or inf values in {bad[0]}{more}: its weights are damaged. Download "
+                        "the model again, or use another base.")
+
+
+def _numbers_of(p) -> list[torch.Tensor]:
+    """The floating-point numbers a weight is made of. A 4-bit weight's packed bytes are not numbers,
+    but a NaN or inf in it makes its block scales non-finite (with double quantization, their
+    offset); an 8-bit weight keeps one scale per row beside its integers."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        return [state.offset, state.state2.absmax] if state.nested else [state.absmax]
+    if getattr(p, "SCB", None) is not None:
+        return [p.SCB]
+    return [p] if p.is_floating_point() else []
 
 
 def _first_line(e: Exception, limit: int = 600) -> str:

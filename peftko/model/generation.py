@@ -9,7 +9,7 @@ base's eos, or after max_new_tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,13 +50,30 @@ def generation_kwargs(opts: GenerateOptions, stop: list[int], pad_id: int | None
             "top_k": opts.top_k or None}
 
 
+def context_length(model) -> int | None:
+    """The positions the model can attend to (its config's max_position_embeddings), None when unsaid."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def room_for(model, prompt_tokens: int, wanted: int) -> int:
+    """New tokens that fit after a prompt of `prompt_tokens`: at most `wanted`, never past the context
+    (a model does not slide its window: beyond it, positions are ones it never saw)."""
+    limit = context_length(model)
+    return wanted if limit is None else max(0, min(wanted, limit - prompt_tokens))
+
+
 def sample(model, tokenizer, info, prompt: str, opts: GenerateOptions, streamer=None) -> Sample:
-    """One continuation of `prompt`."""
+    """One continuation of `prompt`, within the model's context."""
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else info.stop_ids[0] if info.stop_ids else None
+    room = room_for(model, enc["input_ids"].shape[1], opts.max_new_tokens)
+    if room == 0:  # the prompt fills the context: nothing can follow it
+        return Sample(prompt, "", 0, "length", 0.0)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**enc, **generation_kwargs(opts, info.stop_ids, pad), streamer=streamer)
+        out = model.generate(**enc, **generation_kwargs(replace(opts, max_new_tokens=room), info.stop_ids, pad),
+                             streamer=streamer)
     seconds = time.perf_counter() - start
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     return Sample(prompt, tokenizer.decode(new, skip_special_tokens=True), len(new),

@@ -36,8 +36,26 @@ def step_of(path: Path) -> int | None:
     return None
 
 
+def sealed_checkpoint(path: Path) -> bool:
+    """A checkpoint-N folder that peftko sealed: its checkpoint.json, written last, names step N."""
+    step = step_of(path)
+    if step is None or not path.is_dir():
+        return False
+    record = _json(path / DONE_FILE)
+    return isinstance(record, dict) and record.get("step") == step
+
+
 def is_complete(path: Path) -> bool:
-    return (path / DONE_FILE).is_file() and all((path / f).is_file() for f in REQUIRED_FILES)
+    """Sealed by peftko, every file a resume loads is there, and the Trainer's state reads as JSON."""
+    return (sealed_checkpoint(path) and all((path / f).is_file() for f in REQUIRED_FILES)
+            and isinstance(_json(path / "trainer_state.json"), dict))
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
@@ -96,7 +114,7 @@ def trim_metrics(output: Path, step: int) -> None:
     path = Path(output) / METRICS
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept = [ln for ln in lines if _logged_step(ln) <= step]
     if len(kept) != len(lines):
         with replaced_on_success(path) as tmp:
@@ -106,8 +124,9 @@ def trim_metrics(output: Path, step: int) -> None:
 def _logged_step(line: str) -> float:
     """The step of a log line; a line cut short by a kill counts as past every step."""
     try:
-        return json.loads(line).get("step", 0)
-    except ValueError:
+        step = json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
         return float("inf")
+    return step if isinstance(step, (int, float)) else float("inf")
 
 

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from peftko.core.errors import UserError
+from peftko.run.checkpoints import PREFIX, step_of
 from peftko.run.identity import fingerprint_base, sha256_file
-from peftko.run.layout import ADAPTER_FILES, MANIFEST, TOKENIZER_FILES
+from peftko.run.layout import ADAPTER_FILES, MANIFEST, RUN_FILE, TOKENIZER_FILES
 
 
 def read_json_object(path: Path) -> dict:
@@ -31,6 +32,9 @@ def read_manifest(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"adapter directory not found: {run_dir}")
     missing = [n for n in (MANIFEST, *ADAPTER_FILES, *TOKENIZER_FILES) if not (run_dir / n).is_file()]
+    if missing and not _started(run_dir):
+        raise UserError(f"{run_dir} is not a `peftko lora-train` output (it holds no {MANIFEST}): pass the "
+                        "--output folder of a training run.")
     if missing:
         raise UserError(
             f"{run_dir} is incomplete (missing {', '.join(missing)}): the training run did not finish. "
@@ -46,6 +50,12 @@ def read_manifest(run_dir: Path) -> dict:
                         "Restore the file from the training run, or train again.")
     check_adapter_file(run_dir, manifest)
     return manifest
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a training run began here: its run record or a checkpoint of it is there."""
+    return (run_dir / MANIFEST).is_file() or (run_dir / RUN_FILE).is_file() or any(
+        step_of(p) is not None for p in run_dir.glob(f"{PREFIX}*") if p.is_dir())
 
 
 # What readers of peftko.json rely on; checked once, here.

@@ -14,16 +14,17 @@ from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, descr
                                 publish, staging_dir, write_json_atomic)
 from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
-from peftko.run.checkpoints import PREFIX, STAGE_PREFIX, step_of
+from peftko.run.checkpoints import STAGE_PREFIX, sealed_checkpoint
 from peftko.run.identity import sha256_file
 from peftko.run.layout import (ADAPTER_FILES, FINAL_FILES, FINAL_STAGE, FORMAT_VERSION, LOCK, LOG_DIRS, MANIFEST,
                                METRICS, REPORT, RUN_FILE, SENTENCEPIECE_FILES)
-from peftko.run.manifest import read_json_object
+from peftko.run.manifest import manifest_problems, read_json_object
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 
 
-def prepare_output(output: Path, resume: bool, inputs: dict[str, Path]) -> None:
-    """Refuse an output in the wrong place, create it, and check that it takes a file.
+def prepare_output(output: Path, resume: bool, inputs: dict[str, Path]) -> list[Path]:
+    """Refuse an output in the wrong place, create it, and check that it takes a file; the folders it
+    created, deepest first (remove_if_empty takes them back when the run writes nothing).
 
     What is already in it is judged under the lock (claim_run_dir), so two runs never race.
     """
@@ -33,11 +34,23 @@ def prepare_output(output: Path, resume: bool, inputs: dict[str, Path]) -> None:
         raise UserError(f"--output {output} is a file; choose a directory")
     if resume and not output.is_dir():
         raise UserError(f"--resume: {output} does not exist; start without --resume")
+    created = [p for p in (output, *output.parents) if not p.exists()]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --output {output}: {e.strerror}") from None
     check_writable(output)
+    return created
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """Take back the folders prepare_output made, deepest first, as long as each is empty: a folder
+    that holds anything (the run wrote, or someone else did) stays, and so do those above it."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def claim_run_dir(output: Path, resume: bool, force: bool) -> list[Path]:
@@ -51,20 +64,25 @@ def claim_run_dir(output: Path, resume: bool, force: bool) -> list[Path]:
 
 
 def _is_run_dir(output: Path) -> bool:
-    return ((output / MANIFEST).is_file() or (output / RUN_FILE).is_file()
-            or any(step_of(p) is not None for p in output.glob(PREFIX + "*") if p.is_dir()))
+    """Whether a record peftko wrote says this is a training run: a peftko.json of peftko's shape, or a
+    run.json with the run's identity. Names alone (a checkpoint-500/ from another trainer, a
+    README.md) prove nothing."""
+    manifest = read_json_object(output / MANIFEST)
+    return (bool(manifest) and not manifest_problems(manifest)) or isinstance(
+        read_json_object(output / RUN_FILE).get("identity"), dict)
 
 
 def _run_files(output: Path):
-    """The entries of a run directory that peftko wrote: its own names, and the final files that
-    peftko.json lists (or, for a run saved without that list, the names those files always have)."""
+    """The entries of a run directory that peftko wrote: its own names, the final files that
+    peftko.json lists (or, for a run saved without that list, the names those files always have),
+    and the checkpoints that carry the record peftko seals each one with."""
     manifest = read_json_object(output / MANIFEST)
     listed = manifest.get("files") if isinstance(manifest.get("files"), list) else FINAL_FILES
     names = {MANIFEST, RUN_FILE, METRICS, LOCK, REPORT, *LOG_DIRS, *listed}
     # Hidden work files of an interrupted write: staging, deletion, atomic-rename temporaries.
     hidden = (STAGE_PREFIX, TRASH_PREFIX, FINAL_STAGE, WRITE_PROBE, f".{MANIFEST}.",
               f".{RUN_FILE}.", f".{METRICS}.", f".{REPORT}.")
-    return lambda name: name in names or step_of(Path(name)) is not None or name.startswith(hidden)
+    return lambda name: name in names or sealed_checkpoint(output / name) or name.startswith(hidden)
 
 
 RUN_KIND = OutputKind("a training run", _is_run_dir, _run_files, keep=(LOCK,))

@@ -69,12 +69,16 @@ def read_history(run_dir: Path) -> RunHistory:
         raise UserError(f"{metrics} not found: RUN_DIR must be the --output of `peftko lora-train` "
                         "(it is written from the first logged step on)")
     history = RunHistory(name=run_dir.resolve().name)
-    with open(metrics, encoding="utf-8") as f:
+    # errors="replace": a line damaged mid-file (a crash, a full disk, stray bytes) fails to parse
+    # below and is skipped; the rest still plots.
+    with open(metrics, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
-                continue  # a line cut short by a crash or a full disk: plot the rest
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                continue
             if "loss" in record:
                 history.train.append(record)
             elif "eval_loss" in record:
@@ -140,8 +144,13 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def _tokens(record: dict) -> float:
+    x = record.get("tokens_seen")
+    return x if isinstance(x, (int, float)) and _finite(x) else 0
+
+
 def _series(records: list[dict], key: str) -> tuple[list, list]:
-    points = [(r.get("tokens_seen") or 0, r[key]) for r in records if r.get(key) is not None and _finite(r[key])]
+    points = [(_tokens(r), r[key]) for r in records if r.get(key) is not None and _finite(r[key])]
     return [x for x, _ in points], [y for _, y in points]
 
 
@@ -172,7 +181,7 @@ def _mark_skipped(ax, history: RunHistory) -> None:
     bad = history.non_finite
     count = history.results.get("skipped_steps", len(bad))
     for i, record in enumerate(bad):
-        ax.axvline(record.get("tokens_seen") or 0, color="tab:red", alpha=0.6,
+        ax.axvline(_tokens(record), color="tab:red", alpha=0.6,
                    label=f"{SKIPPED}: {count}" if i == 0 else None)
     if count and not bad:  # skipped between logged steps: say so without a position
         ax.plot([], [], color="tab:red", label=f"{SKIPPED}: {count}")

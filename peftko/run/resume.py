@@ -56,9 +56,21 @@ def read_run_record(output: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    if not _is_record(record):
+        raise UserError(f"{path} is not a peftko run record (its identity is missing or malformed): restore it, "
+                        "or start again without --resume")
+    return record
+
+
+def _is_record(record) -> bool:
+    """The shape --resume relies on: an identity with a config, a corpus list, a tokenizer and a base."""
+    identity = record.get("identity") if isinstance(record, dict) else None
+    return (isinstance(identity, dict) and isinstance(identity.get("config"), dict)
+            and isinstance(identity.get("corpus"), list) and isinstance(identity.get("tokenizer"), str)
+            and isinstance(identity.get("base"), dict) and isinstance(identity["base"].get("weights"), dict))
 
 
 def identity_changes(old: dict, new: dict) -> list[str]:

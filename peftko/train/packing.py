@@ -297,7 +297,8 @@ def prepare_data(files, tokenizer, blocks: BlockSettings, cache_root: Path) -> P
     key = cache_key(files, tokenizer, blocks.seq_len, blocks.doc_end_marker, blocks.jsonl_field,
                     blocks.val_fraction, blocks.seed)
     target = cache_root / key
-    from_cache = (target / "stats.json").exists()
+    stats = _cached_stats(target)
+    from_cache = stats is not None
     if not from_cache:
         cache_root.mkdir(parents=True, exist_ok=True)
         remove_stale_builds(cache_root)
@@ -311,7 +312,7 @@ def prepare_data(files, tokenizer, blocks: BlockSettings, cache_root: Path) -> P
             # A build of the same key by another process is replaced whole; a replaced folder
             # left by a kill is named like a build, so the next run removes it.
             replace_dir(work, target, _build_prefix())
-    stats = json.loads((target / "stats.json").read_text())
+    stats = json.loads((target / "stats.json").read_text())  # as just written
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "val")) if (target / "val").exists() else None
     val_text = datasets.load_from_disk(str(target / "val_text")) if (target / "val_text").exists() else None
@@ -319,6 +320,16 @@ def prepare_data(files, tokenizer, blocks: BlockSettings, cache_root: Path) -> P
     return PackedData(train, val, val_text, stats["train_docs"], stats["val_docs"], stats["train_chars"],
                       stats["val_chars"], stats["train_tokens"], stats["val_tokens"], stats["held_out"], fraction,
                       stats["block_len"], target, from_cache)
+
+
+def _cached_stats(target: Path) -> dict | None:
+    """The stats of a finished build of this key, or None (none yet, or its stats.json is damaged:
+    then it is built again and replaced)."""
+    try:
+        stats = json.loads((target / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def _build_prefix(pid: int | None = None) -> str:
