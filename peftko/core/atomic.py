@@ -5,7 +5,8 @@ one filesystem is atomic, so a crash, a full disk or a second Ctrl-C leaves eith
 or the new one, plus at most a hidden work folder that the next run recognises by its name.
 Results get the permissions an ordinary write would give them (the user's umask), not the private
 ones that tempfile and safetensors use for work files, so a model server run as another user can
-read them.
+read them. `read_json_object` reads such a record back: damaged or missing, it reads as empty,
+never as a traceback.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def write_json_atomic(path: Path, data) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file's object, or {} when the file is missing, unreadable or holds no object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """The rules of `peftko eval`: bits per character of a corpus, with and without the markers, and
 per marker.
 
-The corpus is read exactly as `lora-train` reads it (peftko.corpus.reading). Each document is tokenised on its own (with the tokenizer's BOS, no EOS) and
-every token is scored by the model's negative log-likelihood (NLL) given the tokens before it.
+The corpus is read exactly as `lora-train` reads it (peftko.corpus.reading). Each document is
+tokenised on its own (with the tokenizer's BOS, no EOS) and every token is scored by the model's
+negative log-likelihood (NLL) given the tokens before it.
 
 Rules, used everywhere (eval, ablate, the tests):
 - Windows: a document longer than --seq-len tokens is scored in windows of --seq-len tokens that

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import click
 
-from peftko.core.atomic import move_into, publish, staging_dir, write_json_atomic
+from peftko.core.atomic import move_into, publish, read_json_object, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.merge.output import MARK
-from peftko.run.manifest import read_json_object
 
 TYPES = ("q8_0", "f16", "bf16", "f32")
 # Unsloth's default too: half the size of f16 and near-lossless; f16/bf16 are for re-quantizing

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftko.core.atomic import check_writable, publish, replace_dir, staging_dir, write_json_atomic
+from peftko.core.atomic import (check_writable, publish, read_json_object, replace_dir, staging_dir,
+                                write_json_atomic)
 from peftko.core.errors import UserError
 from peftko.run.card import merged_card
 from peftko.run.layout import FORMAT_VERSION, MERGE_MARK as MARK
-from peftko.run.manifest import read_json_object
 from peftko.run.output import keep_sentencepiece_files
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 

@@ -25,10 +25,11 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
+from peftko.core.atomic import read_json_object
 from peftko.core.errors import UserError
 from peftko.model.base import Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
-from peftko.run.manifest import check_base, read_json_object, read_manifest
+from peftko.run.manifest import check_base, read_manifest
 
 DTYPES = ("float32", "bfloat16", "float16")
 

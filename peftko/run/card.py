@@ -136,8 +136,9 @@ def _bpc_label(language: str, key: str, facts: dict) -> str:
     return {"ko": BPC_KO, "en": BPC_EN}[language][key]
 
 
-PARTS_KO = {"training": "학습", "held_out": "검증"}
-PARTS_EN = {"training": "training", "held_out": "held out"}
+COUNTS = {"ko": {"documents": "문서 {n}", "characters": "글자 {n}", "tokens": "토큰 {n}"},
+          "en": {"documents": "{n} documents", "characters": "{n} characters", "tokens": "{n} tokens"}}
+PARTS = {"ko": {"training": "학습", "held_out": "검증"}, "en": {"training": "training", "held_out": "held out"}}
 HELD_OUT_SHOWN = 10
 
 
@@ -146,20 +147,13 @@ def _marker_list(facts: dict, word: str) -> list[str]:
     return [f"- `{m}`: {word} {i}" for m, i in facts["markers"]]
 
 
-def _corpus_ko(corpus: dict) -> str:
+def _corpus(corpus: dict, language: str) -> str:
+    """The whole corpus's counts, then the training and held-out parts' (as peftko.json records them)."""
     def counts(d: dict) -> str:
-        words = {"documents": "문서", "characters": "글자", "tokens": "토큰"}
-        return ", ".join(f"{words[k]} {_num(d[k])}" for k in CORPUS_KEYS if k in d)
+        return ", ".join(COUNTS[language][k].format(n=_num(d[k])) for k in CORPUS_KEYS if k in d)
 
-    parts = "; ".join(f"{PARTS_KO[p]}: {counts(corpus[p])}" for p in PARTS_KO if isinstance(corpus.get(p), dict))
-    return counts(corpus) + (f" ({parts})" if parts else "")
-
-
-def _corpus_en(corpus: dict) -> str:
-    def counts(d: dict) -> str:
-        return ", ".join(f"{_num(d[k])} {k}" for k in CORPUS_KEYS if k in d)
-
-    parts = "; ".join(f"{PARTS_EN[p]}: {counts(corpus[p])}" for p in PARTS_EN if isinstance(corpus.get(p), dict))
+    parts = "; ".join(f"{label}: {counts(corpus[p])}" for p, label in PARTS[language].items()
+                      if isinstance(corpus.get(p), dict))
     return counts(corpus) + (f" ({parts})" if parts else "")
 
 
@@ -170,7 +164,7 @@ def _held_out(corpus: dict) -> str:
 
 
 def _facts_ko(facts: dict) -> list[str]:
-    corpus, held_out = _corpus_ko(facts["corpus"]), _held_out(facts["corpus"])
+    corpus, held_out = _corpus(facts["corpus"], "ko"), _held_out(facts["corpus"])
     return [
         f"- 기반 모델: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
         f"- 학습: {_num(facts['steps'])} 단계, 양자화 {facts['quant']}"
@@ -191,7 +185,7 @@ def _facts_ko(facts: dict) -> list[str]:
 
 
 def _facts_en(facts: dict) -> list[str]:
-    corpus, held_out = _corpus_en(facts["corpus"]), _held_out(facts["corpus"])
+    corpus, held_out = _corpus(facts["corpus"], "en"), _held_out(facts["corpus"])
     return [
         f"- Base model: `{facts['base']}` (config.json SHA-256 `{facts['sha']}`)",
         f"- Training: {_num(facts['steps'])} steps, quantization {facts['quant']}"

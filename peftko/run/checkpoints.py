@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from peftko.core import distributed
-from peftko.core.atomic import (TRASH_PREFIX, fsync_path, remove_dir, replace_dir, replaced_on_success,
-                                staging_dir, write_json_atomic)
+from peftko.core.atomic import (TRASH_PREFIX, fsync_path, read_json_object, remove_dir, replace_dir,
+                                replaced_on_success, staging_dir, write_json_atomic)
 from peftko.run.layout import METRICS
 
 PREFIX = "checkpoint-"
@@ -41,21 +41,13 @@ def sealed_checkpoint(path: Path) -> bool:
     step = step_of(path)
     if step is None or not path.is_dir():
         return False
-    record = _json(path / DONE_FILE)
-    return isinstance(record, dict) and record.get("step") == step
+    return read_json_object(path / DONE_FILE).get("step") == step
 
 
 def is_complete(path: Path) -> bool:
     """Sealed by peftko, every file a resume loads is there, and the Trainer's state reads as JSON."""
     return (sealed_checkpoint(path) and all((path / f).is_file() for f in REQUIRED_FILES)
-            and isinstance(_json(path / "trainer_state.json"), dict))
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+            and bool(read_json_object(path / "trainer_state.json")))
 
 
 def complete_checkpoints(output: Path) -> list[Path]:

@@ -16,15 +16,6 @@ from peftko.run.identity import fingerprint_base, sha256_file
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, RUN_FILE, TOKENIZER_FILES
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file's object, or {} when the file is missing, unreadable or holds no object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_manifest(run_dir: Path) -> dict:
     """The manifest of a COMPLETE run, checked for shape and against the adapter file it lists,
     or a UserError saying what is missing or wrong."""

@@ -10,15 +10,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, describe_write_failure, is_write_failure, move_into,
-                                publish, staging_dir, write_json_atomic)
+from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, describe_write_failure,
+                                is_write_failure, move_into, publish, read_json_object, staging_dir,
+                                write_json_atomic)
 from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
 from peftko.run.checkpoints import STAGE_PREFIX, sealed_checkpoint
 from peftko.run.identity import sha256_file
 from peftko.run.layout import (ADAPTER_FILES, FINAL_FILES, FINAL_STAGE, FORMAT_VERSION, LOCK, LOG_DIRS, MANIFEST,
                                METRICS, REPORT, RUN_FILE, SENTENCEPIECE_FILES)
-from peftko.run.manifest import manifest_problems, read_json_object
+from peftko.run.manifest import manifest_problems
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 
 
