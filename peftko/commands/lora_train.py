@@ -29,7 +29,7 @@ from peftko.model.plan_report import echo_plan
 from peftko.run.layout import LOCK
 from peftko.run.output import claim_run_dir, prepare_output, remove_if_empty
 from peftko.run.resume import resume_point
-from peftko.train.disk import check_disk_space, output_bytes_needed
+from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
 from peftko.train.session import TrainingSession
 
 
@@ -112,9 +112,8 @@ def check_disk_early(cfg: TrainConfig, model_path: Path, output: Path) -> None:
     except (KeyError, TypeError, ValueError):
         return  # an architecture the plan does not know: the exact check after loading stays
     steps = cfg.max_steps if cfg.max_steps > 0 else cfg.save_steps
-    tokenizer_bytes = sum(f.stat().st_size for f in model_path.glob("*token*") if f.is_file())
-    check_disk_space(output, output_bytes_needed(shape.lora_params(cfg.lora_r, cfg.target_modules),
-                                                 cfg.save_steps, cfg.save_total_limit, tokenizer_bytes, steps))
+    check_disk_space(output, output_bytes_needed(shape.lora_params(cfg.lora_r, cfg.target_modules), cfg.save_steps,
+                                                 cfg.save_total_limit, tokenizer_bytes(model_path), steps))
 
 
 def planned_processes(num_processes: int | None, dry_run: bool) -> int:

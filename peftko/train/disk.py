@@ -28,6 +28,11 @@ def output_bytes_needed(trainable: int, save_steps: int, save_total_limit: int, 
     return (kept + 1) * checkpoint + 2 * final
 
 
+def tokenizer_bytes(model_path: Path) -> int:
+    """What the base's tokenizer files take: the final adapter folder holds a copy of them."""
+    return sum(f.stat().st_size for f in Path(model_path).glob("*token*") if f.is_file())
+
+
 def check_disk_space(output: Path, need: int) -> None:
     output = Path(output)
     free = shutil.disk_usage(output).free

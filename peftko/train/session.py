@@ -32,7 +32,7 @@ from peftko.run.plot import write_report_or_warn
 from peftko.run.resume import check_adapter_shape, check_resume, read_run_record, resume_point, write_run_record
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.train.collate import PackedCollator
-from peftko.train.disk import check_disk_space, output_bytes_needed
+from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
 from peftko.train.gpu_memory import peak_gib, reset_peak
 from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
 from peftko.train.oom import translate_oom
@@ -164,9 +164,8 @@ class TrainingSession:
         return bpc_base, built
 
     def check_disk(self) -> None:
-        tokenizer_bytes = sum(f.stat().st_size for f in self.model_path.glob("*token*") if f.is_file())
         need = output_bytes_needed(self.built.trainable_params, self.cfg.save_steps, self.cfg.save_total_limit,
-                                   tokenizer_bytes,
+                                   tokenizer_bytes(self.model_path),
                                    planned_steps(self.cfg.steps(), len(self.data.train), distributed.world_size()))
         check_disk_space(self.output, need)
 
