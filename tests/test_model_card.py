@@ -154,3 +154,29 @@ def test_sentencepiece_model_ships_in_adapter_and_merged(tiny_bases, small_corpu
 
 def test_no_sentencepiece_model_where_the_base_has_none(tiny_run, merged):
     assert not any((d / "tokenizer.model").exists() for d in (tiny_run, merged))
+
+
+def test_the_base_terms_are_named_in_both_cards_and_copied_by_merge(tiny_run, tmp_path):
+    """A base that ships terms (Gemma's GEMMA_TERMS.html) passes them on: the cards name them and carry
+    the Hub's licence tag, and the merged folder holds a copy, since its weights are the base's."""
+    from peftko.run.card import adapter_card, merged_card
+
+    manifest = {**manifest_of(tiny_run), "base_terms": ["GEMMA_TERMS.html", "NOTICE.md"]}
+    for card in (adapter_card(manifest, "run"), merged_card(manifest, {"dtype": "float32"}, "merged")):
+        assert card.startswith("---\nlanguage:\n- ko\nlicense: gemma\n")
+        assert "기반 모델의 이용 조건이 이 모델에도 적용됩니다" in card and "`GEMMA_TERMS.html`, `NOTICE.md`" in card
+        assert "The base model's terms apply to this model too" in card
+    assert "license:" not in adapter_card(manifest_of(tiny_run), "run")  # the tiny base ships none
+
+    base = tmp_path / "base"
+    shutil.copytree(manifest_of(tiny_run)["base_model"], base)
+    (base / "LICENSE").write_text("the base's licence", encoding="utf-8")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "peftko.json").write_text(json.dumps({**manifest_of(tiny_run), "base_model": str(base),
+                                                 "base_terms": ["LICENSE"]}), encoding="utf-8")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(run), "--output", str(out), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (out / "LICENSE").read_text(encoding="utf-8") == "the base's licence"
+    assert "LICENSE" in json.loads((out / "peftko-merge.json").read_text())["files"]

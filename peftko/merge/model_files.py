@@ -37,6 +37,10 @@ def write_config(base_path: Path, manifest: dict, dtype: str, stage: Path) -> No
         generation = GenerationConfig.from_model_config(config)
     stop_at_book_end(generation, manifest)
     generation.save_pretrained(stage)
+    for name in manifest.get("base_terms") or []:  # the merged weights are still under the base's terms
+        source = base_path / Path(name).name
+        if source.is_file() and not source.is_symlink():
+            shutil.copyfile(source, stage / source.name)
     if remote:  # the model's own code, which config.json's auto_map points at
         for code in base_path.glob("*.py"):
             shutil.copyfile(code, stage / code.name)

@@ -59,6 +59,15 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def terms_files(path: Path) -> list[str]:
+    """The base's licence and terms-of-use files (LICENSE, NOTICE, Gemma's GEMMA_TERMS.html, ...):
+    the model cards name them, and `peftko merge` copies them beside the merged weights, which are
+    still the base's weights under the base's terms."""
+    names = ("LICENSE", "LICENCE", "NOTICE", "TERMS", "USE_POLICY")
+    return sorted(p.name for p in path.iterdir()
+                  if p.is_file() and not p.is_symlink() and any(n in p.name.upper() for n in names))
+
+
 def read_base_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))

@@ -11,7 +11,27 @@ from __future__ import annotations
 
 # Front matter for the Hugging Face Hub. No `base_model`: the recorded base is a local folder,
 # which the Hub rejects there.
-FRONT_MATTER = "---\nlanguage:\n- ko\nlibrary_name: {library}\npipeline_tag: text-generation\ntags:\n- peftko\n{tags}---\n"
+FRONT_MATTER = ("---\nlanguage:\n- ko\n{license}library_name: {library}\npipeline_tag: text-generation\ntags:\n- peftko\n"
+               "{tags}---\n")
+
+
+def _front(manifest: dict, library: str, tags: str) -> str:
+    terms = manifest.get("base_terms") or []
+    license = "license: gemma\n" if any(t.upper().startswith("GEMMA") for t in terms) else ""
+    return FRONT_MATTER.format(license=license, library=library, tags=tags)
+
+
+def _terms(manifest: dict, language: str, merged: bool) -> list[str]:
+    """The base's licence files, named: the weights here are (derived from) the base's, under its terms."""
+    terms = manifest.get("base_terms") or []
+    if not terms:
+        return []
+    names = ", ".join(f"`{t}`" for t in terms)
+    where = ("이 폴더에 함께 있는" if merged else "기반 모델 폴더의") if language == "ko" else \
+        ("copied into this folder" if merged else "in the base's folder")
+    line = (f"기반 모델의 이용 조건이 이 모델에도 적용됩니다: {where} {names}." if language == "ko" else
+            f"The base model's terms apply to this model too: {names}, {where}.")
+    return [line, ""]
 
 
 def adapter_card(manifest: dict, folder: str) -> str:
@@ -19,7 +39,7 @@ def adapter_card(manifest: dict, folder: str) -> str:
     facts = _facts(manifest)
     plain = _plain_adapter_code(manifest, folder)
     return "\n".join([
-        FRONT_MATTER.format(library="peft", tags="- lora\n"),
+        _front(manifest, "peft", "- lora\n"),
         f"# {folder}: LoRA 어댑터 / LoRA adapter (peftko)",
         "",
         "## 한국어",
@@ -27,6 +47,7 @@ def adapter_card(manifest: dict, folder: str) -> str:
         f"`{manifest['base_model']}` 위에 `peftko lora-train`으로 학습한 LoRA 어댑터입니다. 마커마다 토큰 하나가 "
         "추가되었고, 그 임베딩 행도 이 폴더에 들어 있습니다.",
         "",
+        *_terms(manifest, "ko", merged=False),
         *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts,
                       f"peftko merge {folder} --output {folder}-merged   # 독립 실행 모델로 병합"),
         "### peftko 없이 불러오기 (transformers + peft)",
@@ -44,6 +65,7 @@ def adapter_card(manifest: dict, folder: str) -> str:
         f"A LoRA adapter trained with `peftko lora-train` on `{manifest['base_model']}`. Each marker was "
         "added as one token; its embedding rows are in this folder too.",
         "",
+        *_terms(manifest, "en", merged=False),
         *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts,
                       f"peftko merge {folder} --output {folder}-merged   # a standalone model"),
         "### Loading without peftko (transformers + peft)",
@@ -65,7 +87,7 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
     plain = _plain_merged_code(facts, folder)
     dtype = record.get("dtype", "?")
     return "\n".join([
-        FRONT_MATTER.format(library="transformers", tags="- merged-lora\n"),
+        _front(manifest, "transformers", "- merged-lora\n"),
         f"# {folder}: 병합된 모델 / merged model (peftko)",
         "",
         "## 한국어",
@@ -73,6 +95,7 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         f"`peftko merge`가 LoRA 어댑터를 `{manifest['base_model']}`에 {dtype}로 병합한 독립 실행 모델입니다. "
         "어댑터 없이 transformers, vLLM, llama.cpp 변환기 등에서 그대로 불러옵니다.",
         "",
+        *_terms(manifest, "ko", merged=True),
         *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts),
         "### peftko 없이 불러오기 (transformers)",
         "",
@@ -86,6 +109,7 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         f"A standalone model: `peftko merge` merged a LoRA adapter into `{manifest['base_model']}` in {dtype}. "
         "It loads without the adapter in transformers, vLLM, llama.cpp's converter and the like.",
         "",
+        *_terms(manifest, "en", merged=True),
         *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts),
         "### Loading without peftko (transformers)",
         "",
