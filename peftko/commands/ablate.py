@@ -34,6 +34,7 @@ from peftko.corpus.lint import marker_regex
 from peftko.corpus.reading import choose_markers, documents_of, read_corpus
 from peftko.evaluate.scoring import default_seq_len, evaluate_texts
 from peftko.evaluate.structure import SampleOptions, overall_top1, structure_score
+from peftko.evaluate.verdict import verdict
 from peftko.model.base import resolve_model_path
 from peftko.model.reload import load_for_inference
 from peftko.run.layout import MANIFEST
@@ -117,14 +118,15 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
             raise UserError(f"training the {name} variant stopped; nothing was compared")
         held_out = [(deleted_docs if name == "deleted" else docs)[i] for i in val]
         rows.append(evaluate_variant(name, Path(vcfg.output), held_out, markers, vcfg, opts))
+    answer = verdict(rows)
     result = {"held_out_documents": val, "markers": markers, "sampling": dataclasses.asdict(opts),
-              "config": cfg.to_dict(), "variants": rows}
+              "config": cfg.to_dict(), "variants": rows, "verdict": answer}
     write_json_atomic(out / "ablation.json", result)
     table = render_table(rows)
     with replaced_on_success(out / "ablation.md") as tmp:
-        tmp.write_text(table + "\n", encoding="utf-8")
+        tmp.write_text(table + "\n\n" + answer + "\n", encoding="utf-8")
     chart = write_chart(rows, out / "ablation.png")
-    click.echo(json.dumps(result, ensure_ascii=False) if as_json else "\n" + table)
+    click.echo(json.dumps(result, ensure_ascii=False) if as_json else "\n" + table + "\n\n" + answer)
     click.echo(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}" + (f", {chart}" if chart else ""),
                err=as_json)
     return result
@@ -136,14 +138,15 @@ def _f(x, spec=".3f") -> str:
 
 def render_table(rows: list[dict]) -> str:
     lines = ["| variant | held-out bpc, story text | held-out bpc, whole text | marker top-1 | structure "
-             "(balanced, ends with marker) | tokens/char | vocab |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "(balanced, ends with marker, whole markers only) | marker fragments per sample | tokens/char | vocab |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["structure"]
-        structure = "n/a" if s is None else (f"{s['structure']:.2f} ({s['balanced']:.2f}, "
-                                             f"{s['ends_with_marker']:.2f}; {s['samples']} samples)")
+        structure = "n/a" if s is None else (f"{s['structure']:.2f} ({s['balanced']:.2f}, {s['ends_with_marker']:.2f}, "
+                                             f"{s['whole_markers_only']:.2f}; {s['samples']} samples)")
+        fragments = "n/a" if s is None else f"{s['fragments_per_sample']:.1f}"
         lines.append(f"| {r['variant']} | {_f(r['bpc_text'])} | {_f(r['bpc'])} | {_f(r['marker_top1'], '.1%')} | "
-                     f"{structure} | {_f(r['tokens_per_char'])} | {r['vocab']} |")
+                     f"{structure} | {fragments} | {_f(r['tokens_per_char'])} | {r['vocab']} |")
     return "\n".join(lines)
 
 

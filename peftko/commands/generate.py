@@ -80,5 +80,6 @@ def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: b
         click.echo(prompt, nl=False)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         s = sample(model, tokenizer, info, prompt, opts, streamer)
-        click.echo(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}]", err=True)
+        pieces = f", {len(s.fragments)} marker fragments: {' '.join(s.fragments[:5])}" if s.fragments else ""
+        click.echo(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}{pieces}]", err=True)
     return 0

@@ -71,7 +71,8 @@ def streaming_writer(run_dir: Path, base_path: Path, manifest: dict, dtype: str,
             return
         click.echo(f"self-check: {report.tensors} tensors, {report.lora_targets} LoRA targets within "
                    f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
-                   f"{report.marker_rows} marker rows equal to the trained rows, every other weight the base's")
+                   f"{report.marker_rows} token rows (markers, their old pieces) equal to the trained rows, "
+                   "every other weight the base's")
         write_config(base_path, manifest, dtype, stage)
         if full_check:
             compare_logits(run_dir, base_path, manifest, dtype, stage)

@@ -185,6 +185,9 @@ class TrainConfig:
         "none", "Also log to tensorboard (OUTPUT/tensorboard) and/or wandb; repeatable.", group=OUTPUT,
         multiple=True, metavar="[" + "|".join(REPORT_TARGETS) + "]")
     eval_steps: int = _opt(50, "Evaluate on the held-out documents every N steps (0: only at the end).", group=EVAL)
+    keep_best: bool = _opt(True, "Keep the adapter of the evaluation with the lowest held-out loss, not the last "
+                                 "step's, and say so when the held-out loss rises (a small corpus being memorised).",
+                           group=EVAL)
     save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).", group=EVAL)
     save_total_limit: int = _opt(2, "Keep this many checkpoints.", group=EVAL)
     max_bad_steps: int = _opt(5, "Stop after this many non-finite steps in a row.", group=OPTIM)

@@ -43,6 +43,7 @@ _LOOSE = re.compile(
     r"(?P<lead><?\|{1,3})[ \t]*(?P<name>[A-Za-z][A-Za-z0-9_ \t]*?)[ \t]*(?P<close>\|{1,2}>|\||>)"
     r"|(?<![|<A-Za-z0-9_])(?P<bare>[A-Z][A-Z0-9_]*)\|>"
 )
+_DELIMITERS = re.compile(r"<\||\|>")  # what every marker opens or closes with
 _PAIR = re.compile(r"(?<![A-Za-z0-9])(START|END)_")
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 MAX_SLIPS = 2
@@ -92,6 +93,25 @@ def with_literals(pattern: str, markers: Collection[str]) -> str:
 def canonical(name: str) -> str:
     """The name a marker or an almost-marker means: its letters, digits and '_', upper-cased."""
     return "".join(_NAME.findall(name)).upper()
+
+
+def marker_fragments(text: str, markers: Collection[str]) -> list[str]:
+    """Pieces of markers in generated text, in order: whatever is left that looks like marker syntax
+    once every whole marker in `markers` is taken out.
+
+    That is each almost-marker the lint's near-miss scan would see (`|SOUND|`, `<|END_OF_BOOK|>`,
+    `|START_OF_TITLE|` or an unregistered `|NEW|>`) and each lone `|>` or `<|`. A model that emits the
+    pieces a marker used to be split into, instead of its one token, writes these.
+    """
+    whole = marker_regex(markers)
+    spans = list(whole.finditer(text)) if whole else []
+    # A whole marker with a bar or '<' glued before it (`<|SOUND|>`, `||SOUND|>`) is the lint's near-miss.
+    found = [(m.start() - 1, text[m.start() - 1 : m.end()]) for m in spans if text[m.start() - 1 : m.start()] in ("<", "|")]
+    rest = whole.sub("\x00", text) if whole else text
+    found += [(m.start(), m.group()) for m in _LOOSE.finditer(rest)]
+    lone = _LOOSE.sub(lambda m: "\x00" * len(m.group()), rest)
+    found += [(m.start(), m.group()) for m in _DELIMITERS.finditer(lone)]
+    return [piece for _, piece in sorted(found)]
 
 
 # --- near-misses

@@ -66,6 +66,7 @@ class Scores:
     nll: float = 0.0  # nats, every predicted token
     text_nll: float = 0.0  # nats, predicted non-marker tokens
     markers: dict[str, MarkerStats] = field(default_factory=dict)
+    per_document_text: list[float | None] = field(default_factory=list)  # each document's bits_per_char_text
 
     def to_json(self) -> dict:
         return {
@@ -77,6 +78,7 @@ class Scores:
             "text_chars": self.text_chars,
             "tokens": self.tokens,
             "markers": {m: s.to_json() for m, s in sorted(self.markers.items())},
+            "per_document_bits_per_char_text": self.per_document_text,
         }
 
 
@@ -170,7 +172,10 @@ def evaluate_texts(model, tokenizer, texts, markers, seq_len: int, batch_size: i
     rx = marker_regex(markers)
     scores = Scores()
     for text in texts:
+        nll, chars = scores.text_nll, scores.text_chars
         score_document(model, tokenizer, text, rx, seq_len, batch_size, device, scores)
+        # Per document too: ablate's verdict counts the books each variant wins, not only the sums.
+        scores.per_document_text.append(_ratio((scores.text_nll - nll) / LN2, scores.text_chars - chars))
     return scores
 
 

@@ -2,7 +2,8 @@
 the book?
 
 Continuations of the held-out documents' first three quarters are sampled; a sample counts when
-its START_/END_ pairs balance (peftko.corpus.lint) and it ends with the book-end marker.
+its START_/END_ pairs balance (peftko.corpus.lint), it ends with the book-end marker and it writes
+whole markers only: no pieces of one (`|>`, `|SOUND|`, `<|END_OF_BOOK|>`: corpus.lint.marker_fragments).
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ def prompt_of(doc: str, fraction: float) -> str:
 
 def structure_score(model, tokenizer, info, held_out: list[str], markers: list[str], opts: SampleOptions,
                     doc_end: str, pattern: str, seed: int) -> dict:
-    """Shares of the samples that balance their pairs, that end with `doc_end`, and that do both."""
+    """Shares of the samples that balance their pairs, that end with `doc_end`, that write whole
+    markers only, and that do all three; and the marker fragments written per sample."""
     gen = GenerateOptions(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed)
     transformers.set_seed(seed)
-    balanced = ended = both = n = 0
+    balanced = ended = whole = good = fragments = n = 0
     for doc in held_out:
         prompt = prompt_of(doc, opts.prompt_fraction)
         for _ in range(opts.samples):
             s = sample(model, tokenizer, info, prompt, gen)
             b, e = structure_ok(prompt + s.text, markers, doc_end, pattern)
-            balanced, ended, both, n = balanced + b, ended + e, both + (b and e), n + 1
-    return {"samples": n, "balanced": balanced / n, "ends_with_marker": ended / n, "structure": both / n}
+            w = not s.fragments
+            balanced, ended, whole, good, n = balanced + b, ended + e, whole + w, good + (b and e and w), n + 1
+            fragments += len(s.fragments)
+    return {"samples": n, "balanced": balanced / n, "ends_with_marker": ended / n, "whole_markers_only": whole / n,
+            "fragments_per_sample": fragments / n, "structure": good / n}
 
 
 def overall_top1(markers: dict) -> float | None:

@@ -44,8 +44,13 @@ def _marker_problems(run_dir: Path, manifest: dict, tokenizer) -> list[str]:
             problems.append(f"marker {m['marker']} is id {m['id']} there but {ids} in the saved tokenizer")
     trained = _trained_rows(run_dir)
     recorded = sorted(m["id"] for m in manifest["markers"])
-    if trained is not None and trained != recorded:
-        problems.append(f"the markers are ids {recorded} there but the adapter trains rows {trained}")
+    pieces = manifest.get("marker_piece_rows") or []
+    allowed = {p for m in manifest["markers"] for p in m.get("piece_ids", [])}
+    if not isinstance(pieces, list) or not set(pieces) <= allowed:
+        problems.append(f"marker_piece_rows {pieces} are not pieces the markers were split into")
+    elif trained is not None and trained != sorted({*recorded, *pieces}):
+        problems.append(f"the markers are ids {recorded} (and their pieces' rows {pieces}) there but the adapter "
+                        f"trains rows {trained}")
     return problems
 
 

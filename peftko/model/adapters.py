@@ -19,13 +19,13 @@ from peftko.model.token_rows import MarkerToken, trainable_token_indices
 TOKEN_ROW_PARAM = "trainable_tokens_delta"  # the name peft gives the marker rows' parameters
 
 
-def lora_config(model, lora: LoraSettings, tokens: list[MarkerToken]) -> LoraConfig:
+def lora_config(model, lora: LoraSettings, tokens: list[MarkerToken], pieces: list[int] = ()) -> LoraConfig:
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        trainable_token_indices=trainable_token_indices(model, tokens) if tokens else None,
+        trainable_token_indices=trainable_token_indices(model, tokens, pieces) if tokens else None,
         task_type="CAUSAL_LM",
     )
 
@@ -41,13 +41,13 @@ def check_target_modules(model_path: Path, target_modules: list[str] | str, trus
                         f"layers are {', '.join(sorted(names))} (or use all-linear)")
 
 
-def attach_adapters(model, lora: LoraSettings, tokens: list[MarkerToken]):
-    """Wrap the base with LoRA + marker rows. Frozen weights keep their dtype; trainables are fp32.
+def attach_adapters(model, lora: LoraSettings, tokens: list[MarkerToken], pieces: list[int] = ()):
+    """Wrap the base with LoRA + marker rows (and the rows of their syntax pieces: token_rows.syntax_pieces). Frozen weights keep their dtype; trainables are fp32.
 
     Deliberately NOT prepare_model_for_kbit_training: its fp32 upcast of every frozen tensor makes
     activations fp32 and costs 2.8x speed (benchmarks/RESULTS.md) for no gain in a bf16 compute path.
     """
-    peft_model = get_peft_model(model, lora_config(model, lora, tokens))
+    peft_model = get_peft_model(model, lora_config(model, lora, tokens, pieces))
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

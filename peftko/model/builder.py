@@ -20,7 +20,7 @@ from peftko.core.config import BaseLoading, LoraSettings, TrainConfig
 from peftko.model.adapters import attach_adapters
 from peftko.model.base import Precision, load_base
 from peftko.model.kernels import apply_fast_kernels
-from peftko.model.token_rows import MarkerToken, embedding_modules, grow_embeddings, init_marker_rows
+from peftko.model.token_rows import MarkerToken, embedding_modules, grow_embeddings, init_marker_rows, syntax_pieces
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TrainableModel:
     tied: bool  # input and output embeddings share one matrix
     kernels: str | None  # what apply_fast_kernels switched on, None when nothing
     trainable_params: int
+    piece_rows: list[int]  # old marker pieces trained too, so the loss can push them down (syntax_pieces)
 
 
 def load(model_path: Path, loading: BaseLoading, precision: Precision):
@@ -48,10 +49,11 @@ def make_trainable(model, tokenizer, tokens: list[MarkerToken], lora: LoraSettin
     init_marker_rows(model, tokens)
     tied = embedding_modules(model)[2]
     transformers.set_seed(seed)  # LoRA's random A matrices come next
-    peft_model = attach_adapters(model, lora, tokens)
+    pieces = syntax_pieces(tokenizer, tokens)
+    peft_model = attach_adapters(model, lora, tokens, pieces)
     kernels = apply_fast_kernels(peft_model, liger, precision)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return TrainableModel(peft_model, tokens, rows_before, rows_after, tied, kernels, trainable)
+    return TrainableModel(peft_model, tokens, rows_before, rows_after, tied, kernels, trainable, pieces)
 
 
 def build_trainable(model_path: Path, tokenizer, tokens: list[MarkerToken], cfg: TrainConfig,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from peftko.corpus.lint import marker_fragments
+
 
 @dataclass(frozen=True)
 class GenerateOptions:
@@ -35,10 +37,12 @@ class Sample:
     new_tokens: int
     stop_reason: str  # "marker" | "eos" | "length"
     tokens_per_s: float
+    fragments: list[str]  # pieces of markers written instead of the marker (corpus.lint.marker_fragments)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, "new_tokens": self.new_tokens,
-                "stop_reason": self.stop_reason, "tokens_per_s": round(self.tokens_per_s, 2)}
+                "stop_reason": self.stop_reason, "tokens_per_s": round(self.tokens_per_s, 2),
+                "marker_fragments": len(self.fragments), "fragments": self.fragments}
 
 
 def generation_kwargs(opts: GenerateOptions, stop: list[int], pad_id: int | None) -> dict:
@@ -69,15 +73,16 @@ def sample(model, tokenizer, info, prompt: str, opts: GenerateOptions, streamer=
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else info.stop_ids[0] if info.stop_ids else None
     room = room_for(model, enc["input_ids"].shape[1], opts.max_new_tokens)
     if room == 0:  # the prompt fills the context: nothing can follow it
-        return Sample(prompt, "", 0, "length", 0.0)
+        return Sample(prompt, "", 0, "length", 0.0, [])
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, **generation_kwargs(replace(opts, max_new_tokens=room), info.stop_ids, pad),
                              streamer=streamer)
     seconds = time.perf_counter() - start
     new = out[0, enc["input_ids"].shape[1]:].tolist()
-    return Sample(prompt, tokenizer.decode(new, skip_special_tokens=True), len(new),
-                  stop_reason(new, info, tokenizer, opts.max_new_tokens), len(new) / max(seconds, 1e-9))
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Sample(prompt, text, len(new), stop_reason(new, info, tokenizer, opts.max_new_tokens),
+                  len(new) / max(seconds, 1e-9), marker_fragments(text, info.markers))
 
 
 def stop_reason(new: list[int], info, tokenizer, max_new_tokens: int) -> str:

@@ -211,9 +211,27 @@ def _mean_of_rows(w: torch.Tensor, rows: int, chunk: int = 8192) -> torch.Tensor
     return (total / max(rows, 1)).to(w.dtype)
 
 
-def trainable_token_indices(model, tokens: list[MarkerToken]) -> dict[str, list[int]]:
-    """peft's spec: input embedding always, lm_head too when it is a separate matrix."""
-    ids = sorted({t.id for t in tokens})
+def syntax_pieces(tokenizer, tokens: list[MarkerToken]) -> list[int]:
+    """The base-vocabulary pieces the markers were split into that are marker syntax only: no letter
+    or digit in them (`|`, `|>`, `_`, `<|`, SentencePiece's `▁|`).
+
+    Registering a marker leaves its old pieces in the vocabulary. Their rows are not trained by
+    default, and a marker row starts as the mean of them (init_marker_rows), so wherever training
+    raises a marker's logit it raises theirs too: a pretrained base then writes `|>` or `|SOUND|`
+    where a marker should be. Training these rows as well lets the loss push them down, since the
+    corpus, read with the markers registered, never has them. Pieces with letters (`SOUND`, `TITLE`)
+    are words the base needs elsewhere and stay frozen.
+    """
+    special = set(tokenizer.all_special_ids)
+    marker_ids = {t.id for t in tokens}
+    pieces = {p for t in tokens if t.pieces != [t.id] for p in t.pieces} - special - marker_ids
+    return sorted(p for p in pieces if not any(c.isalnum() for c in tokenizer.decode([p])))
+
+
+def trainable_token_indices(model, tokens: list[MarkerToken], pieces: list[int] = ()) -> dict[str, list[int]]:
+    """peft's spec: input embedding always, lm_head too when it is a separate matrix; the marker rows
+    and the rows of their syntax pieces (syntax_pieces)."""
+    ids = sorted({t.id for t in tokens} | set(pieces))
     inp, out, _tied = embedding_modules(model)
     spec = {inp: ids}
     if out is not None:

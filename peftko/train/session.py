@@ -20,7 +20,7 @@ from peftko.core.errors import Interrupted
 from peftko.core.paths import peftko_home
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
-from peftko.model.base import load_tokenizer
+from peftko.model.base import load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
 from peftko.model.token_rows import register_markers
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
@@ -30,6 +30,7 @@ from peftko.run.output import save_final
 from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
 from peftko.run.resume import check_adapter_shape, check_resume, read_run_record, resume_point, write_run_record
+from peftko.train.best import KeepBest
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.train.collate import PackedCollator
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
@@ -53,13 +54,14 @@ class Results:
     tokens_seen: int | None = None  # every input position the steps processed (the Trainer's count)
     skipped_steps: int | None = None
     eval_loss: float | None = None  # absent from the manifest without held-out data
+    kept_step: int | None = None  # the step whose adapter was kept (lowest held-out loss), when not the last
     bpc_after: float | None = None
     gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
     gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
 
     def to_json(self) -> dict:
         record = asdict(self)
-        for optional in ("eval_loss", "gpu_peak_load_gib", "gpu_peak_train_gib"):
+        for optional in ("eval_loss", "kept_step", "gpu_peak_load_gib", "gpu_peak_train_gib"):
             if record[optional] is None:
                 del record[optional]
         return record
@@ -74,6 +76,7 @@ class TrainingSession:
         self.stopper, self.replace = stopper or Stopper("before training began"), list(replace)
         self.results = Results()
         self.checkpoint: Path | None = None  # what --resume continues from
+        self.keeper: KeepBest | None = None  # the lowest-held-out-loss weights (keep_best)
 
     def run(self, resume: bool = False, force: bool = False) -> int:
         self.checkpoint = resume_point(self.output) if resume else None  # before any slow step
@@ -86,6 +89,7 @@ class TrainingSession:
             if self.checkpoint is None:
                 self.results.bpc_before = self.held_out_bpc()
             self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
+            self.keeper = KeepBest(self.model) if self.cfg.keep_best and self.data.val is not None else None
             self.trainer = self.make_trainer(self.guard)
             self.results.train_loss, self.results.steps, self.results.tokens_seen = self.train(self.trainer,
                                                                                                 self.guard)
@@ -160,7 +164,7 @@ class TrainingSession:
         if built.kernels:
             click.echo(built.kernels)
         click.echo(f"trainable parameters: {built.trainable_params:,} "
-                   f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows)")
+                   f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows{pieces_note(built.piece_rows)})")
         return bpc_base, built
 
     def check_disk(self) -> None:
@@ -195,8 +199,10 @@ class TrainingSession:
         return bits_per_char(nll, self.data.val_chars)
 
     def make_trainer(self, guard):
+        keep = [self.keeper] if self.keeper else []
         return make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
-                            self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit)])
+                            self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit),
+                                                      *keep])
 
     def train(self, trainer, guard) -> tuple[float, int, int]:
         """trainer.train() with the stop-on-signal and non-finite guards around it: (loss, steps, tokens)."""
@@ -221,9 +227,19 @@ class TrainingSession:
         write_run_record(self.output, self.identity, **extra)
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """(eval_loss, bpc_after) on the held-out data, None without it."""
-        eval_loss = final_eval_loss(self.trainer) if self.data.val is not None else None
-        return eval_loss, self.held_out_bpc()
+        """(eval_loss, bpc_after) on the held-out data, None without it; first, with keep_best, the
+        weights of the lowest held-out loss are put back if a later evaluation was worse."""
+        if self.data.val is None:
+            return None, None
+        kept = self.keeper.restore() if self.keeper else None
+        if kept is None:
+            return final_eval_loss(self.trainer), self.held_out_bpc()
+        self.results.kept_step = kept.step
+        last_loss, last_step = self.keeper.last
+        distributed.on_main(lambda: click.echo(
+            f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
+            f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
+        return kept.loss, self.held_out_bpc()
 
     def manifest(self) -> dict:
         built = self.built
@@ -231,7 +247,9 @@ class TrainingSession:
             "peftko_version": __version__,
             "base_model": str(self.model_path.resolve()),
             "base_fingerprint": self.fingerprint,
+            "base_terms": terms_files(self.model_path),
             "markers": [t.to_json() for t in built.tokens],
+            "marker_piece_rows": built.piece_rows,
             "vocab": {"tokenizer_before": self.vocab_before, "tokenizer_after": len(self.tokenizer),
                       "rows_before": built.rows_before, "rows_after": built.rows_after},
             "tied_embeddings": built.tied,
@@ -298,6 +316,10 @@ def echo_markers(tokens) -> None:
     width = max(len(t.marker) for t in tokens)
     for t in tokens:
         click.echo(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
+
+
+def pieces_note(rows: list[int]) -> str:
+    return f" + {len(rows)} rows of their old pieces" if rows else ""
 
 
 def log_bpc(output: Path, results: Results) -> None:

@@ -1,0 +1,60 @@
+"""Keeping the adapter with the lowest held-out loss: a small corpus is memorised within a few
+passes on a pretrained base (its held-out loss falls, then rises), and the user should get the
+adapter from before that, and hear that it happened.
+
+The trainable weights (LoRA and the marker rows: a few MB) are copied to the CPU at each new lowest
+held-out loss; at the end they are put back if a later evaluation was worse. The copy lives in
+memory only: after --resume, the lowest is taken among the evaluations since the resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import click
+import torch
+from transformers import TrainerCallback
+
+from peftko.core import distributed
+
+
+@dataclass
+class Best:
+    loss: float
+    step: int
+    weights: dict[str, torch.Tensor]
+
+
+class KeepBest(TrainerCallback):
+    """Remembers the weights at the lowest eval_loss; warns when an evaluation is worse than it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.best: Best | None = None
+        self.last: tuple[float, int] | None = None  # (eval_loss, step) of the latest evaluation
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        self.last = (loss, state.global_step)
+        if self.best is None or loss < self.best.loss:
+            self.best = Best(loss, state.global_step, self._copy())
+            return
+        distributed.on_main(lambda: click.echo(
+            f"note: held-out loss rose to {loss:.4f} at step {state.global_step} (lowest {self.best.loss:.4f} at "
+            f"step {self.best.step}): the model is starting to memorise the training books", err=True))
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def restore(self) -> Best | None:
+        """Put the best weights back when a later evaluation was worse; the Best restored, or None."""
+        if self.best is None or self.last is None or self.last[1] == self.best.step:
+            return None
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.best.weights:
+                    p.copy_(self.best.weights[name].to(p.device))
+        return self.best
