@@ -16,7 +16,8 @@ import typing
 
 import rich_click as click
 
-from peftko.core.config import FIELDS, GROUPS, TrainConfig, load_config
+from peftko.core.aliases import flag_hint
+from peftko.core.config import FIELDS, GROUPS, REQUIRED, TrainConfig, load_config
 from peftko.core.errors import Interrupted, UserError
 from peftko.core.quiet import keep_libraries_offline_and_quiet
 from peftko.core.signals import Stopper
@@ -26,6 +27,9 @@ keep_libraries_offline_and_quiet()  # before any command imports torch, peft or 
 
 
 RUN = "실행 (run)"
+CONFIG_HELP = ("YAML config; flags override it. Axolotl, LLaMA-Factory, TRL and Unsloth key names are read "
+               "too (docs/en/coming-from-other-tools.md).")
+SET_HELP = "Override any config key (other tools' names too); repeatable."
 INFERENCE_DTYPE = dict(type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
                        help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
                             "the dtype the run trained or the merge wrote in; auto for other folders]")
@@ -49,7 +53,21 @@ class _Group(click.RichGroup):
             ctx.exit(e.exit_code)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+# How --help lays out an option, so that no flag name, metavar or choice is ever split across
+# lines (tests/test_help_layout.py). rich shrinks the widest columns of a table together when it
+# is too wide, folding inside words: so a flag and its metavar share one column (they wrap at the
+# space between them, never inside), and the slash of --x/--no-x gets spaces to wrap at.
+HELP_LAYOUT = {
+    "options_table_column_types": ["required", "opt_long_metavar", "opt_short", "help"],
+    "delimiter_slash": " / ",
+    "append_metavars_help_string": "{}",  # --dtype auto|float32|..., --lora-r INT
+    # The metavar column showed an IntRange's bounds; with it gone they follow the help.
+    "options_table_help_sections": ["help", "deprecated", "envvar", "default", "range", "required"],
+}
+
+
+# The context setting, not the rich_config decorator, which imports rich: --help stays instant.
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "rich_help_config": HELP_LAYOUT})
 @click.version_option(package_name="peftko")
 def main():
     """peftko: LoRA fine-tuning for Korean text with structural markers.
@@ -65,12 +83,33 @@ def main():
     """
 
 
+class _ConfigCommand(click.RichCommand):
+    """lora-train and ablate: a flag spelled as another tool spells it (--learning-rate,
+    --num_train_epochs) gets one line naming peftko's (--lr), not click's usage box."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            hint = _peer_flag_hint(e.option_name)
+            if hint is None:
+                raise
+            raise UserError(f"no such option {e.option_name}: {hint}") from None
+
+
+def _peer_flag_hint(option: str) -> str | None:
+    name = option.lstrip("-").replace("-", "_")
+    if name in FIELDS:  # --grad_accum, as Hugging Face scripts write flags
+        return "peftko spells it --" + name.replace("_", "-")
+    return flag_hint(option)
+
+
 def _config_options(func):
     """One click option per TrainConfig field; None means 'not given', so files are not overridden."""
     hints = typing.get_type_hints(TrainConfig)
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
-        common = {"help": f.metadata["help"] + f"  [default: {_show_default(f)}]", "panel": f.metadata["group"]}
+        common = {"help": f.metadata["help"] + f"  [{_default_note(f)}]", "panel": f.metadata["group"]}
         if hints[f.name] is bool:
             opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, **common)
         elif f.metadata.get("multiple"):
@@ -89,10 +128,12 @@ MULTIPLE = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("m
 JOINED = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("joined")]
 
 
-def _show_default(f: dataclasses.Field) -> str:
+def _default_note(f: dataclasses.Field) -> str:
+    if f.name in REQUIRED:  # config.load_config(required_by=...) checks them
+        return "required: the flag, --set or --config"
     if f.default_factory is not dataclasses.MISSING:
-        return ",".join(f.default_factory())
-    return str(f.default)
+        return "default: " + ",".join(f.default_factory())
+    return f"default: {f.default}"
 
 
 def _metavar(f: dataclasses.Field, tp) -> str:
@@ -103,10 +144,10 @@ def _metavar(f: dataclasses.Field, tp) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
 
 
-@main.command("lora-train")
+@main.command("lora-train", cls=_ConfigCommand)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), panel=RUN,
-              help="YAML config; flags override it.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", panel=RUN, help="Override any config key.")
+              help=CONFIG_HELP)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", panel=RUN, help=SET_HELP)
 @click.option("--dry-run", is_flag=True, panel=RUN, help="Check config and corpus, print the memory plan, train nothing.")
 @click.option("--resume", is_flag=True, panel=RUN, help="Continue from the latest checkpoint in --output.")
 @click.option("--force", is_flag=True, panel=RUN,
@@ -119,24 +160,26 @@ def _metavar(f: dataclasses.Field, tp) -> str:
 def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes, **flags):
     """Train LoRA adapters plus the marker embedding rows on a (quantized) base.
 
-    Writes OUTPUT/report.png at the end (loss curves and bits per character); the flags below
-    override the --config file, which overrides the defaults.
+    Needs --model, --data and --output, as flags or from a --config. Writes OUTPUT/report.png at the
+    end (loss curves and bits per character); the flags below override the --config file, which
+    overrides the defaults.
     """
     _no_library_bars_in_files()
+    cfg = _load_config(config_file, sets, flags, "lora-train")  # before torch loads: a slip answers at once
     from peftko.commands.lora_train import run_lora_train
 
-    cfg = _load_config(config_file, sets, flags)
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict,
                             num_processes=num_processes))
 
 
-def _load_config(config_file, sets, flags: dict) -> TrainConfig:
-    """The TrainConfig from the file, --set and the generated flags (see _config_options)."""
+def _load_config(config_file, sets, flags: dict, command: str) -> TrainConfig:
+    """The TrainConfig from the file, --set and the generated flags (see _config_options); the
+    command needs model, data and output from one of them, never the demo's defaults."""
     for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
         flags[name] = list(flags[name]) or None
     for name in JOINED:  # every repeat counts: --markers A --markers B is A,B, never just B
         flags[name] = ",".join(flags[name]) if flags[name] else None
-    return load_config(config_file, flags, list(sets))
+    return load_config(config_file, flags, list(sets), required_by=command)
 
 
 def _no_library_bars_in_files() -> None:
@@ -154,7 +197,8 @@ def _no_library_bars_in_files() -> None:
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--output", required=True, type=click.Path(), help="Directory for the standalone model.")
 @click.option("--base", type=click.Path(), help="Base model directory (default: the one in peftko.json).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Dtype the merged model's weights are saved in.")
 @click.option("--force", is_flag=True, help="Replace an earlier merged model (only one peftko wrote).")
 @click.option("--full-check", is_flag=True,
               help="Also compare the merged model's logits with the adapter's (loads the model; needs its RAM).")
@@ -177,6 +221,23 @@ def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
                        gguf_options=options))
 
 
+def _marker_pattern_options(func):
+    """--marker-pattern, the name lora-train gives it; --pattern, its earlier name on markers and
+    eval, still works but is not shown."""
+    func = click.option("--pattern", "old_pattern", default=None, hidden=True,
+                        help="Earlier name of --marker-pattern.")(func)
+    return click.option("--marker-pattern", default=FIELDS["marker_pattern"].default, show_default=True,
+                        help="Regex that finds the markers.")(func)
+
+
+def _one_pattern(marker_pattern: str, old_pattern: str | None) -> str:
+    if old_pattern is None or old_pattern == marker_pattern:
+        return marker_pattern
+    if marker_pattern != FIELDS["marker_pattern"].default:
+        raise UserError("--pattern is the earlier name of --marker-pattern; give one of them")
+    return old_pattern
+
+
 @main.command("report")
 @click.argument("run_dir", type=click.Path())
 def report(run_dir):
@@ -191,14 +252,14 @@ def report(run_dir):
 @click.option("--model", help="Base model directory: show how its tokenizer splits each marker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any problem is found.")
-@click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
+@_marker_pattern_options
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
-def markers(paths, model, as_json, strict, pattern, jsonl_field):
+def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
     from peftko.commands.markers import run_markers_command
 
     sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
-                                 pattern=pattern, jsonl_field=jsonl_field))
+                                 pattern=_one_pattern(marker_pattern, old_pattern), jsonl_field=jsonl_field))
 
 
 @main.command("eval")
@@ -210,9 +271,9 @@ def markers(paths, model, as_json, strict, pattern, jsonl_field):
               "(default: as trained for an adapter, none for a model folder).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", **INFERENCE_DTYPE)
-@click.option("--pattern", default=FIELDS["marker_pattern"].default, show_default=True, help="Marker regex.")
+@_marker_pattern_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(model, data, seq_len, batch_size, quant, device, dtype, pattern, as_json):
+def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern, old_pattern, as_json):
     """Bits per character of a corpus, with and without the markers, and per marker.
 
     MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
@@ -221,21 +282,26 @@ def eval_(model, data, seq_len, batch_size, quant, device, dtype, pattern, as_js
     from peftko.commands.eval import run_eval
 
     run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device, dtype=dtype,
-             pattern=pattern, as_json=as_json)
+             pattern=_one_pattern(marker_pattern, old_pattern), as_json=as_json)
 
 
 @main.command("generate")
 @click.argument("model", type=click.Path())
 @click.option("--prompt", help="Text to continue.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Longest continuation, in tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
               help="0: greedy (repeatable).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Sample from the most likely tokens that together hold this probability (1: off).")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Above 1 makes tokens already written less likely (1: off).")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Sampling seed: the same seed repeats the same text on the same machine.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Continuations to write, each from the prompt.")
 @click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
               "(default: as trained for an adapter, none for a model folder).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -254,9 +320,9 @@ def generate(model, prompt, prompt_file, as_json, **options):
     sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
 
 
-@main.command("ablate")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config; flags override it.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@main.command("ablate", cls=_ConfigCommand)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
 @click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
               help="Sampled continuations per held-out document for the structure score.")
@@ -267,15 +333,18 @@ def generate(model, prompt, prompt_file, as_json, **options):
 def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 
-    Takes every lora-train option; --output DIR receives DIR/<variant>/, ablation.json, .md and .png.
+    Takes every lora-train option and needs --model and --data as it does; --output DIR, given on
+    the command line, receives DIR/<variant>/, ablation.json, .md and .png.
     """
     _no_library_bars_in_files()
+    # A config's output names a training run's folder (runs/demo): with three runs and a comparison
+    # written beside its files, `lora-train --force` would refuse that folder from then on.
+    if flags["output"] is None:
+        raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
+    cfg = _load_config(config_file, sets, flags, "ablate")
     from peftko.commands.ablate import run_ablate
     from peftko.evaluate.structure import SampleOptions
 
-    if flags["output"] is None:
-        raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
-    cfg = _load_config(config_file, sets, flags)
     run_ablate(cfg, SampleOptions(samples=samples, max_new_tokens=sample_tokens), force=force, as_json=as_json)
 
 

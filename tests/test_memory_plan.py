@@ -129,7 +129,10 @@ def test_checkpoint_stats_read_headers_only(tmp_path: Path):
 # --- the dry run through the CLI
 
 def dry_run(model_dir: Path, *extra: str):
-    return CliRunner().invoke(main, ["lora-train", "--model", str(model_dir), "--dry-run", "--device", "cpu", *extra])
+    # The built-in sample corpus, the default before lora-train asked for --data; a dry run writes no --output.
+    return CliRunner().invoke(main, ["lora-train", "--model", str(model_dir), "--data", "builtin:sample",
+                                     "--output", str(model_dir.parent / "dry-run-out"), "--dry-run",
+                                     "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -116,11 +116,12 @@ def test_unknown_architecture_with_its_own_code_names_the_flag(small_corpus, tmp
     config.update(model_type="koreanlm", auto_map={"AutoModelForCausalLM": "modeling_koreanlm.KoreanLM"})
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
-    r = invoke("lora-train", "--model", str(tmp_path / "base"), "--data", str(small_corpus), "--dry-run")
+    r = invoke("lora-train", "--model", str(tmp_path / "base"), "--data", str(small_corpus),
+               "--output", str(tmp_path / "out"), "--dry-run")
     refused(r, "'koreanlm'", "--trust-remote-code")
     # With the flag the dry run plans, and names the code file a real run would need.
-    r = invoke("lora-train", "--model", str(tmp_path / "base"), "--data", str(small_corpus), "--dry-run",
-               "--trust-remote-code")
+    r = invoke("lora-train", "--model", str(tmp_path / "base"), "--data", str(small_corpus),
+               "--output", str(tmp_path / "out"), "--dry-run", "--trust-remote-code")
     assert r.exit_code == 0, r.output
     assert "modeling_koreanlm.py" in r.output
 
@@ -174,8 +175,8 @@ def test_default_seq_len_fits_the_base(tiny_bases, small_corpus, tmp_path):
     assert json.loads((tmp_path / "out" / "peftko.json").read_text())["config"]["seq_len"] == 1024
 
 
-def test_explicit_seq_len_is_kept(tiny_bases, small_corpus):
+def test_explicit_seq_len_is_kept(tiny_bases, small_corpus, tmp_path):
     r = invoke("lora-train", "--model", str(tiny_bases["llama-tied"]), "--data", str(small_corpus),
-               "--dry-run", "--seq-len", "512")
+               "--output", str(tmp_path / "out"), "--dry-run", "--seq-len", "512")
     assert r.exit_code == 0, r.output
     assert "seq_len: " not in r.output.split("memory plan")[0] and " x 512 x " in r.output

@@ -3,15 +3,14 @@
 Every setting has a default, a type and a one-line help (the `help` metadata), which the CLI
 reuses for `--help`. `load_config` collects every problem (unknown key, wrong type, impossible
 combination) and raises ONE UserError listing them all, so a user fixes a config in one pass.
+The YAML file and `--set` also read other tools' names for the keys (peftko.core.aliases).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from peftko.core.aliases import read_source
+from peftko.core.coercion import to_type
 from peftko.core.errors import UserError
 
 BUILTIN_MODEL = "builtin:tiny-llama"
@@ -219,91 +220,12 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
 def coerce(name: str, value: Any) -> Any:
     """Convert `value` (from YAML or a `--set` string) to the field's type, or raise ValueError."""
-    tp = typing.get_type_hints(TrainConfig)[name]
-    return _coerce_to(tp, value, from_string=isinstance(value, str))
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _coerce_to(tp, value, from_string: bool):
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"must be one of {', '.join(map(str, typing.get_args(tp)))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return _first_arm(typing.get_args(tp), value, from_string)
-    if origin is list:
-        return _to_list(value, from_string)
-    converter = _SCALARS.get(tp)
-    if converter is None:
-        raise ValueError(f"unsupported type {_type_name(tp)}")
-    return converter(value, from_string)
-
-
-def _first_arm(arms, value, from_string: bool):
-    errors = []
-    for arm in arms:
-        try:
-            return _coerce_to(arm, value, from_string)
-        except ValueError as e:
-            errors.append(str(e))
-    raise ValueError(" or ".join(errors))
-
-
-def _to_list(value, from_string: bool) -> list[str]:
-    # A comma-separated string from the command line means a list, except for the keywords the
-    # string arm of `list[str] | str` exists for (auto, all-linear).
-    if isinstance(value, str):
-        if not from_string or value in ("auto", "all-linear"):
-            raise ValueError("must be a list")
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-        raise ValueError("must be a list of strings")
-    return [str(v) for v in value]
-
-
-def _to_bool(value, from_string: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if from_string and value.lower() in _TRUE + _FALSE:
-        return value.lower() in _TRUE
-    raise ValueError("must be true or false")
-
-
-def _to_int(value, from_string: bool) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if from_string and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise ValueError("must be an integer")
-
-
-def _to_float(value, from_string: bool) -> float:
-    if isinstance(value, bool):
-        raise ValueError("must be a number")
-    try:
-        return float(value)  # YAML reads 2e-4 (no dot) as a string
-    except (TypeError, ValueError):
-        raise ValueError("must be a number") from None
-
-
-def _to_str(value, from_string: bool) -> str:
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError("must be a string")
-
-
-_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+    return to_type(FIELD_TYPES[name], value, from_string=isinstance(value, str))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -336,45 +258,67 @@ def parse_set(items: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, problems
 
 
+# What lora-train and ablate never take from the defaults: the demo's base, corpus and output
+# folder are what a forgotten flag would silently train.
+REQUIRED = ("model", "data", "output")
+
+
 def load_config(
     config_file: str | Path | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    required_by: str | None = None,
 ) -> TrainConfig:
-    """Defaults < YAML file < --set < explicit flags. Raises one UserError listing every problem."""
-    raw: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    problems: list[str] = []
-    if config_file:
-        for k, v in read_yaml(config_file).items():
-            raw[str(k)], source[str(k)] = v, f"{config_file}: {k}"
-    set_values, set_problems = parse_set(sets or [])
-    problems += set_problems
-    for k, v in set_values.items():
-        raw[k], source[k] = v, f"--set {k}"
-    for k, v in (flags or {}).items():
-        if v is not None:
-            raw[k], source[k] = v, f"--{k.replace('_', '-')}"
-    values = {}
-    for key, value in raw.items():
-        if key not in FIELDS:
-            hint = _closest(key)
-            problems.append(f"{source[key]}: unknown key{f' (did you mean {hint!r}?)' if hint else ''}")
-            continue
-        try:
-            values[key] = coerce(key, value)
-        except ValueError as e:
-            problems.append(f"{source[key]}: {value!r} {e}")
+    """Defaults < YAML file < --set < explicit flags. Raises one UserError listing every problem.
+
+    The file and --set may use other tools' names (peftko.core.aliases). With `required_by` (the
+    command's name), model, data and output must be given by one of the three, never defaulted.
+    """
+    values, problems = _gather(config_file, flags or {}, sets or [])
+    missing = _missing(required_by, values, config_file)
     cfg = TrainConfig(**values)
-    problems += validate(cfg)
+    problems = missing + problems + validate(cfg)
+    if missing and len(problems) == 1:
+        raise UserError(missing[0])  # the usual slip, a forgotten flag: one line
     if problems:
         raise UserError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
-def _closest(key: str) -> str | None:
-    match = difflib.get_close_matches(key, FIELDS, n=1)
-    return match[0] if match else None
+def _gather(config_file, flags: dict[str, Any], sets: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Every source's values under peftko's keys, later sources overriding earlier ones."""
+    problems: list[str] = []
+    sources = []
+    if config_file:
+        sources.append(read_source(read_yaml(config_file).items(), f"{config_file}: ", FIELDS, coerce))
+    set_values, set_problems = parse_set(sets)
+    problems += set_problems
+    sources.append(read_source(set_values.items(), "--set ", FIELDS, coerce))
+    sources.append(_read_flags({k: v for k, v in flags.items() if v is not None}))
+    values: dict[str, Any] = {}
+    for source_values, source_problems in sources:
+        values.update(source_values)
+        problems += source_problems
+    return values, problems
+
+
+def _missing(command: str | None, values: dict[str, Any], config_file) -> list[str]:
+    missing = [f"--{k}" for k in REQUIRED if k not in values]
+    if not command or not missing:
+        return []
+    where = f"flags, --set or keys in {config_file}" if config_file else (
+        f"or a --config that sets {'it' if len(missing) == 1 else 'them'}")
+    return [f"{command} needs {', '.join(missing)} ({where})"]
+
+
+def _read_flags(flags: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    values, problems = {}, []
+    for key, value in flags.items():
+        try:
+            values[key] = coerce(key, value)
+        except ValueError as e:
+            problems.append(f"--{key.replace('_', '-')}: {value!r} {e}")
+    return values, problems
 
 
 def validate(cfg: TrainConfig) -> list[str]:

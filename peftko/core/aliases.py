@@ -1,0 +1,331 @@
+"""Other tools' names for peftko's settings: a config written for Axolotl, LLaMA-Factory, TRL (and
+the transformers TrainingArguments names it shares) or Unsloth mostly reads as it is.
+
+ALIASES maps a peer's key to peftko's TrainConfig key, with a converter where the value is spelled
+differently (load_in_4bit: true is quant: 4bit). A key is here only when it means the same thing;
+one that looks alike but measures something else (warmup_steps counts steps, peftko's warmup_ratio
+is a fraction) is in REFUSED, with what to write instead. The docs' table is generated from this
+module (markdown_table) and tests/test_aliases.py keeps the two equal.
+
+read_source reads one source (the config file, or the --set values) with these names; the types
+of peftko's keys come from peftko.core.config, which calls it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from peftko.core.coercion import to_type
+
+AXOLOTL, FACTORY, TRL, UNSLOTH = "Axolotl", "LLaMA-Factory", "TRL", "Unsloth"
+
+
+@dataclass(frozen=True)
+class Unless:
+    """A peer's switch turned off (load_in_4bit: false). It is no value but "not this one", so it
+    never overrides another key of the same file; `otherwise` is the value when nothing there sets
+    the key (Axolotl without load_in_4bit/8bit trains an unquantized base), None: keep peftko's."""
+
+    excluded: Any
+    otherwise: Any = None
+
+
+@dataclass(frozen=True)
+class Alias:
+    key: str  # peftko's TrainConfig key
+    tools: tuple[str, ...]  # who spells it this way
+    convert: Callable[[Any], Any] | None = None  # the peer's value -> peftko's (or an Unless)
+    reads: Any = None  # the type the peer's value is read as before convert; None: as peftko's key
+    flag: str | None = None  # peftko's flag, when more than --KEY (--quant 4bit)
+    note: tuple[str, str] = ("", "")  # (English, Korean) for the docs' table
+
+
+def _switch(on: Any, otherwise: Any = None) -> Callable[[bool], Any]:
+    return lambda value: on if value else Unless(on, otherwise)
+
+
+def _paths(value: Any) -> Any:
+    """A comma-separated string or a list of paths (LLaMA-Factory writes `dataset: a,b`)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+DATASETS_EXPECTED = ("peftko reads local text: give `- path: corpus/` with `type: completion` "
+                     "(or peftko's own `data: [corpus/]`)")
+
+
+def _axolotl_datasets(value: Any) -> list[str]:
+    """Axolotl's list of dataset dicts, when each is local raw text: their paths."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"is not a list of datasets; {DATASETS_EXPECTED}")
+    return [_axolotl_dataset(entry) for entry in value]
+
+
+def _axolotl_dataset(entry: Any) -> str:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ValueError(f"has an entry without a path; {DATASETS_EXPECTED}")
+    if entry.get("type") not in ("completion", "text"):
+        raise ValueError(f"type {entry.get('type')!r} is an instruction or chat format; {DATASETS_EXPECTED}")
+    if entry.get("field", "text") != "text":
+        raise ValueError("field: peftko's key for the text field of .jsonl files is jsonl_field (top level)")
+    extra = sorted(set(entry) - {"path", "type", "ds_type", "field"})
+    if extra:
+        raise ValueError(f"{', '.join(extra)} has no peftko equivalent; {DATASETS_EXPECTED}")
+    return entry["path"]
+
+
+def _lora_target(value: Any) -> Any:
+    """LLaMA-Factory's `all` is peftko's all-linear; names may be one comma-separated string."""
+    return "all-linear" if value == "all" else _paths(value)
+
+
+def _bits(value: int) -> str:
+    if value not in (4, 8):
+        raise ValueError("must be 4 or 8 (or leave it out for an unquantized base: quant none)")
+    return f"{value}bit"
+
+
+def _adapter(value: str) -> Any:
+    """Axolotl's adapter: qlora needs a 4-bit base; lora alone trains an unquantized one."""
+    if value == "qlora":
+        return "4bit"
+    if value == "lora":
+        return Unless("4bit", "none")
+    raise ValueError("peftko trains LoRA adapters only: lora or qlora")
+
+
+def _precision(on: str) -> Callable[[Any], Any]:
+    """Axolotl's bf16: auto is peftko's dtype: auto; off means full precision, as there."""
+    return lambda value: "auto" if value == "auto" else _switch(on, "float32")(value)
+
+
+def _fraction(value: float) -> float:
+    if value >= 1:
+        raise ValueError("counts examples; peftko holds out a fraction of whole documents: "
+                         "val_fraction below 1")
+    return value
+
+
+def _optim(value: str) -> str:
+    if value in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"):
+        return "adamw"
+    if value == "paged_adamw_8bit":
+        return value
+    raise ValueError("peftko has adamw and paged_adamw_8bit")
+
+
+_BOOL = bool
+_AUTO_OR_BOOL = Literal["auto"] | bool
+
+ALIASES: dict[str, Alias] = {
+    # what to train on
+    "base_model": Alias("model", (AXOLOTL,), note=(
+        "a local folder: peftko downloads nothing", "로컬 폴더: peftko는 아무것도 내려받지 않습니다")),
+    "model_name_or_path": Alias("model", (FACTORY, TRL), note=(
+        "a local folder: peftko downloads nothing", "로컬 폴더: peftko는 아무것도 내려받지 않습니다")),
+    "model_name": Alias("model", (UNSLOTH,), note=(
+        "a local folder: peftko downloads nothing", "로컬 폴더: peftko는 아무것도 내려받지 않습니다")),
+    "datasets": Alias("data", (AXOLOTL,), _axolotl_datasets, note=(
+        "entries `- path: corpus/` with `type: completion` (raw text); other types are refused",
+        "`- path: corpus/`와 `type: completion`(일반 텍스트) 항목만; 다른 type은 거절")),
+    "dataset": Alias("data", (FACTORY,), _paths, note=(
+        "local files or folders, comma-separated; names from dataset_info.json are not looked up",
+        "로컬 파일이나 폴더(쉼표로 구분); dataset_info.json의 이름은 찾지 않습니다")),
+    "dataset_text_field": Alias("jsonl_field", (TRL,)),
+    "output_dir": Alias("output", (AXOLOTL, FACTORY, TRL)),
+    "val_set_size": Alias("val_fraction", (AXOLOTL,), _fraction, reads=float, note=(
+        "a fraction below 1 (of whole documents); a count is refused",
+        "1보다 작은 비율(문서 단위); 개수는 거절")),
+    "dataset_processes": Alias("num_proc", (AXOLOTL,)),
+    "preprocessing_num_workers": Alias("num_proc", (FACTORY,)),
+    "dataset_num_proc": Alias("num_proc", (TRL,)),
+    # base model
+    "load_in_4bit": Alias("quant", (AXOLOTL, UNSLOTH), _switch("4bit", "none"), _BOOL, "--quant 4bit", note=(
+        "false: none, unless another key says 8bit", "false: none(다른 키가 8bit라 하지 않으면)")),
+    "load_in_8bit": Alias("quant", (AXOLOTL,), _switch("8bit", "none"), _BOOL, "--quant 8bit", note=(
+        "false: none, unless another key says 4bit", "false: none(다른 키가 4bit라 하지 않으면)")),
+    "quantization_bit": Alias("quant", (FACTORY,), _bits, int, "--quant 4bit|8bit",
+                              note=("4: 4bit, 8: 8bit", "4: 4bit, 8: 8bit")),
+    "adapter": Alias("quant", (AXOLOTL,), _adapter, str, "--quant", note=(
+        "qlora: 4bit; lora: none unless load_in_8bit", "qlora: 4bit; lora: none(load_in_8bit가 없으면)")),
+    "bf16": Alias("dtype", (AXOLOTL, FACTORY, TRL), _precision("bfloat16"), _AUTO_OR_BOOL, "--dtype bfloat16", note=(
+        "true: bfloat16, auto: auto, false: float32", "true: bfloat16, auto: auto, false: float32")),
+    "fp16": Alias("dtype", (AXOLOTL, FACTORY, TRL), _precision("float16"), _AUTO_OR_BOOL, "--dtype float16", note=(
+        "true: float16 (CUDA only), false: float32", "true: float16(CUDA 전용), false: float32")),
+    "flash_attention": Alias("attn_implementation", (AXOLOTL,), _switch("flash_attention_2"), _BOOL,
+                             "--attn-implementation flash_attention_2", note=("true: flash_attention_2",
+                                                                             "true: flash_attention_2")),
+    "sdp_attention": Alias("attn_implementation", (AXOLOTL,), _switch("sdpa"), _BOOL,
+                           "--attn-implementation sdpa", note=("true: sdpa", "true: sdpa")),
+    # LoRA
+    "lora_rank": Alias("lora_r", (FACTORY,)),
+    "r": Alias("lora_r", (UNSLOTH,)),
+    "lora_target_modules": Alias("target_modules", (AXOLOTL,)),
+    "lora_target": Alias("target_modules", (FACTORY,), _lora_target, note=(
+        "all: all-linear; names comma-separated", "all: all-linear; 이름은 쉼표로 구분")),
+    "lora_target_linear": Alias("target_modules", (AXOLOTL,), _switch("all-linear"), _BOOL,
+                                "--target-modules all-linear", note=("true: all-linear", "true: all-linear")),
+    # optimisation
+    "learning_rate": Alias("lr", (AXOLOTL, FACTORY, TRL)),
+    "embedding_learning_rate": Alias("embedding_lr", (UNSLOTH,)),
+    "num_epochs": Alias("epochs", (AXOLOTL,)),
+    "num_train_epochs": Alias("epochs", (FACTORY, TRL)),
+    "micro_batch_size": Alias("batch_size", (AXOLOTL,)),
+    "per_device_train_batch_size": Alias("batch_size", (FACTORY, TRL)),
+    "gradient_accumulation_steps": Alias("grad_accum", (AXOLOTL, FACTORY, TRL)),
+    "sequence_len": Alias("seq_len", (AXOLOTL,), note=("the packed block length", "묶은 블록의 길이")),
+    "max_seq_length": Alias("seq_len", (TRL, UNSLOTH), note=("the packed block length", "묶은 블록의 길이")),
+    "max_length": Alias("seq_len", (TRL,), note=("the packed block length", "묶은 블록의 길이")),
+    "cutoff_len": Alias("seq_len", (FACTORY,), note=("the packed block length", "묶은 블록의 길이")),
+    "lr_scheduler": Alias("scheduler", (AXOLOTL,), note=("cosine, linear or constant", "cosine, linear, constant")),
+    "lr_scheduler_type": Alias("scheduler", (FACTORY, TRL), note=(
+        "cosine, linear or constant", "cosine, linear, constant")),
+    "optim": Alias("optimizer", (FACTORY, TRL), _optim, str, note=(
+        "adamw_torch (and _fused): adamw; paged_adamw_8bit", "adamw_torch(_fused): adamw; paged_adamw_8bit")),
+}
+
+# Peers' keys that are peftko's own, meaning the same: nothing to translate.
+SAME_NAMES = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_steps", "seed", "weight_decay",
+              "warmup_ratio", "embedding_lr", "gradient_checkpointing", "max_grad_norm", "logging_steps",
+              "eval_steps", "save_steps", "save_total_limit", "report_to", "trust_remote_code",
+              "attn_implementation")
+
+# Peers' keys that look like one of peftko's but mean something else, or that peftko has no use
+# for: refused, with what to write instead (English, Korean).
+REFUSED: dict[str, tuple[str, str]] = {
+    "warmup_steps": ("counts steps; peftko's warmup_ratio is a fraction of all steps "
+                     "(warmup_steps / total steps)",
+                     "스텝 수입니다; peftko의 warmup_ratio는 전체 스텝에 대한 비율입니다(warmup_steps / 전체 스텝)"),
+    "dataset_name": ("names a Hugging Face Hub dataset; peftko reads local files and folders: data: [corpus/]",
+                     "Hugging Face Hub 데이터셋 이름입니다; peftko는 로컬 파일과 폴더를 읽습니다: data: [corpus/]"),
+    "evals_per_epoch": ("peftko evaluates every eval_steps optimizer steps",
+                        "peftko는 eval_steps 스텝마다 평가합니다"),
+    "saves_per_epoch": ("peftko writes a checkpoint every save_steps optimizer steps",
+                        "peftko는 save_steps 스텝마다 체크포인트를 씁니다"),
+    "sample_packing": ("peftko always packs whole documents into blocks; delete this key",
+                       "peftko는 늘 문서를 블록으로 묶습니다; 이 키를 지우세요"),
+    "packing": ("peftko always packs whole documents into blocks; delete this key",
+                "peftko는 늘 문서를 블록으로 묶습니다; 이 키를 지우세요"),
+}
+
+
+def peftko_flag(alias: str) -> str:
+    entry = ALIASES[alias]
+    return entry.flag or "--" + entry.key.replace("_", "-")
+
+
+def flag_hint(option: str) -> str | None:
+    """For a peer's command-line flag (--learning-rate, --num_train_epochs): what peftko calls it."""
+    name = option.lstrip("-").replace("-", "_")
+    if name in ALIASES:
+        return f"peftko calls it {peftko_flag(name)}"
+    if name in REFUSED:
+        return f"{option} {REFUSED[name][0]}"
+    return None
+
+
+def markdown_table(lang: str) -> str:
+    """The table of docs/{en,ko}/coming-from-other-tools.md, generated: alias | peftko key | note."""
+    ko = lang == "ko"
+    head = ("| 다른 도구의 키 | 쓰는 도구 | peftko 키 | 설명 |" if ko else "| alias | used by | peftko key | note |")
+    rows = [head, "|---|---|---|---|"]
+    rows += [f"| `{name}` | {', '.join(a.tools)} | `{a.key}` | {a.note[ko]} |" for name, a in ALIASES.items()]
+    rows += [f"| `{name}` | | {'거절' if ko else 'refused'} | {text[ko]} |" for name, text in REFUSED.items()]
+    same = ", ".join(f"`{k}`" for k in SAME_NAMES)
+    tail = (f"이름도 뜻도 같은 키(그대로 읽음): {same}." if ko else f"Same name, same meaning (read as is): {same}.")
+    return "\n".join(rows) + "\n\n" + tail
+
+
+# --- reading one source (the config file, or the --set values) with these names
+
+Coerce = Callable[[str, Any], Any]  # (peftko key, value) -> the value as the key's type, or ValueError
+
+
+def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[str],
+                coerce: Coerce) -> tuple[dict[str, Any], list[str]]:
+    """One source's settings under peftko's `keys`, each read by `coerce`, and its problems, each a
+    line starting with `prefix` (the file's name). Two names for one key in the same source
+    (lr and learning_rate) must agree: neither silently wins."""
+    found: dict[str, list[tuple[str, Any, Any]]] = {}  # peftko key -> [(name, as written, as read)]
+    problems = []
+    for name, raw in items:
+        name = str(name)
+        try:
+            key, value = _read_one(name, raw, keys, coerce)
+        except LookupError as e:
+            problems.append(f"{prefix}{name}: {e.args[0]}")
+        except ValueError as e:
+            problems.append(f"{prefix}{name}: {raw!r} {e}")
+        else:
+            if key is not None:
+                found.setdefault(key, []).append((name, raw, value))
+    values = {}
+    for key, entries in found.items():
+        try:
+            value = _agree(key, entries)
+        except ValueError as e:
+            problems.append(f"{prefix}{e}")
+            continue
+        if value is not None:
+            values[key] = value
+    return values, problems
+
+
+def _read_one(name: str, raw: Any, keys: Collection[str], coerce: Coerce) -> tuple[str | None, Any]:
+    """(peftko's key, the value read) for one key as written; LookupError: unknown or refused."""
+    if name in keys:
+        return name, coerce(name, raw)
+    if name in REFUSED:
+        raise LookupError(REFUSED[name][0])
+    alias = ALIASES.get(name)
+    if alias is None:
+        raise LookupError(f"unknown key{_did_you_mean(name, keys)}")
+    if raw is None:
+        return None, None  # peers' configs leave keys empty (`lora_target_linear:`) to mean unset
+    value = to_type(alias.reads, raw, isinstance(raw, str)) if alias.reads else raw
+    value = alias.convert(value) if alias.convert else value
+    if isinstance(value, Unless):
+        otherwise = None if value.otherwise is None else coerce(alias.key, value.otherwise)
+        return alias.key, Unless(value.excluded, otherwise)
+    return alias.key, coerce(alias.key, value)
+
+
+def _agree(key: str, entries: list[tuple[str, Any, Any]]) -> Any:
+    """The one value that the names of `key` in one source give, or ValueError naming a clash."""
+    values = [e for e in entries if not isinstance(e[2], Unless)]
+    offs = [e for e in entries if isinstance(e[2], Unless)]
+    for first, other in zip(values, values[1:]):
+        if first[2] != other[2]:
+            raise ValueError(_clash(key, first, other))
+    if values:
+        for off in offs:
+            if values[0][2] == off[2].excluded:
+                raise ValueError(_clash(key, values[0], off))
+        return values[0][2]
+    # Only switches turned off: what they leave (load_in_4bit: false alone: an unquantized base).
+    fallbacks = [e for e in offs if e[2].otherwise is not None]
+    for first, other in zip(fallbacks, fallbacks[1:]):
+        if first[2].otherwise != other[2].otherwise:
+            raise ValueError(_clash(key, first, other))
+    return fallbacks[0][2].otherwise if fallbacks else None
+
+
+def _clash(key: str, a: tuple[str, Any, Any], b: tuple[str, Any, Any]) -> str:
+    return (f"{a[0]}: {_as_written(a[1])} and {b[0]}: {_as_written(b[1])} both set peftko's {key} "
+            "and disagree; keep one")
+
+
+def _as_written(raw: Any) -> str:
+    return str(raw).lower() if isinstance(raw, bool) else repr(raw)  # YAML's false, not Python's False
+
+
+def _did_you_mean(name: str, keys: Collection[str]) -> str:
+    match = difflib.get_close_matches(name, [*keys, *ALIASES], n=1)
+    if not match:
+        return ""
+    hint = match[0]
+    return f" (did you mean {hint!r}?)" if hint in keys else f" (did you mean {hint!r}, peftko's {ALIASES[hint].key}?)"
