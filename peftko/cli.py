@@ -272,17 +272,25 @@ def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_fi
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", **INFERENCE_DTYPE)
 @_marker_pattern_options
+@click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also sample this many continuations of each document's first three quarters and score their "
+                   "structure: pairs closed, book ended, whole markers only (no fragments such as |>).")
+@click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest sampled continuation, in tokens (with --samples).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern, old_pattern, as_json):
+def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern, old_pattern, samples, sample_tokens,
+          as_json):
     """Bits per character of a corpus, with and without the markers, and per marker.
 
     MODEL: a lora-train output, a merge output or a local Hugging Face model folder.
     """
     _no_library_bars_in_files()
     from peftko.commands.eval import run_eval
+    from peftko.evaluate.structure import SampleOptions
 
+    sampling = SampleOptions(samples=samples, max_new_tokens=sample_tokens) if samples else None
     run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device, dtype=dtype,
-             pattern=_one_pattern(marker_pattern, old_pattern), as_json=as_json)
+             pattern=_one_pattern(marker_pattern, old_pattern), as_json=as_json, sampling=sampling)
 
 
 @main.command("generate")

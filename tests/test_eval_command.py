@@ -171,3 +171,18 @@ def test_refusals(tmp_path, tiny_run, corpus):
     (changed / "peftko.json").unlink()
     result = runner.invoke(main, ["eval", str(changed), "--data", str(corpus)])
     assert result.exit_code == 2 and "incomplete" in result.output
+
+
+def test_samples_add_a_structure_score_with_fragments(tiny_run, corpus):
+    got = run_eval(tiny_run, corpus, "--samples", "1", "--sample-tokens", "8")
+    s = got["structure"]
+    assert s["samples"] == len(DOCS)
+    assert set(s) == {"samples", "balanced", "ends_with_marker", "whole_markers_only", "fragments_per_sample",
+                      "structure"}
+    assert all(0 <= s[k] <= 1 for k in ("balanced", "ends_with_marker", "whole_markers_only", "structure"))
+    assert s["fragments_per_sample"] >= 0 and (s["whole_markers_only"] == 1) == (s["fragments_per_sample"] == 0)
+    assert len(got["per_document_bits_per_char_text"]) == len(DOCS)
+    shown = CliRunner().invoke(main, ["eval", str(tiny_run), "--data", str(corpus), "--samples", "1",
+                                      "--sample-tokens", "4"])
+    assert shown.exit_code == 0 and f"structure of {len(DOCS)} sampled continuations" in shown.output, shown.output
+    assert "structure" not in run_eval(tiny_run, corpus)  # sampling only when asked

@@ -10,19 +10,23 @@ import click
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.corpus.reading import read_documents
 from peftko.evaluate.scoring import default_seq_len, evaluate_texts
+from peftko.evaluate.structure import SampleOptions, structure_score
 from peftko.model.reload import load_for_inference
 
 
 def run_eval(model_path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
              quant: str | None = None, device: str = "auto", pattern: str | None = None,
-             as_json: bool = False, dtype: str | None = None) -> dict:
+             as_json: bool = False, dtype: str | None = None, sampling: SampleOptions | None = None) -> dict:
     model, tokenizer, info = load_for_inference(model_path, quant, device, dtype)
-    docs, found = read_documents(data, pattern or DEFAULT_MARKER_PATTERN,
-                                 doc_end_marker=info.doc_end_marker or DEFAULT_DOC_END)
+    pattern = pattern or DEFAULT_MARKER_PATTERN
+    doc_end = info.doc_end_marker or DEFAULT_DOC_END
+    docs, found = read_documents(data, pattern, doc_end_marker=doc_end)
     seq_len = seq_len or default_seq_len(model)
-    scores = evaluate_texts(model, tokenizer, docs, sorted({*found, *info.markers}), seq_len, batch_size,
-                            next(model.parameters()).device)
+    markers = sorted({*found, *info.markers})
+    scores = evaluate_texts(model, tokenizer, docs, markers, seq_len, batch_size, next(model.parameters()).device)
     result = {"model": str(info.path), "seq_len": seq_len, "dtype": info.dtype, **scores.to_json()}
+    if sampling is not None:
+        result["structure"] = structure_score(model, tokenizer, info, docs, markers, sampling, doc_end, pattern, seed=42)
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else render(result))
     return result
 
@@ -44,4 +48,9 @@ def render(r: dict) -> str:
         for m, s in r["markers"].items():
             lines.append(f"{m:<{width}}  {s['count']:>6}  {_fmt(s['bits_per_occurrence'], '.2f'):>15}  "
                          f"{_fmt(s['top1'], '.1%'):>6}")
+    if "structure" in r:
+        s = r["structure"]
+        lines.append(f"structure of {s['samples']} sampled continuations: {s['balanced']:.0%} close their pairs, "
+                     f"{s['ends_with_marker']:.0%} end the book, {s['whole_markers_only']:.0%} write whole markers only "
+                     f"({s['fragments_per_sample']:.1f} marker fragments per sample); all three: {s['structure']:.0%}")
     return "\n".join(lines)
