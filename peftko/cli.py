@@ -10,9 +10,11 @@ the fields name (config.GROUPS), so the first screen answers "what do I need to 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import typing
+from pathlib import Path
 
 import rich_click as click
 
@@ -79,6 +81,7 @@ def main():
     peftko merge runs/demo --output runs/demo-merged # standalone model
     peftko generate runs/demo --prompt '|START_OF_TITLE|>'
     peftko eval runs/demo --data corpus/             # bits per character
+    peftko bench runs/demo --tasks kobest            # Korean benchmarks, beside the base
     peftko ablate --config configs/demo.yaml --output runs/ablate
     """
 
@@ -291,6 +294,55 @@ def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern
     sampling = SampleOptions(samples=samples, max_new_tokens=sample_tokens) if samples else None
     run_eval(model, list(data), seq_len=seq_len, batch_size=batch_size, quant=quant, device=device, dtype=dtype,
              pattern=_one_pattern(marker_pattern, old_pattern), as_json=as_json, sampling=sampling)
+
+
+KOREAN_TASKS = ("kobest (kobest_boolq, kobest_copa, kobest_hellaswag, kobest_sentineg, kobest_wic), kmmlu, "
+                "kmmlu_hard, haerae, click")
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--tasks", default="kobest", show_default=True, metavar="NAMES",
+              help=f"Comma-separated lm-eval task, group or tag names. Korean: {KOREAN_TASKS}; every "
+                   "name: `lm-eval ls tasks`.")
+@click.option("--include-path", type=click.Path(file_okay=False), metavar="DIR",
+              help="A folder of your own lm-eval task YAMLs; their names join --tasks.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="Only the first N items of each task: a quick check, not comparable with published scores.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), metavar="K",
+              help="Examples shown before each question  [default: each task's own; 0 for the Korean ones]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests per forward pass.")
+@click.option("--no-base", is_flag=True, help="Score each run alone, not beside the base it was trained on.")
+@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+              "(default: as trained for an adapter, none for a model folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", **INFERENCE_DTYPE)
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the scores here  [default: RUN/bench.json for each run among MODELS]")
+@click.option("--download", is_flag=True,
+              help="Let lm-eval fetch task data from the Hugging Face Hub (once; later runs read the cache offline).")
+def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, quant, device, dtype, json_file,
+          download):
+    """Benchmarks from EleutherAI's lm-evaluation-harness, each MODEL side by side.
+
+    MODELS: lora-train outputs, merge outputs, local Hugging Face model folders or builtin:... bases.
+    A run is scored beside the base it was trained on: did training on your books cost the model
+    its general Korean? Needs pip install 'peftko[bench]'.
+    """
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("bench needs EleutherAI's lm-evaluation-harness: pip install 'peftko[bench]'")
+    names = tuple(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
+    if not names:
+        raise UserError(f"--tasks {tasks!r} names no task; e.g. --tasks kobest_copa,haerae")
+    _no_library_bars_in_files()
+    from peftko.commands.bench import run_bench
+    from peftko.evaluate.bench import BenchOptions
+
+    options = BenchOptions(names, Path(include_path).expanduser() if include_path else None, limit, num_fewshot,
+                           batch_size, download)
+    run_bench(list(models), options, quant=quant, device=device, dtype=dtype, json_file=json_file,
+              with_base=not no_base)
 
 
 @main.command("generate")

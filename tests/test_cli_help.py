@@ -46,7 +46,7 @@ def test_lora_train_help_shows_the_groups_in_order_with_their_flags():
 
 
 def test_help_for_each_command_renders():
-    for command in ((), ("merge",), ("markers",), ("report",)):
+    for command in ((), ("merge",), ("markers",), ("report",), ("bench",)):
         assert "Usage:" in _help(*command)
     assert "report" in _help()
 

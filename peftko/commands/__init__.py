@@ -1,2 +1,2 @@
-"""One module per command (lora_train, merge, markers, eval, generate, ablate, report): each wires
-the layers below into what the command does. peftko.cli parses the flags and calls them."""
+"""One module per command (lora_train, merge, markers, eval, bench, generate, ablate, report): each
+wires the layers below into what the command does. peftko.cli parses the flags and calls them."""

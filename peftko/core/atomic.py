@@ -121,14 +121,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail now, not after an hour of training, if `folder` cannot take a file."""
+def check_writable(folder: Path, flag: str = "--output") -> None:
+    """Fail now, not after an hour of training (or benchmarking), if `folder` cannot take a file."""
     try:
         fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write to --output {folder}: {e.strerror or e}") from None
+        raise UserError(f"cannot write to {flag} {folder}: {e.strerror or e}") from None
 
 
 def is_write_failure(e: BaseException) -> bool:

@@ -1,11 +1,12 @@
-"""Loading what peftko wrote, or any local model, for use: ONE loader behind `eval`, `generate`,
-`ablate` and `merge`.
+"""Loading what peftko wrote, or any local model, for use: ONE loader behind `eval`, `bench`,
+`generate`, `ablate` and `merge`.
 
 MODEL may be
   - a `peftko lora-train` output (peftko.json): the recorded base, checked against its fingerprint,
     loaded with the recorded quantization, its embeddings grown to the recorded row count, the
     adapter applied with peft, and the tokenizer (markers included) from the run directory;
-  - a `peftko merge` output or any local Hugging Face model directory: loaded as it is
+  - a `peftko merge` output, any local Hugging Face model directory, or a built-in base
+    (`builtin:tiny-llama`, `builtin:gemma-3-270m`, built on first use): loaded as it is
     (unquantized unless `quant` says otherwise).
 It computes in the dtype the result records (the run's compute dtype in peftko.json, the dtype a
 merge wrote in peftko-merge.json), so the numbers are the same on every CPU and match what
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.core.atomic import read_json_object
 from peftko.core.errors import UserError
-from peftko.model.base import Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
+from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
 from peftko.run.manifest import check_base, read_manifest
 
@@ -57,10 +58,12 @@ def load_for_inference(path: str | Path, quant: str | None = None, device: str =
     """(model in eval mode, tokenizer, ModelInfo) for an adapter run, a merged model or a plain base.
 
     dtype None: as the result records it (see the module docstring)."""
+    if str(path) in BUILTIN_BASES:  # the same folder lora-train --model builtin:... trains on
+        path = resolve_model_path(str(path))
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path} (pass a `peftko lora-train` output, a `peftko merge` "
-                        "output or a local Hugging Face model folder)")
+                        f"output, a local Hugging Face model folder or one of {', '.join(BUILTIN_BASES)})")
     if path.is_dir() and is_adapter_dir(path):
         model, tokenizer, info = _load_adapter(path, quant, device, dtype)
     else:

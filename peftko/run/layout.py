@@ -9,6 +9,7 @@ A finished run directory holds:
                                                    vocabulary sizes, quantization, resolved config
   metrics.jsonl                                    one JSON object per log
   report.png                                       the run's picture (peftko.run.plot)
+  bench.json                                       optional: `peftko bench` scores, the run beside its base
   checkpoint-N/                                    optional, for --resume (peftko.run.checkpoints)
   run.json                                         what the run trains on, checked by --resume
 peftko.json is written last, by an atomic rename: its presence means the run is complete.
@@ -22,6 +23,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer_config.json",)
 METRICS = "metrics.jsonl"
 REPORT = "report.png"
+BENCH = "bench.json"
 RUN_FILE = "run.json"
 LOG_DIRS = ("tensorboard", "wandb")  # --report-to tensorboard / wandb write inside the run
 LOCK = ".peftko.lock"

@@ -17,8 +17,8 @@ from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
 from peftko.run.checkpoints import STAGE_PREFIX, sealed_checkpoint
 from peftko.run.identity import sha256_file
-from peftko.run.layout import (ADAPTER_FILES, FINAL_FILES, FINAL_STAGE, FORMAT_VERSION, LOCK, LOG_DIRS, MANIFEST,
-                               METRICS, REPORT, RUN_FILE, SENTENCEPIECE_FILES)
+from peftko.run.layout import (ADAPTER_FILES, BENCH, FINAL_FILES, FINAL_STAGE, FORMAT_VERSION, LOCK, LOG_DIRS,
+                               MANIFEST, METRICS, REPORT, RUN_FILE, SENTENCEPIECE_FILES)
 from peftko.run.manifest import manifest_problems
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 
@@ -79,10 +79,10 @@ def _run_files(output: Path):
     and the checkpoints that carry the record peftko seals each one with."""
     manifest = read_json_object(output / MANIFEST)
     listed = manifest.get("files") if isinstance(manifest.get("files"), list) else FINAL_FILES
-    names = {MANIFEST, RUN_FILE, METRICS, LOCK, REPORT, *LOG_DIRS, *listed}
+    names = {MANIFEST, RUN_FILE, METRICS, LOCK, REPORT, BENCH, *LOG_DIRS, *listed}
     # Hidden work files of an interrupted write: staging, deletion, atomic-rename temporaries.
     hidden = (STAGE_PREFIX, TRASH_PREFIX, FINAL_STAGE, WRITE_PROBE, f".{MANIFEST}.",
-              f".{RUN_FILE}.", f".{METRICS}.", f".{REPORT}.")
+              f".{RUN_FILE}.", f".{METRICS}.", f".{REPORT}.", f".{BENCH}.")
     return lambda name: name in names or sealed_checkpoint(output / name) or name.startswith(hidden)
 
 
