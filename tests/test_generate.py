@@ -65,7 +65,9 @@ def test_greedy_repeats_and_json_keys(tiny_run):
     assert first.exit_code == 0, first.output
     samples = [json.loads(line) for line in first.stdout.splitlines()]
     assert len(samples) == 2
-    assert set(samples[0]) == {"prompt", "text", "new_tokens", "stop_reason", "tokens_per_s"}
+    assert set(samples[0]) == {"prompt", "text", "new_tokens", "stop_reason", "tokens_per_s", "marker_fragments",
+                               "fragments"}
+    assert samples[0]["marker_fragments"] == len(samples[0]["fragments"])
     assert samples[0]["prompt"] == PROMPT
     assert samples[0]["stop_reason"] in ("marker", "eos", "length")
     assert samples[0]["new_tokens"] <= 12

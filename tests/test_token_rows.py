@@ -32,7 +32,10 @@ def test_byte_level_markers_become_one_token_and_round_trip(tiny_bases):
     before = len(tok)
     tokens = register_markers(tok, MARKERS)
     assert [t.id for t in tokens] == list(range(before, before + 3))
-    assert all(len(t.pieces) > 1 and t.init_ids == t.pieces for t in tokens)
+    assert all(len(t.pieces) > 1 for t in tokens)
+    for t in tokens:  # rows start from the pieces with letters (START, TITLE), not the shared |, _ and |>
+        has_letters = {p: any(c.isalnum() for c in tok.decode([p])) for p in t.pieces}
+        assert t.init_ids == [p for p in t.pieces if has_letters[p]] and t.init_ids, (t, has_letters)
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == TEXT
     assert ids.count(tokens[2].id) == 2
@@ -195,3 +198,22 @@ def test_lora_train_refuses_such_a_tokenizer_before_loading_the_model(tmp_path, 
     assert r.exit_code == 2, r.output
     assert "does not read back as written" in r.output and "|END_OF_BOOK|>" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_the_syntax_pieces_of_the_markers_are_trained_and_only_they(tiny_bases):
+    """Registering leaves `|`, `|>`, `_` in the vocabulary; their rows train with the markers' so the loss
+    can push them down (a real base wrote `|` where `|END_OF_TITLE|>` belonged). Word pieces stay frozen."""
+    from peftko.model.token_rows import syntax_pieces, trainable_token_indices
+
+    tok = AutoTokenizer.from_pretrained(tiny_bases["llama-tied"])
+    tokens = register_markers(tok, MARKERS)
+    pieces = syntax_pieces(tok, tokens)
+    every_piece = {p for t in tokens for p in t.pieces}
+    assert pieces and set(pieces) <= every_piece
+    assert all(not any(c.isalnum() for c in tok.decode([p])) for p in pieces)
+    assert {p for p in every_piece if not any(c.isalnum() for c in tok.decode([p]))} == set(pieces)
+    assert "|" in "".join(tok.decode([p]) for p in pieces)
+    model = AutoModelForCausalLM.from_pretrained(tiny_bases["llama-tied"])
+    grow_embeddings(model, tok)
+    spec = trainable_token_indices(model, tokens, pieces)
+    assert list(spec.values()) == [sorted({t.id for t in tokens} | set(pieces))]  # tied: one matrix

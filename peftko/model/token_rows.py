@@ -1,7 +1,8 @@
 """Markers as tokens: register them, grow the embedding matrix, initialise and train their rows.
 
 Initialisation: each new row starts as the mean of the embedding rows of the pieces the BASE
-tokenizer split that marker into (EEVE's choice for Korean vocabulary expansion). The marker
+tokenizer split that marker into (EEVE's choice for Korean vocabulary expansion), the pieces with
+letters or digits only (`START`, `TITLE`; not `|`, `_`, `|>`: meaning_pieces says why). The marker
 then starts where its spelled-out form already pointed the model, instead of at a random or
 average-of-everything point, so the first steps do not spend their gradient undoing noise. The
 same is done for the lm_head rows of untied models, so the marker is as likely to be emitted as
@@ -34,7 +35,7 @@ class MarkerToken:
     marker: str
     id: int
     pieces: list[int]  # base-tokenizer ids the marker was split into before registration
-    init_ids: list[int] = field(default_factory=list)  # the pieces that carry meaning: no unk/bos/pad
+    init_ids: list[int] = field(default_factory=list)  # the pieces its row starts from (meaning_pieces)
 
     def to_json(self) -> dict:
         return {"marker": self.marker, "id": self.id, "pieces_before": len(self.pieces),
@@ -58,10 +59,23 @@ def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
         ids = tokenizer(m, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise UserError(f"marker {m!r} is still {len(ids)} tokens after registration; check the tokenizer")
-        # An <unk> piece (no byte fallback) or a special token says nothing about the marker.
-        special = set(tokenizer.all_special_ids)
-        tokens.append(MarkerToken(m, ids[0], pieces[m], [p for p in pieces[m] if p not in special]))
+        tokens.append(MarkerToken(m, ids[0], pieces[m], meaning_pieces(tokenizer, pieces[m])))
     return tokens
+
+
+def meaning_pieces(tokenizer, pieces: list[int]) -> list[int]:
+    """The pieces a marker's row starts from: those with a letter or digit (`START`, `TITLE`, `소리`).
+
+    An <unk> piece (no byte fallback) or a special token says nothing about the marker. Nor do the
+    syntax pieces every marker shares (`|`, `_`, `|>`: syntax_pieces): averaged in, they made
+    `|START_OF_TITLE|>` and `|END_OF_TITLE|>` start 6/7 the same row, and pointed every marker row at
+    `|` and `|>`, so raising a marker's logit raised theirs (a real base then wrote `|` for a marker).
+    A marker with no such piece starts from its non-special pieces.
+    """
+    special = set(tokenizer.all_special_ids)
+    usable = [p for p in pieces if p not in special]
+    words = [p for p in usable if any(c.isalnum() for c in tokenizer.decode([p]))]
+    return words or usable
 
 
 def round_trip_problems(tokenizer, markers: list[str]) -> list[tuple[str, str, str]]:
