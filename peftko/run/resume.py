@@ -137,17 +137,18 @@ def check_resume(output: Path, identity: dict, force: bool) -> dict:
     return record
 
 
-def check_adapter_shape(checkpoint: Path, record: dict | None, lora: LoraSettings, tokens) -> None:
-    """A checkpoint holds matrices of one LoRA rank, on one set of modules, and one set of marker
-    rows: no --force can load them into another shape, so a changed shape is always refused."""
-    changes = _shape_changes(checkpoint, record or {}, lora, tokens)
+def check_adapter_shape(checkpoint: Path, record: dict | None, lora: LoraSettings, token_rows: list[int]) -> None:
+    """A checkpoint holds matrices of one LoRA rank, on one set of modules, and one set of token
+    rows (the markers', and their syntax pieces'): no --force can load them into another shape, so a
+    changed shape is always refused."""
+    changes = _shape_changes(checkpoint, record or {}, lora, sorted(token_rows))
     if changes:
         raise UserError(f"--resume cannot continue from {checkpoint}: the adapter's shape changed "
                         f"({'; '.join(changes)}), and the checkpoint holds matrices of the old shape "
                         "(--force cannot change that). Undo the change, or train into a new --output.")
 
 
-def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, tokens) -> list[str]:
+def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, token_rows: list[int]) -> list[str]:
     try:
         saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -160,9 +161,9 @@ def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, tokens) -
         changes.append(f"target_modules {old_modules} -> {lora.target_modules}")
     rows = saved.get("trainable_token_indices") or []
     rows = sorted(next(iter(rows.values()), []) if isinstance(rows, dict) else rows)
-    if "r" in saved and rows != sorted(t.id for t in tokens):
-        changes.append(f"marker rows: {len(rows)} -> {len(tokens)}" if len(rows) != len(tokens)
-                       else "marker rows: other markers or token ids")
+    if "r" in saved and rows != token_rows:
+        changes.append(f"trained token rows: {len(rows)} -> {len(token_rows)}" if len(rows) != len(token_rows)
+                       else "trained token rows: other markers or token ids")
     return changes
 
 
