@@ -31,9 +31,10 @@ def test_marker_fragments(text, fragments):
     assert marker_fragments(text, MARKERS) == fragments
 
 
-def _rows(per_book: dict[str, list[float]], structure: float = 0.5) -> list[dict]:
+def _rows(per_book: dict[str, list[float]], whole: float = 1.0) -> list[dict]:
+    structure = {"structure": 0.5, "whole_markers_only": whole, "fragments_per_sample": 0.0}
     return [{"variant": v, "bpc_text": sum(b) / len(b), "eval": {"per_document_bits_per_char_text": b},
-             "structure": {"structure": structure} if v != "deleted" else None} for v, b in per_book.items()]
+             "structure": structure if v != "deleted" else None} for v, b in per_book.items()]
 
 
 def test_sign_test_and_books_needed():
@@ -44,14 +45,16 @@ def test_sign_test_and_books_needed():
 def test_verdict_names_the_winner_and_is_unsure_with_two_books():
     line = verdict(_rows({"registered": [2.0, 2.1], "as-text": [2.2, 2.3], "deleted": [2.4, 2.0]}))
     assert line.startswith("verdict: keep the markers, each registered as one token.")
-    assert "2 of 2 books than as-text" in line and "1 of 2 than deleted" in line
-    assert "not sure: p = 0.75 with 2 held-out books" in line and "at least 5" in line
+    assert "on 2 of 2 books than as-text (sign test p = 0.250: not sure: fewer than 5 books can never be)" in line
+    assert "on 1 of 2 books than deleted (sign test p = 0.750" in line
+    assert "Samples with whole markers only: registered 100% (0.0 fragments per sample)" in line
 
 
-def test_verdict_is_sure_only_when_every_comparison_is():
+def test_verdict_is_sure_per_comparison():
     books = 6
-    line = verdict(_rows({"registered": [1.0] * books, "as-text": [2.0] * books, "deleted": [3.0] * books}))
-    assert "sure at p = 0.016" in line
+    line = verdict(_rows({"registered": [1.0] * books, "as-text": [2.0] * books, "deleted": [1.0, 1.5] * 3}))
+    assert "on 6 of 6 books than as-text (sign test p = 0.016: sure)" in line
+    assert "on 3 of 6 books than deleted (sign test p = 0.656: not sure)" in line
     line = verdict(_rows({"registered": [2.0] * books, "as-text": [2.5] * books, "deleted": [1.0] * books}))
     assert line.startswith("verdict: deleting the markers gave the best story text here")
 
@@ -88,3 +91,16 @@ def test_keep_best_keeps_the_last_when_it_is_the_lowest():
     _evaluated(keeper, 10, 3.0)
     _evaluated(keeper, 20, 2.0)
     assert keeper.restore() is None
+
+
+def test_markers_spelled_out_whole_are_not_fragments_for_a_model_that_did_not_register_them(monkeypatch):
+    """ablate's as-text variant writes markers as plain text: whole when spelled right."""
+    from peftko.evaluate import structure
+    from peftko.evaluate.structure import SampleOptions, structure_score
+    from peftko.model.generation import Sample
+
+    written = iter(["|SOUND|>톡\n|END_OF_BOOK|>", "|SOUND|톡 |>\n|END_OF_BOOK|>"])
+    monkeypatch.setattr(structure, "sample", lambda *a, **k: Sample("", next(written), 3, "marker", 1.0, ["?"]))
+    s = structure_score(None, None, None, ["|START_OF_BOOK|>\n가\n나\n"], MARKERS, SampleOptions(samples=2),
+                        "|END_OF_BOOK|>", r"\|[A-Z_]+\|>", seed=1)
+    assert s["whole_markers_only"] == 0.5 and s["fragments_per_sample"] == 1.0  # '|SOUND|' and '|>'

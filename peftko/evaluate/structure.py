@@ -12,7 +12,7 @@ import dataclasses
 
 import transformers
 
-from peftko.corpus.lint import lint_text, with_literals
+from peftko.corpus.lint import lint_text, marker_fragments, with_literals
 from peftko.model.generation import GenerateOptions, sample
 
 
@@ -51,9 +51,12 @@ def structure_score(model, tokenizer, info, held_out: list[str], markers: list[s
         for _ in range(opts.samples):
             s = sample(model, tokenizer, info, prompt, gen)
             b, e = structure_ok(prompt + s.text, markers, doc_end, pattern)
-            w = not s.fragments
+            # Against the corpus's markers, not the model's registered ones: a variant that writes markers
+            # as plain text (ablate's as-text) writes them whole when it spells them right.
+            pieces = marker_fragments(s.text, markers)
+            w = not pieces
             balanced, ended, whole, good, n = balanced + b, ended + e, whole + w, good + (b and e and w), n + 1
-            fragments += len(s.fragments)
+            fragments += len(pieces)
     return {"samples": n, "balanced": balanced / n, "ends_with_marker": ended / n, "whole_markers_only": whole / n,
             "fragments_per_sample": fragments / n, "structure": good / n}
 

@@ -2,9 +2,10 @@
 
 The three variants are compared on what all of them predict: the story text of the held-out books
 (bits per character outside the markers), book by book. A variant "wins" a book when its story-text
-bits per character are lower there. How sure the answer is comes from a one-sided sign test over the
-books: with n books all won, p = 0.5**n, so fewer than 5 held-out books can never reach p < 0.05,
-whatever the margins. The structure score (evaluate.structure) is quoted beside it, not mixed in.
+bits per character are lower there. How sure each comparison is comes from a one-sided sign test
+over the books: with n books all won, p = 0.5**n, so fewer than 5 held-out books can never reach
+p < 0.05, whatever the margins. What each variant writes (whole markers, or pieces of them) is
+quoted beside it from the structure score (evaluate.structure), not mixed in.
 """
 
 from __future__ import annotations
@@ -35,22 +36,26 @@ def books_needed() -> int:
     return next(n for n in range(1, 64) if sign_test(n, n) < SURE)
 
 
+def _comparison(best: str, other: str, wins: int, n: int) -> str:
+    p = sign_test(wins, n)
+    sure = "sure" if p < SURE else (f"not sure: fewer than {books_needed()} books can never be" if n < books_needed()
+                                    else "not sure")
+    return f"on {wins} of {n} books than {other} (sign test p = {p:.3f}: {sure})"
+
+
+def _markers_written(by: dict) -> str:
+    """Which variants write whole markers only, from their structure scores."""
+    shown = [f"{v} {s['whole_markers_only']:.0%} ({s['fragments_per_sample']:.1f} fragments per sample)"
+             for v, s in ((v, by[v].get("structure")) for v in by) if s and "whole_markers_only" in s]
+    return f" Samples with whole markers only: {', '.join(shown)}." if shown else ""
+
+
 def verdict(rows: list[dict]) -> str:
     """One line: which variant to use, by held-out story text, book by book, with the sign test's p."""
     by = {r["variant"]: r for r in rows}
     best = min(by, key=lambda v: by[v]["bpc_text"] if by[v]["bpc_text"] is not None else math.inf)
-    others = [v for v in by if v != best]
     per_book = {v: by[v]["eval"]["per_document_bits_per_char_text"] for v in by}
-    wins = {v: books_won(per_book[best], per_book[v]) for v in others}
-    p = max(sign_test(w, n) for w, n in wins.values())
+    won = " and ".join(_comparison(best, v, *books_won(per_book[best], per_book[v])) for v in by if v != best)
     figures = ", ".join(f"{v} {by[v]['bpc_text']:.3f}" for v in by if by[v]["bpc_text"] is not None)
-    won = " and on ".join(f"{w} of {n}{' books' if i == 0 else ''} than {v}" for i, (v, (w, n)) in enumerate(wins.items()))
-    n = max(n for _, n in wins.values())
-    sure = (f"sure at p = {p:.3f} (sign test over {n} held-out books)" if p < SURE else
-            f"not sure: p = {p:.2f} with {n} held-out books (winning all of at least {books_needed()} is "
-            "needed for p < 0.05: raise --val-fraction or add books)")
-    structure = by.get("registered", {}).get("structure")
-    shape = (f"; registered writes whole, closed books in {structure['structure']:.0%} of samples"
-             if structure else "")
     return (f"verdict: {ANSWERS[best]}. Held-out story text, bits per character: {figures}; {best} is lower "
-            f"on {won}; {sure}{shape}.")
+            f"{won}.{_markers_written(by)}")
