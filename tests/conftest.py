@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["USE_HUB_KERNELS"] = "NO"  # transformers >= 5.25 would otherwise fetch layer kernels from the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # name -> (arch, tied, rows beyond the tokenizer: Qwen pads its vocabulary)
