@@ -105,7 +105,8 @@ def test_streaming_merge_equals_merge_and_unload(trained, tmp_path, name, dtype)
     ids = [x["id"] for x in m["markers"]]
     emb = out["model.embed_tokens.weight"]
     assert emb.shape[0] == rows_after(run) and torch.equal(emb[ids], ref["model.embed_tokens.weight"][ids])
-    assert report.lora_targets == 14 and report.marker_rows == len(ids) * (1 if name == "llama-tied" else 2)
+    trained_rows = len(ids) + len(m["marker_piece_rows"])  # the markers' and their syntax pieces'
+    assert report.lora_targets == 14 and report.marker_rows == trained_rows * (1 if name == "llama-tied" else 2)
     assert report.files == ["model.safetensors"]
 
 

@@ -68,7 +68,8 @@ def test_manifest_records_what_merge_needs(run):
 
 def test_adapter_holds_lora_and_marker_rows_only(run):
     rows = manifest(run)["vocab"]["rows_after"]
-    n_markers = len(manifest(run)["markers"])
+    # the markers' rows and their syntax pieces' (|, _, |>: token_rows.syntax_pieces)
+    n_markers = len(manifest(run)["markers"]) + len(manifest(run)["marker_piece_rows"])
     with safe_open(run["run"] / "adapter_model.safetensors", "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert shapes
@@ -83,7 +84,8 @@ def test_adapter_holds_lora_and_marker_rows_only(run):
 
 def test_only_marker_rows_and_lora_targets_change(run):
     """In the merged model: every non-LoRA parameter equals the base, and so does every
-    embedding row except the markers'; the marker rows moved away from their initialisation."""
+    embedding row except the markers' and their syntax pieces'; the marker rows moved away from
+    their initialisation."""
     base = AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(run["merged"], dtype=torch.float32)
     m = manifest(run)
@@ -95,7 +97,8 @@ def test_only_marker_rows_and_lora_targets_change(run):
     changed_targets = 0
     for name, value in merged_sd.items():
         if name in emb_names:
-            keep = [i for i in range(rows) if i not in ids]
+            trained = set(ids) | set(m["marker_piece_rows"])
+            keep = [i for i in range(rows) if i not in trained]
             assert torch.equal(value[keep], base_sd[name][keep]), name
             init = torch.stack([base_sd[name][x["init_ids"]].mean(0) for x in m["markers"]])
             assert not torch.allclose(value[ids], init, atol=1e-4), f"{name}: marker rows did not train"

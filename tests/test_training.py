@@ -78,13 +78,14 @@ def test_marker_rows_get_their_own_learning_rate(tiny_bases, small_corpus, tmp_p
     s = session(tiny_bases, small_corpus, tmp_path)
     trainer = make_trainer(s.model, s.cfg, s.precision, tmp_path, s.data.train, None, s.collator)
     groups = trainer.optimizer.param_groups
-    rows = [g for g in groups if any(p.shape[0] == 2 and p.shape[1] == 64 for p in g["params"])]
+    n = len(s.tokens) + len(s.built.piece_rows)  # the markers' rows and their syntax pieces'
+    rows = [g for g in groups if any(p.shape[0] == n and p.shape[1] == 64 for p in g["params"])]
     assert len(groups) == 2 and rows and rows[0]["lr"] == 7e-3 and rows[0]["weight_decay"] == 0.0
     assert [g for g in groups if g is not rows[0]][0]["lr"] == 1e-3
 
 
 def test_only_marker_rows_receive_gradient(tiny_bases, small_corpus, tmp_path):
-    """After real steps, the embedding rows outside the markers are bit-identical."""
+    """After real steps, the embedding rows outside the markers (and their syntax pieces) are bit-identical."""
     s = session(tiny_bases, small_corpus, tmp_path)
     emb = s.model.get_input_embeddings()
     before = emb(torch.arange(emb.token_adapter.base_layer.weight.shape[0])).detach().clone()
@@ -93,7 +94,8 @@ def test_only_marker_rows_receive_gradient(tiny_bases, small_corpus, tmp_path):
     ids = [t.id for t in s.tokens]
     changed = (after != before).any(dim=1).nonzero().flatten().tolist()
     # A marker absent from the sampled blocks gets no gradient, so "changed" may be a subset.
-    assert changed and set(changed) <= set(ids)
+    assert changed and set(changed) <= set(ids) | set(s.built.piece_rows)
+    assert set(changed) & set(ids)  # the markers' own rows train
 
 
 def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, small_corpus, tmp_path):
