@@ -36,7 +36,7 @@ def books_needed() -> int:
     return next(n for n in range(1, 64) if sign_test(n, n) < SURE)
 
 
-def _comparison(best: str, other: str, wins: int, n: int) -> str:
+def _comparison(other: str, wins: int, n: int) -> str:
     p = sign_test(wins, n)
     sure = "sure" if p < SURE else (f"not sure: fewer than {books_needed()} books can never be" if n < books_needed()
                                     else "not sure")
@@ -55,7 +55,7 @@ def verdict(rows: list[dict]) -> str:
     by = {r["variant"]: r for r in rows}
     best = min(by, key=lambda v: by[v]["bpc_text"] if by[v]["bpc_text"] is not None else math.inf)
     per_book = {v: by[v]["eval"]["per_document_bits_per_char_text"] for v in by}
-    won = " and ".join(_comparison(best, v, *books_won(per_book[best], per_book[v])) for v in by if v != best)
+    won = " and ".join(_comparison(v, *books_won(per_book[best], per_book[v])) for v in by if v != best)
     figures = ", ".join(f"{v} {by[v]['bpc_text']:.3f}" for v in by if by[v]["bpc_text"] is not None)
     return (f"verdict: {ANSWERS[best]}. Held-out story text, bits per character: {figures}; {best} is lower "
             f"{won}.{_markers_written(by)}")

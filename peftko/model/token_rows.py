@@ -63,6 +63,11 @@ def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:
     return tokens
 
 
+def has_letters(tokenizer, piece: int) -> bool:
+    """Whether a piece carries a letter or digit (`START`, `소리`), or is marker syntax only (`|`, `_`, `|>`)."""
+    return any(c.isalnum() for c in tokenizer.decode([piece]))
+
+
 def meaning_pieces(tokenizer, pieces: list[int]) -> list[int]:
     """The pieces a marker's row starts from: those with a letter or digit (`START`, `TITLE`, `소리`).
 
@@ -74,7 +79,7 @@ def meaning_pieces(tokenizer, pieces: list[int]) -> list[int]:
     """
     special = set(tokenizer.all_special_ids)
     usable = [p for p in pieces if p not in special]
-    words = [p for p in usable if any(c.isalnum() for c in tokenizer.decode([p]))]
+    words = [p for p in usable if has_letters(tokenizer, p)]
     return words or usable
 
 
@@ -239,7 +244,7 @@ def syntax_pieces(tokenizer, tokens: list[MarkerToken]) -> list[int]:
     special = set(tokenizer.all_special_ids)
     marker_ids = {t.id for t in tokens}
     pieces = {p for t in tokens if t.pieces != [t.id] for p in t.pieces} - special - marker_ids
-    return sorted(p for p in pieces if not any(c.isalnum() for c in tokenizer.decode([p])))
+    return sorted(p for p in pieces if not has_letters(tokenizer, p))
 
 
 def trainable_token_indices(model, tokens: list[MarkerToken], pieces: list[int] = ()) -> dict[str, list[int]]:
