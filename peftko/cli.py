@@ -10,6 +10,7 @@ the fields name (config.GROUPS), so the first screen answers "what do I need to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -32,6 +33,7 @@ RUN = "실행 (run)"
 CONFIG_HELP = ("YAML config; flags override it. Axolotl, LLaMA-Factory, TRL and Unsloth key names are read "
                "too (docs/en/coming-from-other-tools.md).")
 SET_HELP = "Override any config key (other tools' names too); repeatable."
+ABLATE_SAMPLES = 2  # ablate's continuations per held-out document when the config asks for none
 INFERENCE_DTYPE = dict(type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
                        help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
                             "the dtype the run trained or the merge wrote in; auto for other folders]")
@@ -107,10 +109,11 @@ def _peer_flag_hint(option: str) -> str | None:
     return flag_hint(option)
 
 
-def _config_options(func):
-    """One click option per TrainConfig field; None means 'not given', so files are not overridden."""
+def _config_options(func, skip: tuple[str, ...] = ()):
+    """One click option per TrainConfig field (but `skip`, which the command declares itself); None
+    means 'not given', so files are not overridden."""
     hints = typing.get_type_hints(TrainConfig)
-    for f in reversed(dataclasses.fields(TrainConfig)):
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in skip]):
         flag = "--" + f.name.replace("_", "-")
         common = {"help": f.metadata["help"] + f"  [{_default_note(f)}]", "panel": f.metadata["group"]}
         if hints[f.name] is bool:
@@ -190,9 +193,11 @@ def _no_library_bars_in_files() -> None:
 
     A bar redraws itself with carriage returns, which `> train.log 2>&1` keeps as clutter; the
     switches are environment variables read when those libraries load, so set them first.
+    TQDM_DISABLE covers the bars that call tqdm directly (transformers' GGUF loader, which builds
+    builtin:gemma-3-270m).
     """
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
             os.environ.setdefault(var, "1")
 
 
@@ -384,12 +389,13 @@ def generate(model, prompt, prompt_file, as_json, **options):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
-@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Sampled continuations per held-out document for the structure score.")
-@click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Longest sampled continuation, in tokens.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="INT",
+              help=f"Sampled continuations per held-out document for the structure score  [default: the "
+                   f"config's samples when above 0, else {ABLATE_SAMPLES}]")
+@click.option("--sample-tokens", type=click.IntRange(min=1), default=None, metavar="INT",
+              help="Longest sampled continuation, in tokens  [default: the config's sample_tokens, 256]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@_config_options
+@functools.partial(_config_options, skip=("samples", "sample_tokens"))
 def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 
@@ -405,7 +411,11 @@ def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     from peftko.commands.ablate import run_ablate
     from peftko.evaluate.structure import SampleOptions
 
-    run_ablate(cfg, SampleOptions(samples=samples, max_new_tokens=sample_tokens), force=force, as_json=as_json)
+    # The config's samples mean what they mean to lora-train (continuations per held-out document,
+    # scored for structure); lora-train's default 0 (none) would leave ablate without its score.
+    opts = SampleOptions(samples=samples or cfg.samples or ABLATE_SAMPLES,
+                         max_new_tokens=sample_tokens or cfg.sample_tokens)
+    run_ablate(cfg, opts, force=force, as_json=as_json)
 
 
 if __name__ == "__main__":

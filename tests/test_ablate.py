@@ -19,7 +19,8 @@ MARKER = re.compile(r"\|[A-Z][A-Z0-9_]*\|>")
 def ablation(tiny_bases, small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablate") / "abl"
     args = train_args(tiny_bases["llama-tied"], small_corpus, out, "--max-steps", "2")
-    result = CliRunner().invoke(main, ["ablate", *args[1:], "--samples", "1", "--sample-tokens", "4"])
+    # samples from the config (as lora-train reads it): ablate samples each variant, no variant samples itself
+    result = CliRunner().invoke(main, ["ablate", *args[1:], "--set", "samples=1", "--sample-tokens", "4"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"out": out, "base": tiny_bases["llama-tied"], "corpus": small_corpus, "output": result.stdout}
 
@@ -127,3 +128,21 @@ def test_an_output_inside_the_corpus_is_refused_before_anything_is_written(tmp_p
     result = CliRunner().invoke(main, ["ablate", *args[1:]])
     assert result.exit_code == 2 and "lies inside --data" in result.output, result.output
     assert sorted(p.name for p in corpus.rglob("*")) == before
+
+
+@pytest.mark.parametrize("given, expected", [
+    ((), (2, 256)),  # lora-train's default samples (0: none) would leave ablate without its score
+    (("--set", "samples=3", "--set", "sample_tokens=9"), (3, 9)),  # the config's, as lora-train reads them
+    (("--set", "samples=3", "--samples", "1", "--sample-tokens", "4"), (1, 4)),  # the flags win
+])
+def test_ablate_samples_as_the_flags_else_the_config_else_two(monkeypatch, tmp_path, given, expected):
+    seen = {}
+    monkeypatch.setattr("peftko.commands.ablate.run_ablate", lambda cfg, opts, **kw: seen.update(cfg=cfg, opts=opts))
+    result = CliRunner().invoke(main, ["ablate", "--model", "m", "--data", "d", "--output", tmp_path / "a", *given])
+    assert result.exit_code == 0, result.output
+    assert (seen["opts"].samples, seen["opts"].max_new_tokens) == expected
+
+
+def test_the_variants_leave_sampling_to_ablate(ablation):
+    for variant in ("registered", "as-text", "deleted"):
+        assert "structure" not in manifest(ablation["out"], variant)["results"], variant

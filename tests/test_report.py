@@ -60,6 +60,28 @@ def test_report_draws_every_korean_label_with_a_real_glyph(tmp_path):
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+STRUCTURE = {"samples": 2, "balanced": 1.0, "ends_with_marker": 0.5, "whole_markers_only": 0.5,
+             "fragments_per_sample": 1.5, "structure": 0.5}
+
+
+def test_report_rings_the_kept_step_and_draws_the_structure_of_the_samples(tmp_path):
+    from matplotlib.figure import Figure
+
+    from peftko.run.plot import _plot_loss, _plot_structure
+
+    run = fake_run(tmp_path / "run", logged_run(), {"steps": 20, "kept_step": 10, "structure": STRUCTURE})
+    assert draw_strictly(run).read_bytes()[:8] == PNG_MAGIC
+    history = read_history(run)
+    loss_ax, structure_ax, empty_ax = Figure().subplots(1, 3)
+    _plot_loss(loss_ax, history)
+    assert "남긴 어댑터 (kept adapter): step 10" in [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    _plot_structure(structure_ax, history.results["structure"])
+    assert [round(b.get_height()) for b in structure_ax.patches] == [100, 50, 50, 50]
+    assert "1.5" in structure_ax.get_title()  # marker fragments per sample
+    _plot_structure(empty_ax, None)
+    assert "not measured" in empty_ax.texts[0].get_text()
+
+
 def test_the_missing_glyph_check_can_fail():
     """Without the registered font, Hangul does raise the warning the test above turns into an error."""
     from matplotlib.figure import Figure
@@ -140,7 +162,7 @@ def watched_run(tiny_bases, small_corpus, tmp_path_factory):
     pytest.importorskip("tensorboard")
     out = tmp_path_factory.mktemp("watched") / "run"
     args = train_args(tiny_bases["llama-untied"], small_corpus, out, "--report-to", "tensorboard",
-                      "--eval-steps", "3", "--logging-steps", "2")
+                      "--eval-steps", "3", "--logging-steps", "2", "--samples", "1", "--sample-tokens", "8")
     log = out.parent / "train.log"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "peftko", *args], stdout=f, stderr=subprocess.STDOUT,
@@ -166,7 +188,7 @@ def test_output_to_a_file_has_plain_lines_and_no_carriage_returns(watched_run):
     _, output = watched_run
     assert "\r" not in output
     assert "step     6/6" in output and "eval_loss" in output
-    assert "report: " in output
+    assert "report: " in output and "structure of 1 sampled continuation:" in output
 
 
 def test_metrics_hold_one_eval_per_step(watched_run):
@@ -183,6 +205,8 @@ def test_lora_train_writes_the_report(watched_run):
     assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC
     history = read_history(out)
     assert history.results["bpc_after"] is not None and len(history.evals) == 2
+    structure = history.results["structure"]  # --samples 1: one continuation of the held-out document
+    assert structure["samples"] == 1 and 0 <= structure["structure"] <= 1
     assert draw_strictly(out) == out / "report.png"  # the real run's records draw with every glyph
 
 

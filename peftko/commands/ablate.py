@@ -63,7 +63,9 @@ def write_deleted_corpus(docs: list[str], rx: re.Pattern, folder: Path) -> tuple
 
 
 def variant_configs(cfg: TrainConfig, out: Path, deleted_path: Path) -> dict[str, TrainConfig]:
-    """Every setting the same but the output, the marker list and (deleted) the data."""
+    """Every setting the same but the output, the marker list and (deleted) the data. The variants do
+    not sample at the end of training (`samples`): ablate samples each of them itself, alike."""
+    cfg = dataclasses.replace(cfg, samples=0)
     return {
         "registered": dataclasses.replace(cfg, output=str(out / "registered")),
         "as-text": dataclasses.replace(cfg, output=str(out / "as-text"), markers=[]),

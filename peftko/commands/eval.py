@@ -10,7 +10,7 @@ import click
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.corpus.reading import read_documents
 from peftko.evaluate.scoring import default_seq_len, evaluate_texts
-from peftko.evaluate.structure import SampleOptions, structure_score
+from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.reload import load_for_inference
 
 
@@ -49,8 +49,5 @@ def render(r: dict) -> str:
             lines.append(f"{m:<{width}}  {s['count']:>6}  {_fmt(s['bits_per_occurrence'], '.2f'):>15}  "
                          f"{_fmt(s['top1'], '.1%'):>6}")
     if "structure" in r:
-        s = r["structure"]
-        lines.append(f"structure of {s['samples']} sampled continuations: {s['balanced']:.0%} close their pairs, "
-                     f"{s['ends_with_marker']:.0%} end the book, {s['whole_markers_only']:.0%} write whole markers only "
-                     f"({s['fragments_per_sample']:.1f} marker fragments per sample); all three: {s['structure']:.0%}")
+        lines.append(describe(r["structure"]))
     return "\n".join(lines)

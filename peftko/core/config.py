@@ -189,6 +189,10 @@ class TrainConfig:
     keep_best: bool = _opt(True, "Keep the adapter of the evaluation with the lowest held-out loss, not the last "
                                  "step's, and say so when the held-out loss rises (a small corpus being memorised).",
                            group=EVAL)
+    samples: int = _opt(0, "At the end, sample this many continuations of each held-out document and score "
+                             "them as `peftko eval --samples` does: pairs closed, book ended, whole markers only "
+                             "(peftko.json and report.png; 0: none).", group=EVAL)
+    sample_tokens: int = _opt(256, "Longest sampled continuation, in tokens (with samples).", group=EVAL)
     save_steps: int = _opt(0, "Write OUTPUT/checkpoint-N every N steps (0: none).", group=EVAL)
     save_total_limit: int = _opt(2, "Keep this many checkpoints.", group=EVAL)
     max_bad_steps: int = _opt(5, "Stop after this many non-finite steps in a row.", group=OPTIM)
@@ -342,9 +346,11 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         p.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
-    for k in ("eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay"):
+    for k in ("eval_steps", "save_steps", "save_total_limit", "max_grad_norm", "weight_decay", "samples"):
         if getattr(cfg, k) < 0:
             p.append(f"{k}: must not be negative, got {getattr(cfg, k)}")
+    if cfg.sample_tokens < 1:
+        p.append(f"sample_tokens: must be at least 1, got {cfg.sample_tokens}")
     if cfg.max_bad_steps < 1 or cfg.num_proc < 1:
         p.append("max_bad_steps and num_proc: must be at least 1")
     if isinstance(cfg.markers, str) and cfg.markers != "auto":

@@ -61,6 +61,14 @@ def structure_score(model, tokenizer, info, held_out: list[str], markers: list[s
             "fragments_per_sample": fragments / n, "structure": good / n}
 
 
+def describe(s: dict) -> str:
+    """One line for a structure score, as `eval --samples` and `lora-train` (samples) print it."""
+    plural = "s" if s["samples"] != 1 else ""
+    return (f"structure of {s['samples']} sampled continuation{plural}: {s['balanced']:.0%} close their pairs, "
+            f"{s['ends_with_marker']:.0%} end the book, {s['whole_markers_only']:.0%} write whole markers only "
+            f"({s['fragments_per_sample']:.1f} marker fragments per sample); all three: {s['structure']:.0%}")
+
+
 def overall_top1(markers: dict) -> float | None:
     """Top-1 over all predicted marker occurrences (each marker weighted by its count)."""
     hits = sum((s["top1"] or 0) * s["count"] for s in markers.values() if s["top1"] is not None)

@@ -46,8 +46,10 @@ class Sample:
 
 
 def generation_kwargs(opts: GenerateOptions, stop: list[int], pad_id: int | None) -> dict:
+    # use_cache: a model fresh from training (lora-train's samples) has the KV cache switched off for
+    # gradient checkpointing, and without it every new token runs the whole prompt again.
     kwargs = dict(max_new_tokens=opts.max_new_tokens, eos_token_id=stop, pad_token_id=pad_id,
-                  repetition_penalty=opts.repetition_penalty)
+                  repetition_penalty=opts.repetition_penalty, use_cache=True)
     if opts.temperature == 0:
         return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {**kwargs, "do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p,

@@ -2,7 +2,9 @@
 
 Everything comes from the run directory: metrics.jsonl (one JSON object per log: loss, lr,
 grad_norm and tokens_seen from training; eval_loss from the held-out documents; a last line with
-the bits per character) and the "results" of peftko.json when the run finished. A run that is
+the bits per character) and the "results" of peftko.json when the run finished: the step whose
+adapter keep_best kept, ringed on the held-out loss, and with `samples` the structure of sampled
+continuations (pairs closed, book ended, whole markers only, marker fragments per sample). A run that is
 still going, or was stopped, is plotted as far as it got.
 
 Labels are Korean first. matplotlib's own font (DejaVu Sans) has no Hangul, so the NanumGothic
@@ -40,6 +42,15 @@ BPC_BARS = (  # results key, label, colour
     ("bpc_after", "학습 후\n(trained)", "tab:green"),
 )
 NOT_MEASURED = "측정하지 않음\n(not measured: no held-out documents)"
+KEPT = "남긴 어댑터 (kept adapter): step {step}"
+STRUCTURE = "생성 구조 (structure of {n} samples)\n마커 조각 (marker fragments): 샘플당 {frag:.1f} per sample"
+STRUCTURE_BARS = (  # results["structure"] key, label, colour
+    ("balanced", "쌍 닫힘\n(pairs closed)", "tab:blue"),
+    ("ends_with_marker", "책 끝 마커\n(book ended)", "tab:orange"),
+    ("whole_markers_only", "온전한 마커만\n(whole markers)", "tab:green"),
+    ("structure", "셋 다\n(all three)", "tab:purple"),
+)
+STRUCTURE_NOT_MEASURED = "생성 구조: 측정하지 않음\n(structure not measured:\ntrain with samples: 1 or more)"
 
 
 @dataclass
@@ -128,14 +139,16 @@ def write_report(run_dir: Path) -> Path:
     if not history.train and not history.evals:
         raise UserError(f"{run_dir / METRICS} holds no logged step yet: nothing to plot")
     with matplotlib.rc_context({"font.family": _font_family(), "axes.grid": True, "grid.alpha": 0.3}):
-        fig = Figure(figsize=(12, 8), dpi=110, layout="constrained")
-        (loss_ax, lr_ax), (grad_ax, bpc_ax) = fig.subplots(2, 2)
+        fig = Figure(figsize=(15, 8), dpi=110, layout="constrained")
+        axes = fig.subplot_mosaic([["loss", "loss", "lr"], ["grad", "bpc", "structure"]])
+        loss_ax, lr_ax, grad_ax, bpc_ax = (axes[k] for k in ("loss", "lr", "grad", "bpc"))
         _plot_loss(loss_ax, history)
         _plot_line(lr_ax, history.train, "lr", LR, "tab:green")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         _plot_line(grad_ax, history.train, "grad_norm", GRAD_NORM, "tab:purple")
         _mark_skipped(grad_ax, history)
         _plot_bpc(bpc_ax, history.results)
+        _plot_structure(axes["structure"], history.results.get("structure"))
         steps = history.results.get("steps") or max(r["step"] for r in history.train + history.evals)
         fig.suptitle(f"{history.name}: {steps} 스텝 (steps)", fontsize=14)
         path = run_dir / REPORT_FILE
@@ -166,6 +179,7 @@ def _plot_loss(ax, history: RunHistory) -> None:
     ax.plot(*_series(history.train, "loss"), label=TRAIN_LOSS, color="tab:blue")
     if history.evals:
         ax.plot(*_series(history.evals, "eval_loss"), "o-", label=EVAL_LOSS, color="tab:orange")
+    _mark_kept(ax, history)
     _mark_skipped(ax, history)
     _tokens_axis(ax, LOSS)
     ax.legend()
@@ -187,6 +201,28 @@ def _mark_skipped(ax, history: RunHistory) -> None:
         ax.plot([], [], color="tab:red", label=f"{SKIPPED}: {count}")
     if count:
         ax.legend()
+
+
+def _mark_kept(ax, history: RunHistory) -> None:
+    """A ring round the evaluation whose adapter keep_best kept, when it is not the last step's."""
+    step = history.results.get("kept_step")
+    kept = [r for r in history.evals if r["step"] == step and _finite(r.get("eval_loss"))]
+    if kept:
+        ax.plot(_tokens(kept[-1]), kept[-1]["eval_loss"], "o", markersize=14, markerfacecolor="none",
+                markeredgewidth=2, color="tab:red", label=KEPT.format(step=step))
+
+
+def _plot_structure(ax, structure: dict | None) -> None:
+    if not structure:
+        ax.text(0.5, 0.5, STRUCTURE_NOT_MEASURED, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    ax.set_title(STRUCTURE.format(n=structure["samples"], frag=structure["fragments_per_sample"]))
+    labels, values, colors = zip(*((label, 100 * structure[key], color) for key, label, color in STRUCTURE_BARS))
+    drawn = ax.bar(labels, values, color=colors)
+    ax.bar_label(drawn, fmt="%.0f%%")
+    ax.set_ylim(0, 115)
+    ax.grid(False, axis="x")
 
 
 def _plot_bpc(ax, results: dict) -> None:
@@ -212,4 +248,4 @@ def write_report_or_warn(output: Path) -> None:
         click.secho(f"warning: could not draw {Path(output) / REPORT_FILE} ({type(e).__name__}: {e}); "
                     f"the run itself is complete. Try again with: peftko report {output}", fg="yellow", err=True)
         return
-    click.echo(f"report: {path} (loss, learning rate, gradient norm, bits per character)")
+    click.echo(f"report: {path} (loss, learning rate, gradient norm, bits per character, structure)")

@@ -15,13 +15,15 @@ import click
 
 from peftko import __version__
 from peftko.core import distributed
-from peftko.core.config import TrainConfig
+from peftko.core.config import DEFAULT_DOC_END, TrainConfig
 from peftko.core.errors import Interrupted
 from peftko.core.paths import peftko_home
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
+from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.base import load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
+from peftko.model.reload import ModelInfo, stop_ids
 from peftko.model.token_rows import register_markers, syntax_pieces
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
 from peftko.run.identity import fingerprint_base, run_identity
@@ -56,12 +58,13 @@ class Results:
     eval_loss: float | None = None  # absent from the manifest without held-out data
     kept_step: int | None = None  # the step whose adapter was kept (lowest held-out loss), when not the last
     bpc_after: float | None = None
+    structure: dict | None = None  # with `samples`: the held-out continuations' structure score
     gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
     gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
 
     def to_json(self) -> dict:
         record = asdict(self)
-        for optional in ("eval_loss", "kept_step", "gpu_peak_load_gib", "gpu_peak_train_gib"):
+        for optional in ("eval_loss", "kept_step", "structure", "gpu_peak_load_gib", "gpu_peak_train_gib"):
             if record[optional] is None:
                 del record[optional]
         return record
@@ -242,6 +245,23 @@ class TrainingSession:
             f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
         return kept.loss, self.held_out_bpc()
 
+    def sampled_structure(self) -> dict | None:
+        """With `samples`: continuations of the held-out documents by the weights being saved, scored
+        as `peftko eval --samples` scores them (pairs closed, book ended, whole markers only)."""
+        if not self.cfg.samples or self.data.val_text is None:
+            return None
+        end = self.cfg.doc_end_marker if self.cfg.doc_end_marker in self.markers else None
+        info = ModelInfo("adapter", self.output, self.model_path, self.cfg.quant, str(self.precision.device),
+                         self.precision.dtype_name, list(self.markers), end,
+                         stop_ids(self.model, self.tokenizer, end))
+        self.model.eval()  # no dropout in the samples; training is over
+        score = structure_score(self.model, self.tokenizer, info, list(self.data.val_text["text"]), list(self.markers),
+                                SampleOptions(self.cfg.samples, self.cfg.sample_tokens),
+                                self.cfg.doc_end_marker or DEFAULT_DOC_END,
+                                self.cfg.marker_pattern, self.cfg.seed)
+        distributed.on_main(lambda: click.echo(describe(score)))
+        return score
+
     def manifest(self) -> dict:
         built = self.built
         return {
@@ -269,6 +289,7 @@ class TrainingSession:
         try:
             with self.stopper.during(phase), translate_oom(self.cfg.memory_levers(), "evaluating"):
                 self.results.eval_loss, self.results.bpc_after = self.evaluate()
+                self.results.structure = self.sampled_structure()
         except Interrupted:
             return self.stop_with_checkpoint()
         if distributed.active() and self.stopper.agreed():
