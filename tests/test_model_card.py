@@ -180,3 +180,19 @@ def test_the_base_terms_are_named_in_both_cards_and_copied_by_merge(tiny_run, tm
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert (out / "LICENSE").read_text(encoding="utf-8") == "the base's licence"
     assert "LICENSE" in json.loads((out / "peftko-merge.json").read_text())["files"]
+
+
+def test_cards_name_the_kept_step_and_the_structure_of_the_samples_when_recorded(tiny_run):
+    from peftko.run.card import adapter_card
+
+    manifest = manifest_of(tiny_run)
+    plain = adapter_card(manifest, tiny_run.name)
+    assert "Adapter kept" not in plain and "Structure of" not in plain  # nothing recorded, nothing claimed
+    manifest["results"].update(kept_step=30, structure={
+        "samples": 2, "balanced": 1.0, "ends_with_marker": 0.5, "whole_markers_only": 1.0,
+        "fragments_per_sample": 0.0, "structure": 0.5})
+    card = adapter_card(manifest, tiny_run.name)
+    assert "- 남긴 어댑터: 30단계" in card and "- Adapter kept: step 30 (the lowest held-out loss)" in card
+    assert "짝을 닫음 100%, 책 끝 마커로 끝냄 50%, 온전한 마커만 100% (샘플당 마커 조각 0.0)" in card
+    assert "Structure of 2 sampled continuations of held-out documents: 100% close their pairs, 50% end the " \
+           "book, 100% write whole markers only (0.0 marker fragments per sample)" in card

@@ -140,7 +140,27 @@ def _facts(manifest: dict) -> dict:
         "corpus": manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {},
         "tokens": results.get("tokens_seen"),  # what the steps processed, as the Trainer counted
         "bpc": [(k, results.get(k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
+        "kept": results.get("kept_step"), "structure": results.get("structure"),
     }
+
+
+def _scored(facts: dict, language: str) -> list[str]:
+    """The step keep_best kept, and the structure score of `samples` (peftko.evaluate.structure), when recorded."""
+    lines, s = [], facts["structure"]
+    if facts["kept"]:
+        lines.append(f"- 남긴 어댑터: {facts['kept']}단계 (검증 손실이 가장 낮음)" if language == "ko" else
+                     f"- Adapter kept: step {facts['kept']} (the lowest held-out loss)")
+    if isinstance(s, dict) and s.get("samples"):
+        share = {k: f"{s.get(k, 0):.0%}" for k in ("balanced", "ends_with_marker", "whole_markers_only")}
+        frag = f"{s.get('fragments_per_sample', 0):.1f}"
+        lines.append(
+            f"- 생성 구조 (떼어 둔 문서의 이어쓰기 {s['samples']}개): 짝을 닫음 {share['balanced']}, 책 끝 마커로 끝냄 "
+            f"{share['ends_with_marker']}, 온전한 마커만 {share['whole_markers_only']} (샘플당 마커 조각 {frag})"
+            if language == "ko" else
+            f"- Structure of {s['samples']} sampled continuations of held-out documents: {share['balanced']} close "
+            f"their pairs, {share['ends_with_marker']} end the book, {share['whole_markers_only']} write whole "
+            f"markers only ({frag} marker fragments per sample)")
+    return lines
 
 
 def _num(x) -> str:
@@ -196,6 +216,7 @@ def _facts_ko(facts: dict) -> list[str]:
         *([f"- 말뭉치: {corpus}"] if corpus else []),
         *([f"- 검증에 떼어 둔 문서: {held_out}"] if held_out else []),
         f"- 문서 끝 마커 (생성 중단): `{facts['stop']}`",
+        *_scored(facts, "ko"),
         "",
         "검증 데이터의 문자당 비트 (낮을수록 좋음):",
         "",
@@ -217,6 +238,7 @@ def _facts_en(facts: dict) -> list[str]:
         *([f"- Corpus: {corpus}"] if corpus else []),
         *([f"- Held-out documents: {held_out}"] if held_out else []),
         f"- Document-end marker (stops generation): `{facts['stop']}`",
+        *_scored(facts, "en"),
         "",
         "Held-out bits per character (lower is better):",
         "",
