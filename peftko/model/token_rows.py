@@ -247,10 +247,16 @@ def syntax_pieces(tokenizer, tokens: list[MarkerToken]) -> list[int]:
     return sorted(p for p in pieces if not has_letters(tokenizer, p))
 
 
+def trained_rows(tokens: list[MarkerToken], pieces: list[int] = ()) -> list[int]:
+    """The embedding rows a run trains: the markers' and their syntax pieces' (syntax_pieces). What
+    training hands peft and what --resume expects a checkpoint to hold, from this one definition."""
+    return sorted({t.id for t in tokens} | set(pieces))
+
+
 def trainable_token_indices(model, tokens: list[MarkerToken], pieces: list[int] = ()) -> dict[str, list[int]]:
     """peft's spec: input embedding always, lm_head too when it is a separate matrix; the marker rows
-    and the rows of their syntax pieces (syntax_pieces)."""
-    ids = sorted({t.id for t in tokens} | set(pieces))
+    and the rows of their syntax pieces (trained_rows)."""
+    ids = trained_rows(tokens, pieces)
     inp, out, _tied = embedding_modules(model)
     spec = {inp: ids}
     if out is not None:

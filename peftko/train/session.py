@@ -24,7 +24,7 @@ from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.base import load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
 from peftko.model.reload import ModelInfo, stop_ids
-from peftko.model.token_rows import register_markers, syntax_pieces
+from peftko.model.token_rows import register_markers, syntax_pieces, trained_rows
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
 from peftko.run.identity import fingerprint_base, run_identity
 from peftko.run.layout import MANIFEST, METRICS
@@ -152,8 +152,8 @@ class TrainingSession:
     def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
         """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
         changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
-        rows = {t.id for t in self.tokens} | set(syntax_pieces(self.tokenizer, self.tokens))
-        check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), sorted(rows))
+        rows = trained_rows(self.tokens, syntax_pieces(self.tokenizer, self.tokens))
+        check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), rows)
         record = check_resume(self.output, identity, force)
         click.echo(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
         return record.get("bpc_before")
