@@ -81,11 +81,17 @@ def _load_adapter(run_dir: Path, quant: str | None, device: str, dtype: str | No
     precision = inference_precision(device, dtype, manifest.get("compute_dtype"), "the run trained")
     model, tokenizer = load_with_adapter(run_dir, base, manifest, quant, precision,
                                          cfg.get("attn_implementation", "auto"))
-    markers = [m["marker"] for m in manifest["markers"]]
-    end = cfg.get("doc_end_marker") or None
-    info = ModelInfo("adapter", run_dir, base, quant, str(precision.device), precision.dtype_name, markers,
-                     end if end in markers else None)
+    info = adapter_info(run_dir, base, quant, precision, [m["marker"] for m in manifest["markers"]],
+                        cfg.get("doc_end_marker"))
     return model, tokenizer, info
+
+
+def adapter_info(run_dir: Path, base: Path, quant: str, precision: Precision, markers: list[str],
+                 doc_end_marker: str | None) -> ModelInfo:
+    """A run's ModelInfo (stop_ids aside): generation stops at the book-end marker only when it is one
+    of the run's registered markers (a single token)."""
+    end = doc_end_marker if doc_end_marker in markers else None
+    return ModelInfo("adapter", run_dir, base, quant, str(precision.device), precision.dtype_name, list(markers), end)
 
 
 def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, precision, attn: str = "auto"):

@@ -23,7 +23,7 @@ from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.base import load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
-from peftko.model.reload import ModelInfo, stop_ids
+from peftko.model.reload import adapter_info, stop_ids
 from peftko.model.token_rows import register_markers, syntax_pieces, trained_rows
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
 from peftko.run.identity import fingerprint_base, run_identity
@@ -250,10 +250,9 @@ class TrainingSession:
         as `peftko eval --samples` scores them (pairs closed, book ended, whole markers only)."""
         if not self.cfg.samples or self.data.val_text is None:
             return None
-        end = self.cfg.doc_end_marker if self.cfg.doc_end_marker in self.markers else None
-        info = ModelInfo("adapter", self.output, self.model_path, self.cfg.quant, str(self.precision.device),
-                         self.precision.dtype_name, list(self.markers), end,
-                         stop_ids(self.model, self.tokenizer, end))
+        info = adapter_info(self.output, self.model_path, self.cfg.quant, self.precision, self.markers,
+                            self.cfg.doc_end_marker)
+        info.stop_ids = stop_ids(self.model, self.tokenizer, info.doc_end_marker)
         self.model.eval()  # no dropout in the samples; training is over
         score = structure_score(self.model, self.tokenizer, info, list(self.data.val_text["text"]), list(self.markers),
                                 SampleOptions(self.cfg.samples, self.cfg.sample_tokens),
