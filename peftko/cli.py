@@ -19,6 +19,8 @@ from pathlib import Path
 
 import rich_click as click
 
+from peftko.commands.render import MODES as PROGRESS_MODES, Renderer
+from peftko.core import progress
 from peftko.core.aliases import flag_hint
 from peftko.core.config import FIELDS, GROUPS, REQUIRED, TrainConfig, load_config
 from peftko.core.errors import Interrupted, UserError
@@ -44,17 +46,41 @@ class _Group(click.RichGroup):
     SIGTERM into one line and 130 or 143 (peftko.core.signals): never a traceback."""
 
     def invoke(self, ctx):
-        try:
-            # lora-train and merge install their own, by phase; every other command (eval, generate,
-            # report, ...) writes nothing half-done, so a stop there is one line and 130/143 too.
-            with Stopper("before the command finished.").installed():
-                return super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"peftko: error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except Interrupted as e:
-            click.echo(f"peftko: {e}", err=True)
-            ctx.exit(e.exit_code)
+        # The engine reports through events; this renderer prints them (a command's --progress
+        # switches it to JSON lines before the command runs).
+        renderer = ctx.meta[RENDERER] = Renderer()
+        with progress.reporting(renderer):
+            try:
+                # lora-train and merge install their own, by phase; every other command (eval, generate,
+                # report, ...) writes nothing half-done, so a stop there is one line and 130/143 too.
+                with Stopper("before the command finished.").installed():
+                    return super().invoke(ctx)
+            except UserError as e:
+                progress.emit(progress.Message(f"peftko: error: {e}", "error", err=True))
+                ctx.exit(e.exit_code)
+            except Interrupted as e:
+                progress.emit(progress.Message(f"peftko: {e}", "error", err=True))
+                ctx.exit(e.exit_code)
+
+
+RENDERER = "peftko.renderer"
+
+
+def _progress_option(func=None, panel: str | None = None):
+    """--progress on every command: how the engine's events are shown."""
+    if func is None:
+        return functools.partial(_progress_option, panel=panel)
+    extra = {"panel": panel} if panel else {}
+    return click.option("--progress", **extra, type=click.Choice(PROGRESS_MODES), default="text", show_default=True,
+                        expose_value=False, is_eager=True, callback=_set_progress,
+                        help="text: lines (and bars on a terminal); json: every event as one JSON object a line on "
+                             "stdout (docs/en/progress.md).")(func)
+
+
+def _set_progress(ctx, param, value) -> None:
+    renderer = ctx.meta.get(RENDERER)
+    if renderer is not None:
+        renderer.mode = value
 
 
 # How --help lays out an option, so that no flag name, metavar or choice is ever split across
@@ -163,6 +189,7 @@ def _metavar(f: dataclasses.Field, tp) -> str:
               help="With --dry-run: plan for N GPUs (torchrun --nproc_per_node N); a launched run uses the launcher's count.")
 @click.help_option("-h", "--help", panel=RUN)
 @_config_options
+@_progress_option(panel=RUN)
 def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes, **flags):
     """Train LoRA adapters plus the marker embedding rows on a (quantized) base.
 
@@ -215,6 +242,7 @@ def _no_library_bars_in_files() -> None:
               f"{', '.join(GGUF_TYPES)}; --gguf alone: {DEFAULT_TYPE}). Needs llama.cpp's converter.")
 @click.option("--llama-cpp", type=click.Path(), metavar="DIR",
               help="llama.cpp folder holding convert_hf_to_gguf.py  [default: $PEFTKO_LLAMA_CPP]")
+@_progress_option
 def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model.
 
@@ -248,6 +276,7 @@ def _one_pattern(marker_pattern: str, old_pattern: str | None) -> str:
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path())
+@_progress_option
 def report(run_dir):
     """Plot a run (loss, learning rate, gradient norm, bits per character) into RUN_DIR/report.png."""
     from peftko.commands.report import run_report
@@ -262,6 +291,7 @@ def report(run_dir):
 @click.option("--strict", is_flag=True, help="Exit 1 when any problem is found.")
 @_marker_pattern_options
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
+@_progress_option
 def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
     from peftko.commands.markers import run_markers_command
@@ -286,6 +316,7 @@ def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_fi
 @click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest sampled continuation, in tokens (with --samples).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_progress_option
 def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern, old_pattern, samples, sample_tokens,
           as_json):
     """Bits per character of a corpus, with and without the markers, and per marker.
@@ -327,6 +358,7 @@ KOREAN_TASKS = ("kobest (kobest_boolq, kobest_copa, kobest_hellaswag, kobest_sen
               help="Write the scores here  [default: RUN/bench.json for each run among MODELS]")
 @click.option("--download", is_flag=True,
               help="Let lm-eval fetch task data from the Hugging Face Hub (once; later runs read the cache offline).")
+@_progress_option
 def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, quant, device, dtype, json_file,
           download):
     """Benchmarks from EleutherAI's lm-evaluation-harness, each MODEL side by side.
@@ -372,6 +404,7 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", **INFERENCE_DTYPE)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
+@_progress_option
 def generate(model, prompt, prompt_file, as_json, **options):
     """Continue a prompt, streaming token by token; markers are printed as written.
 
@@ -396,6 +429,7 @@ def generate(model, prompt, prompt_file, as_json, **options):
               help="Longest sampled continuation, in tokens  [default: the config's sample_tokens, 256]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @functools.partial(_config_options, skip=("samples", "sample_tokens"))
+@_progress_option
 def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 

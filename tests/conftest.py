@@ -27,6 +27,17 @@ BASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def terminal_output():
+    """Engine functions called directly report to the command line's renderer, as under `peftko`:
+    the tests read what a user would see (capsys), not a silent default."""
+    from peftko.commands.render import Renderer
+    from peftko.core.progress import reporting
+
+    with reporting(Renderer()):
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def peftko_home(tmp_path_factory):
     """Keep the dataset cache and the built-in base out of the user's home."""

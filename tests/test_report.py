@@ -146,13 +146,17 @@ def test_missing_font_package_is_named(monkeypatch, tmp_path):
 
 # --- log lines
 def test_progress_is_a_bar_only_when_both_streams_are_terminals(monkeypatch):
-    from peftko.train.logs import PlainLogLines, ReadableProgress, progress_callback
+    from peftko.commands.render import Renderer
+    from peftko.core.progress import Started
 
-    for out_tty, err_tty, expected in ((True, True, ReadableProgress), (False, True, PlainLogLines),
-                                       (True, False, PlainLogLines), (False, False, PlainLogLines)):
+    for out_tty, err_tty, bar in ((True, True, True), (False, True, False), (True, False, False), (False, False, False)):
         monkeypatch.setattr(sys.stdout, "isatty", lambda v=out_tty: v)
         monkeypatch.setattr(sys.stderr, "isatty", lambda v=err_tty: v)
-        assert type(progress_callback()) is expected
+        renderer = Renderer()
+        renderer(Started("train", 10, "steps"))
+        assert bool(renderer.bars) is bar
+        for b in renderer.bars.values():
+            b.close()
 
 
 # --- one real run: tensorboard, log lines, metrics.jsonl and report.png together

@@ -23,12 +23,11 @@ import json
 import re
 from pathlib import Path
 
-import click
-
 from peftko.commands.lora_train import run_lora_train, training_inputs
 from peftko.core.atomic import replaced_on_success, write_json_atomic
 from peftko.core.config import TrainConfig
 from peftko.core.errors import UserError
+from peftko.core.progress import Result, emit, say
 from peftko.corpus.documents import iter_documents
 from peftko.corpus.lint import marker_regex
 from peftko.corpus.reading import choose_markers, documents_of, read_corpus
@@ -115,7 +114,7 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
     deleted_path, deleted_docs = write_deleted_corpus(docs, marker_regex(markers), out / DELETED_DATA)
     rows = []
     for name, vcfg in variant_configs(cfg, out, deleted_path).items():
-        click.echo(f"\n=== ablate: {name} ===")
+        say(f"\n=== ablate: {name} ===")
         if run_lora_train(vcfg, force=force) != 0:
             raise UserError(f"training the {name} variant stopped; nothing was compared")
         held_out = [(deleted_docs if name == "deleted" else docs)[i] for i in val]
@@ -128,9 +127,10 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
     with replaced_on_success(out / "ablation.md") as tmp:
         tmp.write_text(table + "\n\n" + answer + "\n", encoding="utf-8")
     chart = write_chart(rows, out / "ablation.png")
-    click.echo(json.dumps(result, ensure_ascii=False) if as_json else "\n" + table + "\n\n" + answer)
-    click.echo(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}" + (f", {chart}" if chart else ""),
-               err=as_json)
+    emit(Result("ablation", result))
+    say(json.dumps(result, ensure_ascii=False) if as_json else "\n" + table + "\n\n" + answer)
+    say(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}" + (f", {chart}" if chart else ""),
+        err=as_json)
     return result
 
 
@@ -160,7 +160,7 @@ def write_chart(rows: list[dict], path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        click.echo("note: matplotlib is not installed; no chart written", err=True)
+        say("note: matplotlib is not installed; no chart written", err=True)
         return None
     names = [r["variant"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import click
 import torch
 
 from peftko.core.atomic import check_writable, read_json_object, write_json_atomic
 from peftko.core.errors import UserError
+from peftko.core.progress import Result, emit, say
 from peftko.evaluate.bench import BenchOptions, Tasks, hub_access, lm_eval_version, prepare_tasks, quiet_lm_eval, score
 from peftko.model.reload import is_adapter_dir, load_for_inference
 from peftko.run.layout import BENCH, MANIFEST
@@ -33,13 +33,14 @@ def run_bench(models: list[str], options: BenchOptions, quant: str | None = None
               "include_path": str(options.include_path) if options.include_path else None,
               "num_fewshot": options.num_fewshot, "limit": options.limit, "batch_size": options.batch_size,
               "models": columns}
-    click.echo(render(result))
+    emit(Result("bench", result))
+    say(render(result))
     for path in targets:
         write_json_atomic(path, result)
     if targets:
-        click.echo(f"written: {', '.join(str(p) for p in targets)}")
+        say(f"written: {', '.join(str(p) for p in targets)}")
     else:
-        click.echo("note: no run among MODEL, so nothing was written; pass --json FILE to keep the scores", err=True)
+        say("note: no run among MODEL, so nothing was written; pass --json FILE to keep the scores", err=True)
     return result
 
 

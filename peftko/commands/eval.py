@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import click
-
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
+from peftko.core.progress import Result, emit, say
 from peftko.corpus.reading import read_documents
 from peftko.evaluate.scoring import default_seq_len, evaluate_texts
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
@@ -27,7 +26,8 @@ def run_eval(model_path: str, data: list[str], seq_len: int | None = None, batch
     result = {"model": str(info.path), "seq_len": seq_len, "dtype": info.dtype, **scores.to_json()}
     if sampling is not None:
         result["structure"] = structure_score(model, tokenizer, info, docs, markers, sampling, doc_end, pattern, seed=42)
-    click.echo(json.dumps(result, ensure_ascii=False) if as_json else render(result))
+    emit(Result("eval", result))
+    say(json.dumps(result, ensure_ascii=False) if as_json else render(result))
     return result
 
 

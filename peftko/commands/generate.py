@@ -1,22 +1,20 @@
 """`peftko generate`: continue a prompt with an adapter, a merged model or a base.
 
 Text streams to stdout token by token (peftko.model.generation says what stops it); with --json,
-one JSON object per sample instead.
+one JSON object per sample instead (and, on a terminal, a bar counting its tokens).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import unicodedata
 from pathlib import Path
 
-import click
 import transformers
 from transformers import TextStreamer
-from transformers.generation.streamers import BaseStreamer
 
 from peftko.core.errors import UserError
+from peftko.core.progress import Tracker, phase, result, say
 from peftko.model.generation import GenerateOptions, context_length, room_for, sample
 from peftko.model.reload import load_for_inference
 
@@ -43,26 +41,35 @@ def check_room(model, tokenizer, prompt: str, wanted: int) -> None:
         raise UserError(f"the prompt is {prompt_tokens:,} tokens, and the model attends to {context_length(model):,}: "
                         "nothing fits after it. Shorten the prompt.")
     if room < wanted:
-        click.echo(f"note: --max-new-tokens {wanted:,} does not fit after this prompt ({prompt_tokens:,} of the "
-                   f"model's {context_length(model):,} positions): generating at most {room:,}", err=True)
+        say(f"note: --max-new-tokens {wanted:,} does not fit after this prompt ({prompt_tokens:,} of the "
+            f"model's {context_length(model):,} positions): generating at most {room:,}", err=True)
 
 
-class Progress(BaseStreamer):
-    """Under --json on a terminal: a count of the new tokens on stderr while a sample is generated."""
+class Streamer(TextStreamer):
+    """A sample as progress events: its text as it is decoded (shown as it comes on a terminal),
+    and how many new tokens, for a bar under --json or a front end's counter."""
 
-    def __init__(self, label: str):
-        self.label, self.count, self.prompt_seen = label, 0, False
+    def __init__(self, tokenizer, tracker: Tracker, show_text: bool):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.tracker, self.show_text = tracker, show_text
 
     def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.count += value.numel()
-        sys.stderr.write(f"\r{self.label}: {self.count} tokens")
-        sys.stderr.flush()
+        if not self.next_tokens_are_prompt:  # generate() hands over the prompt first
+            self.tracker.advance(value.numel())
+        super().put(value)
 
-    def end(self) -> None:
-        sys.stderr.write("\n")
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.show_text:
+            say(text, end="\n" if stream_end else "")
+
+
+def sample_one(model, tokenizer, info, prompt: str, opts: GenerateOptions, name: str, as_json: bool):
+    """One sample; streamed as text, or (--json) counted as a phase that a terminal shows as a bar."""
+    if not as_json:
+        return sample(model, tokenizer, info, prompt, opts, Streamer(tokenizer, Tracker(name, opts.max_new_tokens,
+                                                                                      "tokens"), True))
+    with phase(name, opts.max_new_tokens, "tokens") as tracker:
+        return sample(model, tokenizer, info, prompt, opts, Streamer(tokenizer, tracker, False))
 
 
 def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: bool = False) -> int:
@@ -70,16 +77,15 @@ def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: b
     check_room(model, tokenizer, prompt, opts.max_new_tokens)
     transformers.set_seed(opts.seed)  # once: the samples differ from each other, and repeat as a set
     for i in range(opts.num_samples):
+        if not as_json and opts.num_samples > 1:
+            say(f"--- sample {i + 1}/{opts.num_samples}")
+        if not as_json:
+            say(prompt, end="")
+        s = sample_one(model, tokenizer, info, prompt, opts, f"sample {i + 1}/{opts.num_samples}", as_json)
+        result("sample", **s.to_json())
         if as_json:
-            progress = Progress(f"sample {i + 1}/{opts.num_samples}") if sys.stderr.isatty() else None
-            click.echo(json.dumps(sample(model, tokenizer, info, prompt, opts, progress).to_json(),
-                                  ensure_ascii=False))
+            say(json.dumps(s.to_json(), ensure_ascii=False))
             continue
-        if opts.num_samples > 1:
-            click.echo(f"--- sample {i + 1}/{opts.num_samples}")
-        click.echo(prompt, nl=False)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        s = sample(model, tokenizer, info, prompt, opts, streamer)
         pieces = f", {len(s.fragments)} marker fragments: {' '.join(s.fragments[:5])}" if s.fragments else ""
-        click.echo(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}{pieces}]", err=True)
+        say(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}{pieces}]", err=True)
     return 0

@@ -12,13 +12,12 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-import click
-
 from peftko.core import distributed
 from peftko.core.config import TrainConfig
 from peftko.core.errors import UserError
 from peftko.core.lock import hold
 from peftko.core.paths import resolve_data_paths
+from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.corpus.reading import choose_markers, read_corpus
 from peftko.model.adapters import check_target_modules
@@ -57,7 +56,7 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
     warnings = check_base_config(model_path, cfg.base_loading(), dry_run=dry_run)
     seq_len = resolve_seq_len(model_path, cfg.seq_len)
     if seq_len != cfg.seq_len:
-        click.echo(f"seq_len: {seq_len} (auto: at most 2048 and the base's context)")
+        say(f"seq_len: {seq_len} (auto: at most 2048 and the base's context)")
     cfg = dataclasses.replace(cfg, seq_len=seq_len)
     check_target_modules(model_path, cfg.target_modules, cfg.trust_remote_code)
     check_safetensors(model_path)
@@ -65,7 +64,7 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
     if dry_run:
         markers, _ = read_corpus_and_markers(cfg, strict)
         for w in warnings:
-            click.echo(f"warning: {w}")
+            say(f"warning: {w}")
         echo_plan(cfg, model_path, precision, markers=markers, processes=processes)
         return 0
     distributed.setup(precision.device.type)

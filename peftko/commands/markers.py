@@ -7,11 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
-
 from peftko.core.config import DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
+from peftko.core.progress import Result, emit, say
 from peftko.corpus.report import scan_corpus
 
 
@@ -40,8 +39,9 @@ def run_markers_command(
     """Print the report; return 1 when `strict` and any problem was found, else 0."""
     tokenizer = tokenizer_for_markers(model) if model else None
     report = scan_corpus(resolve_data_paths(paths), pattern, jsonl_field=jsonl_field, tokenizer=tokenizer)
+    emit(Result("markers", report.to_json()))
     if as_json:
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+        say(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
     else:
-        click.echo(report.render_table(), nl=False)
+        say(report.render_table(), end="")
     return 1 if strict and report.problems else 0

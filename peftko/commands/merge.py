@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-
 from peftko.core.lock import hold
+from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.merge import gguf
 from peftko.merge.facts import check_manifest_facts
@@ -33,7 +32,7 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
     with stopper.installed():
         merge_adapter(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check, gguf_options)
     if stopper.signum:
-        click.echo(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
+        say(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
     return stopper.exit_code
 
 
@@ -51,7 +50,7 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
         record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
         writer = streaming_writer(run_dir, base_path, manifest, dtype, full_check)
         save_atomically(writer, tokenizer, out, record, stopper, manifest)
-        click.echo(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
+        say(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
         if gguf_options:
             gguf.export(out, manifest, gguf_options, stopper)
 
@@ -60,19 +59,19 @@ def streaming_writer(run_dir: Path, base_path: Path, manifest: dict, dtype: str,
     """What writes the merged model into the staging folder: the streaming merge, or, where it does
     not apply, the whole-model merge."""
     def write(stage: Path) -> None:
-        click.echo(f"merging {run_dir} into {base_path} in {dtype}, one tensor at a time")
+        say(f"merging {run_dir} into {base_path} in {dtype}, one tensor at a time")
         try:
             report = stream_merge(run_dir, base_path, manifest["vocab"]["rows_after"], dtype, stage,
                                   bool(manifest["config"].get("trust_remote_code")))
         except StreamingUnsupported as e:
-            click.echo(f"merging in memory instead: {e}")
+            say(f"merging in memory instead: {e}")
             merged, _ = merge_and_check(run_dir, base_path, manifest, dtype)
             merged.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
             return
-        click.echo(f"self-check: {report.tensors} tensors, {report.lora_targets} LoRA targets within "
-                   f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
-                   f"{report.marker_rows} token rows (markers, their old pieces) equal to the trained rows, "
-                   "every other weight the base's")
+        say(f"self-check: {report.tensors} tensors, {report.lora_targets} LoRA targets within "
+            f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
+            f"{report.marker_rows} token rows (markers, their old pieces) equal to the trained rows, "
+            "every other weight the base's")
         write_config(base_path, manifest, dtype, stage)
         if full_check:
             compare_logits(run_dir, base_path, manifest, dtype, stage)

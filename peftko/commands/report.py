@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 from peftko.run.plot import write_report
 
 
@@ -14,4 +13,4 @@ def run_report(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
-    click.echo(str(write_report(run_dir)))
+    say(str(write_report(run_dir)))

@@ -14,10 +14,9 @@ import os
 import socket
 from pathlib import Path
 
-import click
-
 from peftko.core.atomic import process_alive
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 
 try:
     import fcntl
@@ -59,7 +58,7 @@ def _acquire(path: Path, what: str) -> int:
         else:
             raise UserError(f"could not take the lock {path}: other processes keep replacing it")
         if holder:
-            click.echo(f"note: took over the lock left by a process that has ended ({_describe(holder)})")
+            say(f"note: took over the lock left by a process that has ended ({_describe(holder)})")
         _write(fd)
     except OSError as e:
         raise UserError(f"cannot create the lock file {path}: {e.strerror or e}") from None

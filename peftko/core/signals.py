@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
 from peftko.core import distributed
 from peftko.core.errors import Interrupted
 from peftko.core.lock import release_all
+from peftko.core.progress import say
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RAISING = ("prepare", "evaluate")
@@ -103,5 +103,4 @@ class Stopper:
 
 
 def _say(text: str) -> None:
-    sys.stderr.write(text)
-    sys.stderr.flush()
+    say(text.rstrip("\n"), err=True)  # the renderer ends the line

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-import click
-
 from peftko.core.config import DEFAULT_DOC_END, CorpusSettings
 from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
+from peftko.core.progress import say, warn
 from peftko.corpus.documents import FileScan, iter_documents
 from peftko.corpus.report import CorpusReport, scan_corpus
 
@@ -36,7 +35,7 @@ def readable_files(report: CorpusReport, skip_bad_files: bool = False, skip_hint
                         f"Fix or remove them{skip_hint}.")
     if bad:
         shown = ", ".join(f"{f.path} ({f.describe()})" for f in bad)
-        click.echo(f"skipping {len(bad)} unreadable file(s): {shown}")
+        say(f"skipping {len(bad)} unreadable file(s): {shown}")
     files = [f for f in report.files if f.status == "ok"]
     if not files:
         raise UserError("no readable, non-empty corpus file was found in --data")
@@ -52,7 +51,7 @@ def read_corpus(corpus: CorpusSettings, strict: bool = False) -> tuple[CorpusRep
     """Scan the corpus, print the short summary, and refuse bad files unless told to skip them."""
     explicit = [] if corpus.markers == "auto" else corpus.markers
     report = scan(corpus.data, corpus.marker_pattern, corpus.jsonl_field, corpus.doc_end_marker, known=explicit)
-    click.echo(report.render_summary())
+    say(report.render_summary())
     warn_problems(corpus.data, report, strict)
     return report, readable_files(report, corpus.skip_bad_files)
 
@@ -73,7 +72,7 @@ def warn_problems(data: list[str], report: CorpusReport, strict: bool) -> None:
                f"them as written. See all with `peftko markers {' '.join(data)}`")
     if strict:
         raise UserError(message + "; fix them, or train without --strict.")
-    click.secho(f"warning: {message}; --strict refuses to train on them.", fg="yellow", err=True)
+    warn(f"warning: {message}; --strict refuses to train on them.")
 
 
 def choose_markers(corpus: CorpusSettings, report: CorpusReport) -> list[str]:
@@ -81,7 +80,7 @@ def choose_markers(corpus: CorpusSettings, report: CorpusReport) -> list[str]:
     if corpus.markers == "auto":
         markers = sorted(report.marker_counts)
         if not markers:
-            click.echo(f"note: no marker matching {corpus.marker_pattern!r} was found; training plain LoRA")
+            say(f"note: no marker matching {corpus.marker_pattern!r} was found; training plain LoRA")
     else:
         if any(not m.strip() for m in corpus.markers):
             raise UserError("markers: an explicit marker list must not contain empty strings")
@@ -97,12 +96,12 @@ def warn_unlisted(markers: list[str], report: CorpusReport) -> None:
     absent = [m for m in markers if not report.marker_counts.get(m)]
     unlisted = sorted(set(report.marker_counts) - set(markers))
     if absent:
-        click.secho(f"warning: {', '.join(absent)} never occur(s) in the corpus: registered, but nothing "
-                    "trains its row", fg="yellow", err=True)
+        warn(f"warning: {', '.join(absent)} never occur(s) in the corpus: registered, but nothing "
+             "trains its row")
     if unlisted:
         shown = ", ".join(f"{m} x{report.marker_counts[m]}" for m in unlisted)
-        click.secho(f"warning: the corpus also uses {shown}, not in --markers: they stay split into pieces "
-                    "(use --markers auto to register every marker found)", fg="yellow", err=True)
+        warn(f"warning: the corpus also uses {shown}, not in --markers: they stay split into pieces "
+             "(use --markers auto to register every marker found)")
 
 
 def refuse_overlaps(markers: list[str]) -> None:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-import click
-
 from peftko.core.atomic import move_into, publish, read_json_object, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 from peftko.merge.output import MARK
 
 TYPES = ("q8_0", "f16", "bf16", "f32")
@@ -81,7 +80,7 @@ def find_converter(llama_cpp: str | None) -> Path:
 def preflight(base: Path, output: Path, options: GgufOptions) -> None:
     """Before the merge: the converter, and llama.cpp's verdict on the base's tokenizer (seconds)."""
     converter = find_converter(options.llama_cpp)
-    click.echo(f"GGUF: checking that llama.cpp's {CONVERTER} ({converter}) accepts the tokenizer of {base}")
+    say(f"GGUF: checking that llama.cpp's {CONVERTER} ({converter}) accepts the tokenizer of {base}")
     with staging_dir(output.parent, f".{output.name}.gguf-check-") as tmp:
         _convert(converter, base, tmp / "vocab.gguf", ["--vocab-only"], base)
 
@@ -98,14 +97,14 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
     # "prepare" raises for a Ctrl-C already received during the merge's save: no conversion then.
     with stopper.during("prepare"):
         _claim(merged, [name, MODELFILE])
-        click.echo(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
+        say(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
         with staging_dir(merged.parent, f".{merged.name}.gguf-") as stage:
             _convert_and_check(converter, merged, stage / name, manifest, options.outtype)
             (stage / MODELFILE).write_text(modelfile(name, manifest), encoding="utf-8")
             publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
             with stopper.during("save"):
                 move_into(stage, merged, [name, MODELFILE])
-    click.echo(f"GGUF written to {merged / name}; for Ollama: cd {merged} && ollama create NAME -f {MODELFILE}")
+    say(f"GGUF written to {merged / name}; for Ollama: cd {merged} && ollama create NAME -f {MODELFILE}")
     return merged / name
 
 
@@ -113,7 +112,7 @@ def _convert_and_check(converter: Path, merged: Path, staged: Path, manifest: di
     try:
         _convert(converter, merged, staged, ["--outtype", outtype], merged)
         for line in check(staged, merged, manifest):
-            click.echo(f"GGUF check: {line}")
+            say(f"GGUF check: {line}")
     except UserError as e:
         raise UserError(f"{e}\nThe merged model in {merged} is complete; only the GGUF was not written.") from None
 

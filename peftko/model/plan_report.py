@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-
 from peftko.core.config import StepSettings, TrainConfig
+from peftko.core.progress import say
 from peftko.model.base import Precision
 from peftko.model.fused_loss import PLAIN_HEAD_TYPES
 from peftko.model.kernels import liger_would_apply
@@ -52,7 +51,7 @@ def echo_plan(cfg: TrainConfig, model_path: Path, precision: Precision, markers:
         lines.append(f"note: config.json implies {shape.total_params:,} parameters but the checkpoint holds "
                      f"{stats[0]:,}; this architecture may not be modelled well, treat the plan as rough")
     for line in lines:
-        click.echo(line)
+        say(line)
     return plan
 
 
@@ -74,8 +73,8 @@ def _shape(model_path: Path) -> ModelShape | None:
     try:
         return shape_from_config(read_config(model_path))
     except (KeyError, TypeError, ValueError) as e:
-        click.echo(f"memory plan: config.json does not give the model's shape ({type(e).__name__}: {e}); "
-                   "no prediction for this architecture")
+        say(f"memory plan: config.json does not give the model's shape ({type(e).__name__}: {e}); "
+            "no prediction for this architecture")
         return None
 
 

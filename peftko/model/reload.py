@@ -21,13 +21,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 from peft import PeftModel
 from safetensors import SafetensorError
 
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.core.atomic import read_json_object
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
 from peftko.run.manifest import check_base, read_manifest
@@ -136,8 +136,8 @@ def inference_precision(device: str, dtype: str | None, recorded, what: str) -> 
             return pick_precision(device, recorded)
         except UserError:  # float16 from a CUDA run, on a CPU; bfloat16 on a card without it
             precision = pick_precision(device)
-            click.echo(f"note: {what} in {recorded}, which {precision.device} cannot compute in; "
-                       f"using {precision.dtype_name} (set it with --dtype)", err=True)
+            say(f"note: {what} in {recorded}, which {precision.device} cannot compute in; "
+                f"using {precision.dtype_name} (set it with --dtype)", err=True)
             return precision
     return pick_precision(device)
 

@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from peftko.core.atomic import replaced_on_success
 from peftko.core.errors import UserError
+from peftko.core.progress import say, warn
 from peftko.run.layout import MANIFEST, METRICS, REPORT as REPORT_FILE
 
 FONT_PACKAGE, FONT_FILE = "koreanize_matplotlib", "fonts/NanumGothic.ttf"
@@ -245,7 +244,7 @@ def write_report_or_warn(output: Path) -> None:
     try:
         path = write_report(output)
     except Exception as e:  # noqa: BLE001 - the adapter is already saved; anything here is cosmetic
-        click.secho(f"warning: could not draw {Path(output) / REPORT_FILE} ({type(e).__name__}: {e}); "
-                    f"the run itself is complete. Try again with: peftko report {output}", fg="yellow", err=True)
+        warn(f"warning: could not draw {Path(output) / REPORT_FILE} ({type(e).__name__}: {e}); "
+             f"the run itself is complete. Try again with: peftko report {output}")
         return
-    click.echo(f"report: {path} (loss, learning rate, gradient norm, bits per character, structure)")
+    say(f"report: {path} (loss, learning rate, gradient norm, bits per character, structure)")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import click
 import torch
 from transformers import TrainerCallback
 
 from peftko.core import distributed
+from peftko.core.progress import say
 
 
 @dataclass
@@ -42,7 +42,7 @@ class KeepBest(TrainerCallback):
         if self.best is None or loss < self.best.loss:
             self.best = Best(loss, state.global_step, self._copy())
             return
-        distributed.on_main(lambda: click.echo(
+        distributed.on_main(lambda: say(
             f"note: held-out loss rose to {loss:.4f} at step {state.global_step} (lowest {self.best.loss:.4f} at "
             f"step {self.best.step}): the model is starting to memorise the training books", err=True))
 

@@ -1,5 +1,5 @@
-"""Where a run is logged: metrics.jsonl, the console (a bar on a terminal, plain lines in a file),
-TensorBoard and W&B inside the run folder."""
+"""Where a run is logged: metrics.jsonl, progress events (the command line shows them as a bar on a
+terminal, plain lines in a file), TensorBoard and W&B inside the run folder."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import json
 import netrc
 import os
 import socket
-import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import click
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import ProgressCallback
 
 from peftko.core.config import report_targets
+from peftko.core.progress import Finished, Started, Tracker, emit, say
+
+
+PHASE = "train"
 
 
 class MetricsFile(TrainerCallback):
@@ -44,34 +46,34 @@ def log_record(state, logs: dict) -> dict:
     return record
 
 
-class ReadableProgress(ProgressCallback):
-    """The Trainer's progress bar, with log lines a person can read instead of dict reprs."""
+class TrainingProgress(TrainerCallback):
+    """The training phase as progress events (peftko.core.progress): one Advanced event per step,
+    carrying the log line when the step logs; the command line draws the bar or prints the lines."""
 
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        pass  # a second bar for a few eval batches only garbles the first one
+    def __init__(self):
+        self.tracker: Tracker | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.tracker = Tracker(PHASE, state.max_steps, "steps")
+            self.tracker.done = state.global_step  # a resumed run starts where it stopped
+            emit(Started(PHASE, state.max_steps, "steps"))
+            self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.tracker is not None:
+            self.tracker.set(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
-            return
-        self.training_bar.write(format_log(state, logs))
+        if self.tracker is not None and logs:
+            self.tracker.set(state.global_step, format_log(state, logs, total=state.max_steps),
+                             **log_record(state, logs))
 
-
-class PlainLogLines(TrainerCallback):
-    """One line per log and no bar: what `peftko lora-train ... > train.log` should hold.
-
-    A bar redraws itself with carriage returns, which a file keeps, tangled with the step lines.
-    """
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            click.echo(format_log(state, logs, total=state.max_steps))
-
-
-def progress_callback() -> TrainerCallback:
-    """The bar only when both streams are terminals: tqdm draws on stderr, the log lines go to stdout."""
-    if sys.stdout.isatty() and sys.stderr.isatty():
-        return ReadableProgress()
-    return PlainLogLines()
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tracker is not None:
+            emit(Finished(PHASE, state.global_step, state.max_steps, "steps",
+                          round(time.monotonic() - self.start, 3), ok=state.global_step >= state.max_steps))
+            self.tracker = None
 
 
 def format_log(state, logs: dict, total: int | None = None) -> str:
@@ -107,8 +109,8 @@ def prepare_wandb(output: Path) -> None:
     why = wandb_offline_reason()
     if why:
         os.environ["WANDB_MODE"] = "offline"
-        click.echo(f"wandb: {why}; logging offline to {Path(output) / 'wandb'} "
-                   "(upload later with `wandb sync`, or set WANDB_MODE=online)")
+        say(f"wandb: {why}; logging offline to {Path(output) / 'wandb'} "
+            "(upload later with `wandb sync`, or set WANDB_MODE=online)")
 
 
 def wandb_offline_reason() -> str | None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from peftko.core.errors import TrainingDiverged
+from peftko.core.progress import warn
 from peftko.train.rerun import resume_command
 
 
@@ -44,8 +44,8 @@ class NonFiniteGuard(TrainerCallback):
         self.in_a_row += 1
         self.skipped += 1
         self.bad_steps.append(state.global_step)
-        print(f"step {state.global_step}: non-finite loss or gradients, step skipped "
-              f"({self.in_a_row} in a row; stopping at {self.max_bad})", file=sys.stderr)
+        warn(f"step {state.global_step}: non-finite loss or gradients, step skipped "
+             f"({self.in_a_row} in a row; stopping at {self.max_bad})")
         if self.in_a_row >= self.max_bad:
             self.diverged = True
             control.should_training_stop = True

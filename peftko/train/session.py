@@ -11,13 +11,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
-
 from peftko import __version__
 from peftko.core import distributed
 from peftko.core.config import DEFAULT_DOC_END, TrainConfig
 from peftko.core.errors import Interrupted
 from peftko.core.paths import peftko_home
+from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
@@ -99,8 +98,8 @@ class TrainingSession:
             self.results.skipped_steps = self.guard.skipped
         self.results.gpu_peak_train_gib = peak_gib(self.precision.device)
         if self.results.gpu_peak_train_gib is not None:
-            click.echo(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
-                       f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
+            say(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
+                f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
         if self.stopper.agreed():
             return self.stop_with_checkpoint()
         return self.finish()
@@ -135,18 +134,18 @@ class TrainingSession:
         # Data-parallel: rank 0 builds the cache, the other ranks then read it (never build it twice).
         d = distributed.main_first(
             lambda: prepare_data(self.files, tokenizer, self.cfg.blocks(), peftko_home() / "datasets"))
-        click.echo(
+        say(
             f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
             f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
             + (" (from cache)" if d.from_cache else "")
         )
         if d.held_out:
-            click.echo(f"held out: {shown(d.held_out)}")
+            say(f"held out: {shown(d.held_out)}")
         processes = distributed.world_size()
         for note in (short_data_note(self.cfg.steps(), len(d.train), processes),
                      passes_note(self.cfg.steps(), len(d.train), processes)):
             if note:
-                click.echo(note)
+                say(note)
         return d
 
     def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
@@ -155,20 +154,20 @@ class TrainingSession:
         rows = trained_rows(self.tokens, syntax_pieces(self.tokenizer, self.tokens))
         check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), rows)
         record = check_resume(self.output, identity, force)
-        click.echo(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
+        say(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
         return record.get("bpc_before")
 
     def setup_model(self, tokenizer, tokens) -> tuple[float | None, TrainableModel]:
         """Load the base, measure it as loaded, then make it trainable."""
         cfg = self.cfg
-        click.echo(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype_name}, {self.precision.device})")
+        say(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype_name}, {self.precision.device})")
         base = load(self.model_path, cfg.base_loading(), self.precision)
         bpc_base = self.base_bpc(base)
         built = make_trainable(base, tokenizer, tokens, cfg.lora(), self.precision, cfg.liger, cfg.seed)
         if built.kernels:
-            click.echo(built.kernels)
-        click.echo(f"trainable parameters: {built.trainable_params:,} "
-                   f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows{pieces_note(built.piece_rows)})")
+            say(built.kernels)
+        say(f"trainable parameters: {built.trainable_params:,} "
+            f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows{pieces_note(built.piece_rows)})")
         return bpc_base, built
 
     def check_disk(self) -> None:
@@ -240,7 +239,7 @@ class TrainingSession:
             return final_eval_loss(self.trainer), self.held_out_bpc()
         self.results.kept_step = kept.step
         last_loss, last_step = self.keeper.last
-        distributed.on_main(lambda: click.echo(
+        distributed.on_main(lambda: say(
             f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
             f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
         return kept.loss, self.held_out_bpc()
@@ -258,7 +257,7 @@ class TrainingSession:
                                 SampleOptions(self.cfg.samples, self.cfg.sample_tokens),
                                 self.cfg.doc_end_marker or DEFAULT_DOC_END,
                                 self.cfg.marker_pattern, self.cfg.seed)
-        distributed.on_main(lambda: click.echo(describe(score)))
+        distributed.on_main(lambda: say(describe(score)))
         return score
 
     def manifest(self) -> dict:
@@ -301,8 +300,8 @@ class TrainingSession:
         echo_done(self.output, self.results, registered=bool(self.tokens))
         write_report_or_warn(self.output)
         if self.stopper.signum:
-            click.echo(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
-                       "the run is complete.", err=True)
+            say(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
+                "the run is complete.", err=True)
         return self.stopper.exit_code
 
     def stop_with_checkpoint(self) -> int:
@@ -325,18 +324,18 @@ def shown(names: list[str], at_most: int = 10) -> str:
 
 
 def echo_stopped(output: Path, stopper) -> int:
-    click.echo(f"peftko: stopped by {stopper.name}; checkpoint written to {latest_checkpoint(output)}.\n"
-               f"Continue with: {resume_command(output)}", err=True)
+    say(f"peftko: stopped by {stopper.name}; checkpoint written to {latest_checkpoint(output)}.\n"
+        f"Continue with: {resume_command(output)}", err=True)
     return stopper.exit_code
 
 
 def echo_markers(tokens) -> None:
     if not tokens:
         return
-    click.echo("markers registered (one token each):")
+    say("markers registered (one token each):")
     width = max(len(t.marker) for t in tokens)
     for t in tokens:
-        click.echo(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
+        say(f"  {t.marker:<{width}}  {len(t.pieces)} pieces before -> id {t.id}")
 
 
 def pieces_note(rows: list[int]) -> str:
@@ -356,8 +355,8 @@ def echo_done(output: Path, results: Results, registered: bool = True) -> None:
     if results.bpc_before is not None:
         base = results.bpc_base
         before = "with the markers registered" if registered else "before training"
-        click.echo("held-out bits per character: "
-                   + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
-                   + f"{results.bpc_before:.3f} {before}, {results.bpc_after:.3f} after training")
-    click.echo(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
-    click.echo(f"next: peftko merge {output} --output {output}-merged")
+        say("held-out bits per character: "
+            + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
+            + f"{results.bpc_before:.3f} {before}, {results.bpc_after:.3f} after training")
+    say(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
+    say(f"next: peftko merge {output} --output {output}-merged")

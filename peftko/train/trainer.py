@@ -24,7 +24,7 @@ from peftko.model.kernels import fused_loss_kwargs
 from peftko.model.quantized import quantized_layers_kept
 from peftko.run.checkpoints import latest_checkpoint, rotate, staged_checkpoint, step_of
 from peftko.run.layout import METRICS
-from peftko.train.logs import MetricsFile, prepare_wandb, progress_callback, set_up_reporting
+from peftko.train.logs import MetricsFile, prepare_wandb, TrainingProgress, set_up_reporting
 
 
 def param_groups(peft_model, cfg) -> list[dict]:
@@ -250,5 +250,5 @@ def make_trainer(peft_model, cfg, precision, output: Path, train, val, collator,
     set_up_reporting(trainer, cfg.report_to, output)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # the Trainer's choice when tqdm is disabled
-    trainer.add_callback(progress_callback())
+    trainer.add_callback(TrainingProgress())
     return trainer
