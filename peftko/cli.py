@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import sys
 import typing
-from pathlib import Path
 
 import rich_click as click
 
+from peftko.commands import arguments
 from peftko.commands.render import MODES as PROGRESS_MODES, Renderer
 from peftko.core import progress
 from peftko.core.aliases import flag_hint
@@ -35,10 +34,6 @@ RUN = "실행 (run)"
 CONFIG_HELP = ("YAML config; flags override it. Axolotl, LLaMA-Factory, TRL and Unsloth key names are read "
                "too (docs/en/coming-from-other-tools.md).")
 SET_HELP = "Override any config key (other tools' names too); repeatable."
-ABLATE_SAMPLES = 2  # ablate's continuations per held-out document when the config asks for none
-INFERENCE_DTYPE = dict(type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
-                       help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
-                            "the dtype the run trained or the merge wrote in; auto for other folders]")
 
 
 class _Group(click.RichGroup):
@@ -257,6 +252,16 @@ def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
                        gguf_options=options))
 
 
+def _inference_options(func):
+    """--quant, --device and --dtype: how eval, bench and generate load a run, a merge or a model."""
+    func = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                        help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
+                             "the dtype the run trained or the merge wrote in; auto for other folders]")(func)
+    func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
+    return click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
+                        "(default: as trained for an adapter, none for a model folder).")(func)
+
+
 def _marker_pattern_options(func):
     """--marker-pattern, the name lora-train gives it; --pattern, its earlier name on markers and
     eval, still works but is not shown."""
@@ -305,10 +310,7 @@ def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_fi
 @click.option("--data", multiple=True, required=True, metavar="PATH", help="Corpus files or folders; repeatable.")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Window length in tokens  [default: min(2048, context)]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
-@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
-              "(default: as trained for an adapter, none for a model folder).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", **INFERENCE_DTYPE)
+@_inference_options
 @_marker_pattern_options
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also sample this many continuations of each document's first three quarters and score their "
@@ -350,10 +352,7 @@ KOREAN_TASKS = ("kobest (kobest_boolq, kobest_copa, kobest_hellaswag, kobest_sen
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests per forward pass.")
 @click.option("--no-base", is_flag=True, help="Score each run alone, not beside the base it was trained on.")
-@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
-              "(default: as trained for an adapter, none for a model folder).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", **INFERENCE_DTYPE)
+@_inference_options
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the scores here  [default: RUN/bench.json for each run among MODELS]")
 @click.option("--download", is_flag=True,
@@ -367,17 +366,12 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
     A run is scored beside the base it was trained on: did training on your books cost the model
     its general Korean? Needs pip install 'peftko[bench]'.
     """
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("bench needs EleutherAI's lm-evaluation-harness: pip install 'peftko[bench]'")
-    names = tuple(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
-    if not names:
-        raise UserError(f"--tasks {tasks!r} names no task; e.g. --tasks kobest_copa,haerae")
+    names = arguments.bench_tasks(tasks)
     _no_library_bars_in_files()
     from peftko.commands.bench import run_bench
     from peftko.evaluate.bench import BenchOptions
 
-    options = BenchOptions(names, Path(include_path).expanduser() if include_path else None, limit, num_fewshot,
-                           batch_size, download)
+    options = BenchOptions(names, arguments.include_path(include_path), limit, num_fewshot, batch_size, download)
     run_bench(list(models), options, quant=quant, device=device, dtype=dtype, json_file=json_file,
               with_base=not no_base)
 
@@ -399,10 +393,7 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
               help="Sampling seed: the same seed repeats the same text on the same machine.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Continuations to write, each from the prompt.")
-@click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
-              "(default: as trained for an adapter, none for a model folder).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", **INFERENCE_DTYPE)
+@_inference_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
 @_progress_option
 def generate(model, prompt, prompt_file, as_json, **options):
@@ -424,7 +415,7 @@ def generate(model, prompt, prompt_file, as_json, **options):
 @click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
 @click.option("--samples", type=click.IntRange(min=1), default=None, metavar="INT",
               help=f"Sampled continuations per held-out document for the structure score  [default: the "
-                   f"config's samples when above 0, else {ABLATE_SAMPLES}]")
+                   f"config's samples when above 0, else {arguments.ABLATE_SAMPLES}]")
 @click.option("--sample-tokens", type=click.IntRange(min=1), default=None, metavar="INT",
               help="Longest sampled continuation, in tokens  [default: the config's sample_tokens, 256]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
@@ -437,19 +428,13 @@ def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     the command line, receives DIR/<variant>/, ablation.json, .md and .png.
     """
     _no_library_bars_in_files()
-    # A config's output names a training run's folder (runs/demo): with three runs and a comparison
-    # written beside its files, `lora-train --force` would refuse that folder from then on.
-    if flags["output"] is None:
-        raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
+    arguments.ablate_output(flags["output"])
     cfg = _load_config(config_file, sets, flags, "ablate")
+    n, tokens = arguments.ablate_sampling(samples, sample_tokens, cfg.samples, cfg.sample_tokens)
     from peftko.commands.ablate import run_ablate
     from peftko.evaluate.structure import SampleOptions
 
-    # The config's samples mean what they mean to lora-train (continuations per held-out document,
-    # scored for structure); lora-train's default 0 (none) would leave ablate without its score.
-    opts = SampleOptions(samples=samples or cfg.samples or ABLATE_SAMPLES,
-                         max_new_tokens=sample_tokens or cfg.sample_tokens)
-    run_ablate(cfg, opts, force=force, as_json=as_json)
+    run_ablate(cfg, SampleOptions(samples=n, max_new_tokens=tokens), force=force, as_json=as_json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Runs the real `peftko` command in this process, after arranging for a real signal to this process
 as one function of the run is entered, as a Ctrl-C or a scheduler's SIGTERM would arrive there:
   data      train.packing.build_packed: the dataset cache's hidden build folder exists
-  evaluate  train.session.TrainingSession.evaluate: training is done, the final evaluation starts
+  evaluate  train.session.final_evaluation: training is done, the final evaluation starts
   save      save_final (as the session calls it): the final adapter is being written
   save2     the same, with the signal sent twice (the second one: stop at once)
 --again-at-exit also sends the signal again while the interpreter shuts down (atexit).
@@ -47,7 +47,7 @@ def main() -> None:
     import peftko.train.session
 
     owner, name = {"data": (peftko.train.packing, "build_packed"),
-                   "evaluate": (peftko.train.session.TrainingSession, "evaluate"),
+                   "evaluate": (peftko.train.session, "final_evaluation"),
                    "save": (peftko.train.session, "save_final"),
                    "save2": (peftko.train.session, "save_final")}[point]
     signal_on_entry(owner, name, signum, times=2 if point == "save2" else 1)

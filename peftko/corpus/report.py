@@ -18,6 +18,7 @@ from typing import Any
 
 from peftko.core.config import DEFAULT_DOC_END
 from peftko.core.errors import UserError
+from peftko.core.progress import phase
 from peftko.corpus.documents import (MAX_DOC_CHARS, Document, FileScan, find_files, iter_located_documents,
                                      scan_file)
 from peftko.corpus.lint import Problem, lint_corpus
@@ -89,7 +90,12 @@ def scan_corpus(
 ) -> CorpusReport:
     """Scan every corpus file under `paths`; `known` adds markers to look for near-misses of."""
     _check_pattern(pattern)
-    scans = [scan_file(p, jsonl_field) for p in find_files(paths)]
+    files = find_files(paths)
+    with phase("read corpus", len(files), "files") as progress:
+        scans = []
+        for p in files:
+            scans.append(scan_file(p, jsonl_field))
+            progress.advance()
     stats = _TokenStats(tokenizer)
     docs = _documents(scans, jsonl_field, doc_end_marker, stats)
     lint = lint_corpus(docs, pattern, known)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from peftko.core.progress import phase
 from peftko.model.kernels import fused_loss_kwargs
 from peftko.model.quantized import quantized_layers_kept
 
@@ -32,7 +33,7 @@ def held_out_nll(model, blocks, collator, batch_size: int, device: torch.device)
     fused = fused_loss_kwargs(model)
     step = batch_size if fused else 1
     total, count = 0.0, 0
-    with quantized_layers_kept(model):
+    with quantized_layers_kept(model), phase("evaluate", len(blocks), "blocks") as progress:
         for start in range(0, len(blocks), step):
             batch = collator([blocks[i] for i in range(start, min(start + step, len(blocks)))])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -45,6 +46,7 @@ def held_out_nll(model, blocks, collator, batch_size: int, device: torch.device)
                 nll, n = _summed_nll(model(**batch).logits, labels)
                 total += nll
             count += n
+            progress.set(min(start + step, len(blocks)))
     model.train(was_training)
     return total, count
 

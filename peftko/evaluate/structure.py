@@ -12,6 +12,7 @@ import dataclasses
 
 import transformers
 
+from peftko.core.progress import phase
 from peftko.corpus.lint import lint_text, marker_fragments, with_literals
 from peftko.model.generation import GenerateOptions, sample
 
@@ -46,17 +47,19 @@ def structure_score(model, tokenizer, info, held_out: list[str], markers: list[s
     gen = GenerateOptions(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed)
     transformers.set_seed(seed)
     balanced = ended = whole = good = fragments = n = 0
-    for doc in held_out:
-        prompt = prompt_of(doc, opts.prompt_fraction)
-        for _ in range(opts.samples):
-            s = sample(model, tokenizer, info, prompt, gen)
-            b, e = structure_ok(prompt + s.text, markers, doc_end, pattern)
-            # Against the corpus's markers, not the model's registered ones: a variant that writes markers
-            # as plain text (ablate's as-text) writes them whole when it spells them right.
-            pieces = marker_fragments(s.text, markers)
-            w = not pieces
-            balanced, ended, whole, good, n = balanced + b, ended + e, whole + w, good + (b and e and w), n + 1
-            fragments += len(pieces)
+    with phase("sample", len(held_out) * opts.samples, "samples") as progress:
+        for doc in held_out:
+            prompt = prompt_of(doc, opts.prompt_fraction)
+            for _ in range(opts.samples):
+                s = sample(model, tokenizer, info, prompt, gen)
+                b, e = structure_ok(prompt + s.text, markers, doc_end, pattern)
+                # Against the corpus's markers, not the model's registered ones: a variant that writes markers
+                # as plain text (ablate's as-text) writes them whole when it spells them right.
+                pieces = marker_fragments(s.text, markers)
+                w = not pieces
+                balanced, ended, whole, good, n = balanced + b, ended + e, whole + w, good + (b and e and w), n + 1
+                fragments += len(pieces)
+                progress.advance()
     return {"samples": n, "balanced": balanced / n, "ends_with_marker": ended / n, "whole_markers_only": whole / n,
             "fragments_per_sample": fragments / n, "structure": good / n}
 

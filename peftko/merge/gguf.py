@@ -28,7 +28,7 @@ from pathlib import Path
 
 from peftko.core.atomic import move_into, publish, read_json_object, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
-from peftko.core.progress import say
+from peftko.core.progress import phase, say
 from peftko.merge.output import MARK
 
 TYPES = ("q8_0", "f16", "bf16", "f32")
@@ -110,9 +110,12 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
 
 def _convert_and_check(converter: Path, merged: Path, staged: Path, manifest: dict, outtype: str) -> None:
     try:
-        _convert(converter, merged, staged, ["--outtype", outtype], merged)
-        for line in check(staged, merged, manifest):
-            say(f"GGUF check: {line}")
+        with phase("gguf", 2, "steps") as progress:  # the conversion, then peftko's check of its result
+            _convert(converter, merged, staged, ["--outtype", outtype], merged)
+            progress.advance()
+            for line in check(staged, merged, manifest):
+                say(f"GGUF check: {line}")
+            progress.advance()
     except UserError as e:
         raise UserError(f"{e}\nThe merged model in {merged} is complete; only the GGUF was not written.") from None
 

@@ -33,6 +33,7 @@ import torch
 
 from peftko.core.atomic import write_json_atomic
 from peftko.core.errors import UserError
+from peftko.core.progress import phase
 
 PEFT_PREFIX = "base_model.model."
 DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"
@@ -372,15 +373,17 @@ def write_weights(stage: Path, layout: Layout, plan: AdapterPlan, rows: int, dty
     entries = plan_entries(layout, plan, rows, dtype)
     shards = split_shards(entries, max_shard_bytes)
     names = shard_names(len(shards))
-    for shard, name in zip(shards, names):
-        writer = ShardWriter(stage / name, shard)
-        try:
-            for e in shard:
-                writer.write(finite(merged_tensor(e.name, layout, plan, rows, dtype), e.name, plan))
-        except BaseException:
-            writer.file.close()  # the staging folder goes; this error, not "not written", is the news
-            raise
-        writer.close()
+    with phase("merge", len(entries), "tensors") as progress:
+        for shard, name in zip(shards, names):
+            writer = ShardWriter(stage / name, shard)
+            try:
+                for e in shard:
+                    writer.write(finite(merged_tensor(e.name, layout, plan, rows, dtype), e.name, plan))
+                    progress.advance()
+            except BaseException:
+                writer.file.close()  # the staging folder goes; this error, not "not written", is the news
+                raise
+            writer.close()
     if len(shards) > 1:
         write_index(stage, shards, names)
         names = [*names, INDEX]
@@ -398,22 +401,29 @@ def check_weights(stage: Path, entries: list[Entry], layout: Layout, plan: Adapt
     out_files = base_files(stage)
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for e in entries:
-        out = read_tensor(out_files[e.name], e.name)
-        if e.name in plan.replace:
-            expect_equal(out, read_tensor(plan.path, plan.replace[e.name]).to(e.dtype), e.name)
-        elif e.name in plan.lora:
-            err = probe_error(out, read_tensor(layout.files[e.name], e.name), plan, plan.lora[e.name], gen)
-            if not err <= PROBE_TOLERANCE[dtype_name]:
-                raise UserError(f"merge self-check failed on {e.name}: W'x differs from Wx + scale*B(Ax) by "
-                                f"{err:.2e} (limit {PROBE_TOLERANCE[dtype_name]:.0e}); nothing was written. "
-                                "Try --dtype float32.")
-            worst = max(worst, err)
-        elif e.name in (layout.input_key, *layout.output_keys):
-            check_embedding(out, read_tensor(layout.files[e.name], e.name).to(e.dtype), plan, e.name)
-        else:
-            expect_equal(out, read_tensor(layout.files[e.name], e.name).to(e.dtype), e.name)
+    with phase("self-check", len(entries), "tensors") as progress:
+        for e in entries:
+            worst = max(worst, check_tensor(e, read_tensor(out_files[e.name], e.name), layout, plan, dtype_name, gen))
+            progress.advance()
     return worst
+
+
+def check_tensor(e: Entry, out: torch.Tensor, layout: Layout, plan: AdapterPlan, dtype_name: str, gen) -> float:
+    """One written tensor against what it should hold; the probe error for a LoRA target, else 0."""
+    if e.name in plan.replace:
+        expect_equal(out, read_tensor(plan.path, plan.replace[e.name]).to(e.dtype), e.name)
+    elif e.name in plan.lora:
+        err = probe_error(out, read_tensor(layout.files[e.name], e.name), plan, plan.lora[e.name], gen)
+        if not err <= PROBE_TOLERANCE[dtype_name]:
+            raise UserError(f"merge self-check failed on {e.name}: W'x differs from Wx + scale*B(Ax) by "
+                            f"{err:.2e} (limit {PROBE_TOLERANCE[dtype_name]:.0e}); nothing was written. "
+                            "Try --dtype float32.")
+        return err
+    elif e.name in (layout.input_key, *layout.output_keys):
+        check_embedding(out, read_tensor(layout.files[e.name], e.name).to(e.dtype), plan, e.name)
+    else:
+        expect_equal(out, read_tensor(layout.files[e.name], e.name).to(e.dtype), e.name)
+    return 0.0
 
 
 def check_embedding(out: torch.Tensor, base: torch.Tensor, plan: AdapterPlan, name: str) -> None:

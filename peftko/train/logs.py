@@ -18,7 +18,7 @@ from peftko.core.config import report_targets
 from peftko.core.progress import Finished, Started, Tracker, emit, say
 
 
-PHASE = "train"
+PHASE, EVAL_PHASE = "train", "evaluate"
 
 
 class MetricsFile(TrainerCallback):
@@ -52,6 +52,7 @@ class TrainingProgress(TrainerCallback):
 
     def __init__(self):
         self.tracker: Tracker | None = None
+        self.evaluating: Tracker | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -68,6 +69,23 @@ class TrainingProgress(TrainerCallback):
         if self.tracker is not None and logs:
             self.tracker.set(state.global_step, format_log(state, logs, total=state.max_steps),
                              **log_record(state, logs))
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """The Trainer's evaluations during training: an "evaluate" phase counted in batches."""
+        if self.tracker is None:
+            return
+        if self.evaluating is None:
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            self.evaluating = Tracker(EVAL_PHASE, total, "batches")
+            self.eval_start = time.monotonic()
+            emit(Started(EVAL_PHASE, total, "batches"))
+        self.evaluating.advance()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.evaluating is not None:
+            e = self.evaluating
+            emit(Finished(EVAL_PHASE, e.done, e.total, e.unit, round(time.monotonic() - self.eval_start, 3)))
+            self.evaluating = None
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tracker is not None:

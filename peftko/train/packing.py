@@ -28,6 +28,7 @@ from datasets.exceptions import DatasetGenerationError
 from peftko.core.atomic import process_alive, replace_dir, staging_dir
 from peftko.core.config import BlockSettings
 from peftko.core.errors import UserError
+from peftko.core.progress import Tracker, phase
 from peftko.corpus.documents import MAX_DOC_CHARS, iter_located_documents
 from peftko.run.identity import tokenizer_fingerprint
 
@@ -180,7 +181,7 @@ def _shards(n_docs: int, num_proc: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
-def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int):
+def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int, progress: Tracker):
     """Token rows of docs[lo:hi] for each shard, in order. Documents go to the tokenizer in groups
     of at most TOKENIZE_BATCH_CHARS characters (a longer one alone), so its memory stays bounded
     whatever the documents' lengths."""
@@ -191,6 +192,7 @@ def _tokenized(shards: list[tuple[int, int]], docs, tokenizer, eos_id: int):
             out = tokenize({"text": group})
             for ids, chars, n in zip(out["input_ids"], out["chars"], out["n_tokens"]):
                 yield {"input_ids": np.asarray(ids, dtype=np.int64), "chars": chars, "n_tokens": n}
+            progress.advance(len(group))  # in this process only: workers of num_proc > 1 report nothing
 
 
 def _char_groups(texts, budget: int | None = None):
@@ -230,14 +232,15 @@ def build_packed(files, tokenizer, blocks: BlockSettings, workdir: Path) -> dict
     if len(docs) == 0:
         raise UserError("the corpus holds no text: every file is empty")
     shards = _shards(len(docs), blocks.num_proc)
-    tokens = _from_generator(
-        _tokenized,
-        gen_kwargs={"shards": shards, "docs": docs, "tokenizer": tokenizer, "eos_id": eos_id},
-        cache_dir=str(workdir / "raw-tokens"),
-        features=_token_features(),
-        writer_batch_size=DOC_WRITER_ROWS,
-        num_proc=min(blocks.num_proc, len(shards)) if blocks.num_proc > 1 else None,
-    )
+    with phase("tokenise", len(docs), "documents") as progress:
+        tokens = _from_generator(
+            _tokenized,
+            gen_kwargs={"shards": shards, "docs": docs, "tokenizer": tokenizer, "eos_id": eos_id, "progress": progress},
+            cache_dir=str(workdir / "raw-tokens"),
+            features=_token_features(),
+            writer_batch_size=DOC_WRITER_ROWS,
+            num_proc=min(blocks.num_proc, len(shards)) if blocks.num_proc > 1 else None,
+        )
     val_ids = choose_val_docs(len(tokens), blocks.val_fraction, blocks.seed)
     if val_ids:  # the held-out texts, for measuring the untouched base with its own tokenizer
         docs.select(sorted(val_ids)).save_to_disk(str(workdir / "val_text"))

@@ -1,14 +1,16 @@
 """One training run, as the steps a reader expects: tokenizer -> data -> model -> train -> save.
 
-Each step takes what it needs and returns what it makes; only `setup()` and `run()` store
-results on the session, so the order of the steps is the order of the lines there.
+Each step is a function that takes what it needs and returns what it makes, as a frozen record
+(Run, Setup, Trained, Evaluation, Results): nothing is stored on the side, so the order of the
+steps is the order of the lines in run_training().
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peftko import __version__
@@ -20,7 +22,7 @@ from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
-from peftko.model.base import load_tokenizer, terms_files
+from peftko.model.base import Precision, load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
 from peftko.model.reload import adapter_info, stop_ids
 from peftko.model.token_rows import register_markers, syntax_pieces, trained_rows
@@ -43,7 +45,7 @@ from peftko.train.rerun import resume_command
 from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
 
 
-@dataclass
+@dataclass(frozen=True)
 class Results:
     """What the run measured; written into peftko.json under "results"."""
 
@@ -69,245 +71,300 @@ class Results:
         return record
 
 
-class TrainingSession:
-    def __init__(self, cfg: TrainConfig, model_path: Path, precision, output: Path, markers, files,
-                 stopper=None, replace: list[Path] = ()):
-        self.cfg, self.model_path, self.precision = cfg, model_path, precision
-        self.output, self.markers, self.files = output, markers, files
-        # stopper: the command's signal handler (peftko.core.signals); replace: what --force removes
-        self.stopper, self.replace = stopper or Stopper("before training began"), list(replace)
-        self.results = Results()
-        self.checkpoint: Path | None = None  # what --resume continues from
-        self.keeper: KeepBest | None = None  # the lowest-held-out-loss weights (keep_best)
+@dataclass(frozen=True)
+class Run:
+    """What the command resolved before anything slow: the run's inputs, fixed for its whole length."""
 
-    def run(self, resume: bool = False, force: bool = False) -> int:
-        self.checkpoint = resume_point(self.output) if resume else None  # before any slow step
-        distributed.on_main(lambda: clean_leftovers(self.output))
-        self.setup(force)
-        self.check_disk()
-        self.results.gpu_peak_load_gib = peak_gib(self.precision.device)
-        reset_peak(self.precision.device)
-        with translate_oom(self.cfg.memory_levers(), "training"):
-            if self.checkpoint is None:
-                self.results.bpc_before = self.held_out_bpc()
-            self.guard = NonFiniteGuard(self.cfg.max_bad_steps, scaler_skips=self.precision.fp16)
-            self.keeper = KeepBest(self.model) if self.cfg.keep_best and self.data.val is not None else None
-            self.trainer = self.make_trainer(self.guard)
-            self.results.train_loss, self.results.steps, self.results.tokens_seen = self.train(self.trainer,
-                                                                                                self.guard)
-            self.results.skipped_steps = self.guard.skipped
-        self.results.gpu_peak_train_gib = peak_gib(self.precision.device)
-        if self.results.gpu_peak_train_gib is not None:
-            say(f"GPU memory: peak {self.results.gpu_peak_load_gib} GiB while loading, "
-                f"{self.results.gpu_peak_train_gib} GiB while training (tensors; --dry-run predicts both)")
-        if self.stopper.agreed():
-            return self.stop_with_checkpoint()
-        return self.finish()
+    cfg: TrainConfig
+    model_path: Path
+    precision: Precision
+    output: Path
+    markers: list[str]
+    files: list
+    stopper: Stopper = field(default_factory=lambda: Stopper("before training began"))  # the command's handler
+    replace: tuple[Path, ...] = ()  # what --force removes, at the run's first write
 
-    # --- setup
-    def setup(self, force: bool = False) -> None:
-        """Tokenizer, data, the run's identity (checked against --resume), then the model."""
-        self.tokenizer, self.vocab_before, self.tokens = self.setup_tokenizer()
-        self.data = self.setup_data(self.tokenizer)
-        self.fingerprint = fingerprint_base(self.model_path)
-        # processes: data-parallel runs resume on another count only with the same global batch
-        self.identity = {**run_identity(self.cfg.to_dict(), self.files, self.tokenizer, self.fingerprint),
-                         "processes": distributed.world_size()}
-        if self.checkpoint is not None:
-            # Held-out bpc before training was measured on the untrained model: keep that number.
-            self.results.bpc_before = self.check_identity(self.checkpoint, self.identity, force)
-        with translate_oom(self.cfg.memory_levers(), "loading the model"):
-            self.results.bpc_base, self.built = self.setup_model(self.tokenizer, self.tokens)
-        self.results.kernels = self.built.kernels
-        self.model = self.built.model
-        self.collator = PackedCollator.for_model(self.tokenizer, self.model.get_base_model(), self.precision.dtype)
 
-    def setup_tokenizer(self):
-        """The tokenizer with the markers registered, its size before, and the marker tokens."""
-        tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
-        vocab_before = len(tokenizer)
-        tokens = register_markers(tokenizer, self.markers)
-        echo_markers(tokens)
-        return tokenizer, vocab_before, tokens
+@dataclass(frozen=True)
+class Setup:
+    """What setup() makes: the tokenizer with its markers, the packed data, the run's identity, the
+    trainable model (and the base's held-out bits per character, measured on it as loaded)."""
 
-    def setup_data(self, tokenizer) -> PackedData:
-        # Data-parallel: rank 0 builds the cache, the other ranks then read it (never build it twice).
-        d = distributed.main_first(
-            lambda: prepare_data(self.files, tokenizer, self.cfg.blocks(), peftko_home() / "datasets"))
-        say(
-            f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
-            f"{d.block_len} tokens (seq_len {self.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
-            + (" (from cache)" if d.from_cache else "")
-        )
-        if d.held_out:
-            say(f"held out: {shown(d.held_out)}")
-        processes = distributed.world_size()
-        for note in (short_data_note(self.cfg.steps(), len(d.train), processes),
-                     passes_note(self.cfg.steps(), len(d.train), processes)):
-            if note:
-                say(note)
-        return d
+    tokenizer: object
+    vocab_before: int
+    tokens: list  # the registered markers (model.token_rows.MarkerToken)
+    data: PackedData
+    fingerprint: dict
+    identity: dict
+    recorded_bpc_before: float | None  # --resume: measured on the untrained model, kept from run.json
+    bpc_base: float | None
+    built: TrainableModel
+    collator: PackedCollator
 
-    def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
-        """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
-        changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
-        rows = trained_rows(self.tokens, syntax_pieces(self.tokenizer, self.tokens))
-        check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), rows)
-        record = check_resume(self.output, identity, force)
-        say(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
-        return record.get("bpc_before")
+    @property
+    def model(self):
+        return self.built.model
 
-    def setup_model(self, tokenizer, tokens) -> tuple[float | None, TrainableModel]:
-        """Load the base, measure it as loaded, then make it trainable."""
-        cfg = self.cfg
-        say(f"loading {self.model_path} ({cfg.quant}, {self.precision.dtype_name}, {self.precision.device})")
-        base = load(self.model_path, cfg.base_loading(), self.precision)
-        bpc_base = self.base_bpc(base)
-        built = make_trainable(base, tokenizer, tokens, cfg.lora(), self.precision, cfg.liger, cfg.seed)
-        if built.kernels:
-            say(built.kernels)
-        say(f"trainable parameters: {built.trainable_params:,} "
-            f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows{pieces_note(built.piece_rows)})")
-        return bpc_base, built
 
-    def check_disk(self) -> None:
-        need = output_bytes_needed(self.built.trainable_params, self.cfg.save_steps, self.cfg.save_total_limit,
-                                   tokenizer_bytes(self.model_path),
-                                   planned_steps(self.cfg.steps(), len(self.data.train), distributed.world_size()))
-        check_disk_space(self.output, need)
+@dataclass(frozen=True)
+class Trained:
+    """What train() leaves: the trainer (for a checkpoint on a stop) and what the steps measured."""
 
-    # --- measure, train, save
-    def base_bpc(self, model) -> float | None:
-        """Held-out bits per character of the base as loaded, with its own tokenizer (markers in pieces:
-        bits per character compare across tokenizers). Loaded here, only with a held-out split: a
-        262k-entry tokenizer takes seconds to load."""
-        if self.data.val_text is None:
-            return None
-        base_tokenizer = load_tokenizer(self.model_path, self.cfg.trust_remote_code)
-        blocks = pack_texts(self.data.val_text["text"], base_tokenizer, self.cfg.seq_len)
-        collator = PackedCollator.for_model(base_tokenizer, model, self.precision.dtype)
-        return self.shared_bpc(model, blocks, collator)
+    trainer: object
+    keeper: KeepBest | None
+    train_loss: float
+    steps: int
+    tokens_seen: int
+    skipped_steps: int
 
-    def held_out_bpc(self) -> float | None:
-        if self.data.val is None:
-            return None
-        return self.shared_bpc(self.model, self.data.val, self.collator)
 
-    def shared_bpc(self, model, blocks, collator) -> float:
-        """Bits per character over all the held-out blocks: data-parallel, each rank measures its
-        share and the sums are added, so every block counts once (the unwrapped model: no DDP sync)."""
-        nll, _ = held_out_nll(model, distributed.my_share(blocks), collator, self.cfg.batch_size,
-                              self.precision.device)
-        (nll,) = distributed.sum_over_ranks(nll)
-        return bits_per_char(nll, self.data.val_chars)
+@dataclass(frozen=True)
+class Evaluation:
+    eval_loss: float | None = None
+    bpc_after: float | None = None
+    kept_step: int | None = None
+    structure: dict | None = None
 
-    def make_trainer(self, guard):
-        keep = [self.keeper] if self.keeper else []
-        return make_trainer(self.model, self.cfg, self.precision, self.output, self.data.train, self.data.val,
-                            self.collator, callbacks=[guard, StopOnSignal(self.stopper), BeforeFirstStep(self.commit),
-                                                      *keep])
 
-    def train(self, trainer, guard) -> tuple[float, int, int]:
-        """trainer.train() with the stop-on-signal and non-finite guards around it: (loss, steps, tokens)."""
-        with self.stopper.during("train"):
-            resume = str(self.checkpoint) if self.checkpoint else None
-            result = trainer.train(resume_from_checkpoint=resume)
-        if guard.diverged:
-            raise guard.diverged_error(self.cfg.lr, self.cfg.embedding_lr, self.output, latest_checkpoint(self.output))
-        check_finite_parameters(self.model, self.cfg.lr, self.cfg.embedding_lr)
-        return result.training_loss, trainer.state.global_step, int(trainer.state.num_input_tokens_seen or 0)
+def run_training(run: Run, resume: bool = False, force: bool = False) -> int:
+    """The steps of a run in order: setup, the base measured, train, evaluate, save."""
+    checkpoint = resume_point(run.output) if resume else None  # before any slow step
+    distributed.on_main(lambda: clean_leftovers(run.output))
+    s = setup(run, checkpoint, force)
+    check_disk(run, s)
+    load_peak = peak_gib(run.precision.device)
+    reset_peak(run.precision.device)
+    with translate_oom(run.cfg.memory_levers(), "training"):
+        bpc_before = s.recorded_bpc_before if checkpoint is not None else held_out_bpc(run, s)
+        trained = train(run, s, checkpoint, bpc_before)
+    train_peak = peak_gib(run.precision.device)
+    if train_peak is not None:
+        say(f"GPU memory: peak {load_peak} GiB while loading, "
+            f"{train_peak} GiB while training (tensors; --dry-run predicts both)")
+    if run.stopper.agreed():
+        return stop_with_checkpoint(run, trained.trainer)
+    results = Results(bpc_base=s.bpc_base, kernels=s.built.kernels, bpc_before=bpc_before,
+                      train_loss=trained.train_loss, steps=trained.steps, tokens_seen=trained.tokens_seen,
+                      skipped_steps=trained.skipped_steps, gpu_peak_load_gib=load_peak, gpu_peak_train_gib=train_peak)
+    return finish(run, s, trained, results)
 
-    def commit(self) -> None:
-        """The run's first write, once every check has passed and the trainer has loaded what it
-        resumes from: remove what --force replaces, trim the log, record the run (rank 0 only)."""
-        if not distributed.is_main():
-            return
-        remove_entries(self.replace, first=MANIFEST)
-        extra = {"bpc_before": self.results.bpc_before}
-        if self.checkpoint is not None:
-            trim_metrics(self.output, step_of(self.checkpoint))
-            extra["resumed_from"] = self.checkpoint.name
-        write_run_record(self.output, self.identity, **extra)
 
-    def evaluate(self) -> tuple[float | None, float | None]:
-        """(eval_loss, bpc_after) on the held-out data, None without it; first, with keep_best, the
-        weights of the lowest held-out loss are put back if a later evaluation was worse."""
-        if self.data.val is None:
-            return None, None
-        kept = self.keeper.restore() if self.keeper else None
-        if kept is None:
-            return final_eval_loss(self.trainer), self.held_out_bpc()
-        self.results.kept_step = kept.step
-        last_loss, last_step = self.keeper.last
-        distributed.on_main(lambda: say(
-            f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
-            f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
-        return kept.loss, self.held_out_bpc()
+# --- setup
+def setup(run: Run, checkpoint: Path | None = None, force: bool = False) -> Setup:
+    """Tokenizer, data, the run's identity (checked against --resume), then the model."""
+    tokenizer, vocab_before, tokens = setup_tokenizer(run)
+    data = setup_data(run, tokenizer)
+    fingerprint = fingerprint_base(run.model_path)
+    # processes: data-parallel runs resume on another count only with the same global batch
+    identity = {**run_identity(run.cfg.to_dict(), run.files, tokenizer, fingerprint),
+                "processes": distributed.world_size()}
+    recorded = check_identity(run, checkpoint, identity, tokenizer, tokens, force) if checkpoint else None
+    with translate_oom(run.cfg.memory_levers(), "loading the model"):
+        bpc_base, built = setup_model(run, tokenizer, tokens, data)
+    collator = PackedCollator.for_model(tokenizer, built.model.get_base_model(), run.precision.dtype)
+    return Setup(tokenizer, vocab_before, tokens, data, fingerprint, identity, recorded, bpc_base, built, collator)
 
-    def sampled_structure(self) -> dict | None:
-        """With `samples`: continuations of the held-out documents by the weights being saved, scored
-        as `peftko eval --samples` scores them (pairs closed, book ended, whole markers only)."""
-        if not self.cfg.samples or self.data.val_text is None:
-            return None
-        info = adapter_info(self.output, self.model_path, self.cfg.quant, self.precision, self.markers,
-                            self.cfg.doc_end_marker)
-        info.stop_ids = stop_ids(self.model, self.tokenizer, info.doc_end_marker)
-        self.model.eval()  # no dropout in the samples; training is over
-        score = structure_score(self.model, self.tokenizer, info, list(self.data.val_text["text"]), list(self.markers),
-                                SampleOptions(self.cfg.samples, self.cfg.sample_tokens),
-                                self.cfg.doc_end_marker or DEFAULT_DOC_END,
-                                self.cfg.marker_pattern, self.cfg.seed)
-        distributed.on_main(lambda: say(describe(score)))
-        return score
 
-    def manifest(self) -> dict:
-        built = self.built
-        return {
-            "peftko_version": __version__,
-            "base_model": str(self.model_path.resolve()),
-            "base_fingerprint": self.fingerprint,
-            "base_terms": terms_files(self.model_path),
-            "markers": [t.to_json() for t in built.tokens],
-            "marker_piece_rows": built.piece_rows,
-            "vocab": {"tokenizer_before": self.vocab_before, "tokenizer_after": len(self.tokenizer),
-                      "rows_before": built.rows_before, "rows_after": built.rows_after},
-            "tied_embeddings": built.tied,
-            "quantization": self.cfg.quant,
-            "compute_dtype": self.precision.dtype_name,
-            "config": self.cfg.to_dict(),
-            "corpus": corpus_record(self.data),
-            "results": self.results.to_json(),
-        }
+def setup_tokenizer(run: Run):
+    """The tokenizer with the markers registered, its size before, and the marker tokens."""
+    tokenizer = load_tokenizer(run.model_path, run.cfg.trust_remote_code)
+    vocab_before = len(tokenizer)
+    tokens = register_markers(tokenizer, run.markers)
+    echo_markers(tokens)
+    return tokenizer, vocab_before, tokens
 
-    def finish(self) -> int:
-        """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
-        instead; one during the save lets the save complete, then stops."""
-        # Data-parallel, the evaluation is shared: no rank may leave it alone, so a signal waits for its end.
-        phase = "evaluate together" if distributed.active() else "evaluate"
-        try:
-            with self.stopper.during(phase), translate_oom(self.cfg.memory_levers(), "evaluating"):
-                self.results.eval_loss, self.results.bpc_after = self.evaluate()
-                self.results.structure = self.sampled_structure()
-        except Interrupted:
-            return self.stop_with_checkpoint()
-        if distributed.active() and self.stopper.agreed():
-            return self.stop_with_checkpoint()
-        if not distributed.is_main():
-            return self.stopper.exit_code  # rank 0 writes the adapter and the report
-        with self.stopper.during("save"):
-            log_bpc(self.output, self.results)
-            save_final(self.output, self.model, self.tokenizer, self.manifest())
-        echo_done(self.output, self.results, registered=bool(self.tokens))
-        write_report_or_warn(self.output)
-        if self.stopper.signum:
-            say(f"peftko: stopped by {self.stopper.name} after the adapter was written; "
-                "the run is complete.", err=True)
-        return self.stopper.exit_code
 
-    def stop_with_checkpoint(self) -> int:
-        with self.stopper.during("save"):
-            self.trainer.save_checkpoint_now()
-        return echo_stopped(self.output, self.stopper)
+def setup_data(run: Run, tokenizer) -> PackedData:
+    # Data-parallel: rank 0 builds the cache, the other ranks then read it (never build it twice).
+    d = distributed.main_first(
+        lambda: prepare_data(run.files, tokenizer, run.cfg.blocks(), peftko_home() / "datasets"))
+    say(
+        f"data: {d.train_docs} training / {d.val_docs} held-out documents, {len(d.train)} blocks of "
+        f"{d.block_len} tokens (seq_len {run.cfg.seq_len}), {d.real_token_fraction:.1%} real tokens"
+        + (" (from cache)" if d.from_cache else "")
+    )
+    if d.held_out:
+        say(f"held out: {shown(d.held_out)}")
+    processes = distributed.world_size()
+    for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
+                 passes_note(run.cfg.steps(), len(d.train), processes)):
+        if note:
+            say(note)
+    return d
+
+
+def check_identity(run: Run, checkpoint: Path, identity: dict, tokenizer, tokens, force: bool) -> float | None:
+    """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
+    changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
+    rows = trained_rows(tokens, syntax_pieces(tokenizer, tokens))
+    check_adapter_shape(checkpoint, read_run_record(run.output), run.cfg.lora(), rows)
+    record = check_resume(run.output, identity, force)
+    say(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
+    return record.get("bpc_before")
+
+
+def setup_model(run: Run, tokenizer, tokens, data: PackedData) -> tuple[float | None, TrainableModel]:
+    """Load the base, measure it as loaded, then make it trainable."""
+    cfg = run.cfg
+    say(f"loading {run.model_path} ({cfg.quant}, {run.precision.dtype_name}, {run.precision.device})")
+    base = load(run.model_path, cfg.base_loading(), run.precision)
+    bpc_base = base_bpc(run, base, data)
+    built = make_trainable(base, tokenizer, tokens, cfg.lora(), run.precision, cfg.liger, cfg.seed)
+    if built.kernels:
+        say(built.kernels)
+    say(f"trainable parameters: {built.trainable_params:,} "
+        f"(LoRA r={cfg.lora_r} + {len(tokens)} marker rows{pieces_note(built.piece_rows)})")
+    return bpc_base, built
+
+
+def check_disk(run: Run, s: Setup) -> None:
+    need = output_bytes_needed(s.built.trainable_params, run.cfg.save_steps, run.cfg.save_total_limit,
+                               tokenizer_bytes(run.model_path),
+                               planned_steps(run.cfg.steps(), len(s.data.train), distributed.world_size()))
+    check_disk_space(run.output, need)
+
+
+# --- measure
+def base_bpc(run: Run, model, data: PackedData) -> float | None:
+    """Held-out bits per character of the base as loaded, with its own tokenizer (markers in pieces:
+    bits per character compare across tokenizers). Loaded here, only with a held-out split: a
+    262k-entry tokenizer takes seconds to load."""
+    if data.val_text is None:
+        return None
+    base_tokenizer = load_tokenizer(run.model_path, run.cfg.trust_remote_code)
+    blocks = pack_texts(data.val_text["text"], base_tokenizer, run.cfg.seq_len)
+    collator = PackedCollator.for_model(base_tokenizer, model, run.precision.dtype)
+    return shared_bpc(run, model, blocks, collator, data.val_chars)
+
+
+def held_out_bpc(run: Run, s: Setup) -> float | None:
+    if s.data.val is None:
+        return None
+    return shared_bpc(run, s.model, s.data.val, s.collator, s.data.val_chars)
+
+
+def shared_bpc(run: Run, model, blocks, collator, chars: int) -> float:
+    """Bits per character over all the held-out blocks: data-parallel, each rank measures its
+    share and the sums are added, so every block counts once (the unwrapped model: no DDP sync)."""
+    nll, _ = held_out_nll(model, distributed.my_share(blocks), collator, run.cfg.batch_size, run.precision.device)
+    (nll,) = distributed.sum_over_ranks(nll)
+    return bits_per_char(nll, chars)
+
+
+# --- train
+def train(run: Run, s: Setup, checkpoint: Path | None, bpc_before: float | None) -> Trained:
+    """trainer.train() with the stop-on-signal, non-finite and keep-best callbacks around it."""
+    cfg = run.cfg
+    guard = NonFiniteGuard(cfg.max_bad_steps, scaler_skips=run.precision.fp16)
+    keeper = KeepBest(s.model) if cfg.keep_best and s.data.val is not None else None
+    first_write = BeforeFirstStep(lambda: commit(run, s.identity, checkpoint, bpc_before))
+    trainer = make_trainer(s.model, cfg, run.precision, run.output, s.data.train, s.data.val, s.collator,
+                           callbacks=[guard, StopOnSignal(run.stopper), first_write, *([keeper] if keeper else [])])
+    with run.stopper.during("train"):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if guard.diverged:
+        raise guard.diverged_error(cfg.lr, cfg.embedding_lr, run.output, latest_checkpoint(run.output))
+    check_finite_parameters(s.model, cfg.lr, cfg.embedding_lr)
+    return Trained(trainer, keeper, result.training_loss, trainer.state.global_step,
+                   int(trainer.state.num_input_tokens_seen or 0), guard.skipped)
+
+
+def commit(run: Run, identity: dict, checkpoint: Path | None, bpc_before: float | None) -> None:
+    """The run's first write, once every check has passed and the trainer has loaded what it
+    resumes from: remove what --force replaces, trim the log, record the run (rank 0 only)."""
+    if not distributed.is_main():
+        return
+    remove_entries(list(run.replace), first=MANIFEST)
+    extra = {"bpc_before": bpc_before}
+    if checkpoint is not None:
+        trim_metrics(run.output, step_of(checkpoint))
+        extra["resumed_from"] = checkpoint.name
+    write_run_record(run.output, identity, **extra)
+
+
+# --- evaluate and save
+def final_evaluation(run: Run, s: Setup, trained: Trained) -> Evaluation:
+    """eval_loss and bpc_after on the held-out data (none without it); first, with keep_best, the
+    weights of the lowest held-out loss are put back if a later evaluation was worse."""
+    if s.data.val is None:
+        return Evaluation()
+    kept = trained.keeper.restore() if trained.keeper else None
+    if kept is None:
+        return Evaluation(final_eval_loss(trained.trainer), held_out_bpc(run, s), None, sampled_structure(run, s))
+    last_loss, last_step = trained.keeper.last
+    distributed.on_main(lambda: say(
+        f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
+        f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
+    return Evaluation(kept.loss, held_out_bpc(run, s), kept.step, sampled_structure(run, s))
+
+
+def sampled_structure(run: Run, s: Setup) -> dict | None:
+    """With `samples`: continuations of the held-out documents by the weights being saved, scored
+    as `peftko eval --samples` scores them (pairs closed, book ended, whole markers only)."""
+    cfg = run.cfg
+    if not cfg.samples or s.data.val_text is None:
+        return None
+    info = adapter_info(run.output, run.model_path, cfg.quant, run.precision, run.markers, cfg.doc_end_marker)
+    info.stop_ids = stop_ids(s.model, s.tokenizer, info.doc_end_marker)
+    s.model.eval()  # no dropout in the samples; training is over
+    score = structure_score(s.model, s.tokenizer, info, list(s.data.val_text["text"]), list(run.markers),
+                            SampleOptions(cfg.samples, cfg.sample_tokens), cfg.doc_end_marker or DEFAULT_DOC_END,
+                            cfg.marker_pattern, cfg.seed)
+    distributed.on_main(lambda: say(describe(score)))
+    return score
+
+
+def manifest(run: Run, s: Setup, results: Results) -> dict:
+    built = s.built
+    return {
+        "peftko_version": __version__,
+        "base_model": str(run.model_path.resolve()),
+        "base_fingerprint": s.fingerprint,
+        "base_terms": terms_files(run.model_path),
+        "markers": [t.to_json() for t in built.tokens],
+        "marker_piece_rows": built.piece_rows,
+        "vocab": {"tokenizer_before": s.vocab_before, "tokenizer_after": len(s.tokenizer),
+                  "rows_before": built.rows_before, "rows_after": built.rows_after},
+        "tied_embeddings": built.tied,
+        "quantization": run.cfg.quant,
+        "compute_dtype": run.precision.dtype_name,
+        "config": run.cfg.to_dict(),
+        "corpus": corpus_record(s.data),
+        "results": results.to_json(),
+    }
+
+
+def finish(run: Run, s: Setup, trained: Trained, results: Results) -> int:
+    """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
+    instead; one during the save lets the save complete, then stops."""
+    # Data-parallel, the evaluation is shared: no rank may leave it alone, so a signal waits for its end.
+    phase = "evaluate together" if distributed.active() else "evaluate"
+    try:
+        with run.stopper.during(phase), translate_oom(run.cfg.memory_levers(), "evaluating"):
+            e = final_evaluation(run, s, trained)
+    except Interrupted:
+        return stop_with_checkpoint(run, trained.trainer)
+    if distributed.active() and run.stopper.agreed():
+        return stop_with_checkpoint(run, trained.trainer)
+    if not distributed.is_main():
+        return run.stopper.exit_code  # rank 0 writes the adapter and the report
+    results = dataclasses.replace(results, eval_loss=e.eval_loss, bpc_after=e.bpc_after, kept_step=e.kept_step,
+                                  structure=e.structure)
+    with run.stopper.during("save"):
+        log_bpc(run.output, results)
+        save_final(run.output, s.model, s.tokenizer, manifest(run, s, results))
+    echo_done(run.output, results, registered=bool(s.tokens))
+    write_report_or_warn(run.output)
+    if run.stopper.signum:
+        say(f"peftko: stopped by {run.stopper.name} after the adapter was written; "
+            "the run is complete.", err=True)
+    return run.stopper.exit_code
+
+
+def stop_with_checkpoint(run: Run, trainer) -> int:
+    with run.stopper.during("save"):
+        trainer.save_checkpoint_now()
+    return echo_stopped(run.output, run.stopper)
 
 
 def corpus_record(d: PackedData) -> dict:
