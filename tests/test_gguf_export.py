@@ -75,11 +75,24 @@ def exported(llama_cpp, real_run, tmp_path_factory):
     """A 2-step 4-bit run on a tiny model with Llama-3's real vocabulary, merged with --gguf."""
     out, run = tmp_path_factory.mktemp("gguf"), real_run("llama3")
     # --gguf alone takes the default type; the option after it is not read as its value
+    # --progress json: the events are checked below; their messages are the lines a terminal shows
     r = CliRunner().invoke(main, ["merge", str(run), "--output", str(out / "merged"), "--gguf",
-                                  "--llama-cpp", str(llama_cpp)])
+                                  "--llama-cpp", str(llama_cpp), "--progress", "json"])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    return {"merged": out / "merged", "output": r.output,
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    return {"merged": out / "merged", "events": events,
+            "output": "\n".join(e["text"] for e in events if e["event"] == "message"),
             "manifest": json.loads((run / "peftko.json").read_text(encoding="utf-8"))}
+
+
+def test_the_export_reports_its_phases(exported):
+    """merge, its self-check and the GGUF export each start, advance and finish, in that order."""
+    events = exported["events"]
+    started = [e["phase"] for e in events if e["event"] == "started"]
+    assert started == ["merge", "self-check", "gguf"]
+    for name in started:
+        finished = [e for e in events if e["event"] == "finished" and e["phase"] == name]
+        assert len(finished) == 1 and finished[0]["ok"] and finished[0]["done"] == finished[0]["total"] > 0
 
 
 @pytest.fixture(scope="module")

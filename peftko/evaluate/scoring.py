@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from peftko.core.errors import UserError
+from peftko.core.progress import phase
 from peftko.corpus.lint import marker_regex
 from peftko.model.base import DEFAULT_SEQ_LEN
 
@@ -171,11 +172,13 @@ def evaluate_texts(model, tokenizer, texts, markers, seq_len: int, batch_size: i
         raise UserError(f"--seq-len {seq_len}: at least 2 tokens are needed to predict one")
     rx = marker_regex(markers)
     scores = Scores()
-    for text in texts:
-        nll, chars = scores.text_nll, scores.text_chars
-        score_document(model, tokenizer, text, rx, seq_len, batch_size, device, scores)
-        # Per document too: ablate's verdict counts the books each variant wins, not only the sums.
-        scores.per_document_text.append(_ratio((scores.text_nll - nll) / LN2, scores.text_chars - chars))
+    with phase("evaluate", len(texts), "documents") as progress:
+        for text in texts:
+            nll, chars = scores.text_nll, scores.text_chars
+            score_document(model, tokenizer, text, rx, seq_len, batch_size, device, scores)
+            # Per document too: ablate's verdict counts the books each variant wins, not only the sums.
+            scores.per_document_text.append(_ratio((scores.text_nll - nll) / LN2, scores.text_chars - chars))
+            progress.advance()
     return scores
 
 
