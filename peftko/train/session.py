@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -31,7 +30,8 @@ from peftko.run.layout import MANIFEST, METRICS
 from peftko.run.output import save_final
 from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
-from peftko.run.resume import check_adapter_shape, check_resume, read_run_record, resume_point, write_run_record
+from peftko.run.records import CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord, RunRecord, Vocab
+from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.train.collate import PackedCollator
@@ -42,32 +42,6 @@ from peftko.train.oom import translate_oom
 from peftko.train.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
 from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
-
-
-@dataclass
-class Results:
-    """What the run measured; written into peftko.json under "results"."""
-
-    bpc_base: float | None = None  # held-out bits per character of the base, its own tokenizer
-    kernels: str | None = None
-    bpc_before: float | None = None  # with the markers registered, before training
-    train_loss: float | None = None
-    steps: int | None = None
-    tokens_seen: int | None = None  # every input position the steps processed (the Trainer's count)
-    skipped_steps: int | None = None
-    eval_loss: float | None = None  # absent from the manifest without held-out data
-    kept_step: int | None = None  # the step whose adapter was kept (lowest held-out loss), when not the last
-    bpc_after: float | None = None
-    structure: dict | None = None  # with `samples`: the held-out continuations' structure score
-    gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
-    gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
-
-    def to_json(self) -> dict:
-        record = asdict(self)
-        for optional in ("eval_loss", "kept_step", "structure", "gpu_peak_load_gib", "gpu_peak_train_gib"):
-            if record[optional] is None:
-                del record[optional]
-        return record
 
 
 class TrainingSession:
@@ -112,8 +86,8 @@ class TrainingSession:
         self.data = self.setup_data(self.tokenizer)
         self.fingerprint = fingerprint_base(self.model_path)
         # processes: data-parallel runs resume on another count only with the same global batch
-        self.identity = {**run_identity(self.cfg.to_dict(), self.files, self.tokenizer, self.fingerprint),
-                         "processes": distributed.world_size()}
+        self.identity = run_identity(self.cfg.to_dict(), self.files, self.tokenizer, self.fingerprint,
+                                     distributed.world_size())
         if self.checkpoint is not None:
             # Held-out bpc before training was measured on the untrained model: keep that number.
             self.results.bpc_before = self.check_identity(self.checkpoint, self.identity, force)
@@ -149,14 +123,14 @@ class TrainingSession:
                 click.echo(note)
         return d
 
-    def check_identity(self, checkpoint: Path, identity: dict, force: bool) -> float | None:
+    def check_identity(self, checkpoint: Path, identity: RunIdentity, force: bool) -> float | None:
         """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
         changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
         rows = trained_rows(self.tokens, syntax_pieces(self.tokenizer, self.tokens))
-        check_adapter_shape(checkpoint, read_run_record(self.output), self.cfg.lora(), rows)
+        check_adapter_shape(checkpoint, RunIdentityRecord.read(self.output), self.cfg.lora(), rows)
         record = check_resume(self.output, identity, force)
         click.echo(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
-        return record.get("bpc_before")
+        return record.bpc_before if record else None
 
     def setup_model(self, tokenizer, tokens) -> tuple[float | None, TrainableModel]:
         """Load the base, measure it as loaded, then make it trainable."""
@@ -224,11 +198,10 @@ class TrainingSession:
         if not distributed.is_main():
             return
         remove_entries(self.replace, first=MANIFEST)
-        extra = {"bpc_before": self.results.bpc_before}
         if self.checkpoint is not None:
             trim_metrics(self.output, step_of(self.checkpoint))
-            extra["resumed_from"] = self.checkpoint.name
-        write_run_record(self.output, self.identity, **extra)
+        resumed_from = self.checkpoint.name if self.checkpoint is not None else None
+        write_run_record(self.output, RunIdentityRecord(self.identity, self.results.bpc_before, resumed_from))
 
     def evaluate(self) -> tuple[float | None, float | None]:
         """(eval_loss, bpc_after) on the held-out data, None without it; first, with keep_best, the
@@ -261,24 +234,25 @@ class TrainingSession:
         distributed.on_main(lambda: click.echo(describe(score)))
         return score
 
-    def manifest(self) -> dict:
+    def manifest(self) -> RunRecord:
+        """What peftko.json records (save_final adds the files it wrote and the adapter's hash)."""
         built = self.built
-        return {
-            "peftko_version": __version__,
-            "base_model": str(self.model_path.resolve()),
-            "base_fingerprint": self.fingerprint,
-            "base_terms": terms_files(self.model_path),
-            "markers": [t.to_json() for t in built.tokens],
-            "marker_piece_rows": built.piece_rows,
-            "vocab": {"tokenizer_before": self.vocab_before, "tokenizer_after": len(self.tokenizer),
-                      "rows_before": built.rows_before, "rows_after": built.rows_after},
-            "tied_embeddings": built.tied,
-            "quantization": self.cfg.quant,
-            "compute_dtype": self.precision.dtype_name,
-            "config": self.cfg.to_dict(),
-            "corpus": corpus_record(self.data),
-            "results": self.results.to_json(),
-        }
+        return RunRecord(
+            peftko_version=__version__,
+            base_model=str(self.model_path.resolve()),
+            base_fingerprint=self.fingerprint,
+            base_terms=terms_files(self.model_path),
+            markers=[t.entry() for t in built.tokens],
+            marker_piece_rows=built.piece_rows,
+            vocab=Vocab(tokenizer_before=self.vocab_before, tokenizer_after=len(self.tokenizer),
+                        rows_before=built.rows_before, rows_after=built.rows_after),
+            tied_embeddings=built.tied,
+            quantization=self.cfg.quant,
+            compute_dtype=self.precision.dtype_name,
+            config=self.cfg.to_dict(),
+            corpus=corpus_record(self.data),
+            results=self.results,
+        )
 
     def finish(self) -> int:
         """Final evaluation, then the adapter. A signal during the evaluation writes a checkpoint
@@ -311,12 +285,11 @@ class TrainingSession:
         return echo_stopped(self.output, self.stopper)
 
 
-def corpus_record(d: PackedData) -> dict:
+def corpus_record(d: PackedData) -> CorpusRecord:
     """What the model card reports of the corpus: the whole, and the training and held-out parts."""
-    return {"documents": d.train_docs + d.val_docs, "characters": d.train_chars + d.val_chars,
-            "training": {"documents": d.train_docs, "characters": d.train_chars, "tokens": d.train_tokens},
-            "held_out": {"documents": d.val_docs, "characters": d.val_chars, "tokens": d.val_tokens,
-                         "names": d.held_out}}
+    return CorpusRecord(d.train_docs + d.val_docs, d.train_chars + d.val_chars,
+                        training=CorpusPart(d.train_docs, d.train_chars, d.train_tokens),
+                        held_out=CorpusPart(d.val_docs, d.val_chars, d.val_tokens, d.held_out))
 
 
 def shown(names: list[str], at_most: int = 10) -> str:
