@@ -10,6 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from peftko.run.records import RunIdentity
 from peftko.run.resume import identity_changes
 from peftko.cli import RUN, main
 from peftko.core.config import GROUPS, OUTPUT, TrainConfig, load_config, report_targets
@@ -113,6 +114,6 @@ def test_changing_report_to_does_not_block_resume():
            "base": {"config_sha256": "x", "weights": {}}}
     new = json.loads(json.dumps(old))
     new["config"]["report_to"] = ["tensorboard"]
-    assert identity_changes(old, new) == []
+    assert identity_changes(RunIdentity.from_json(old), RunIdentity.from_json(new)) == []
     del old["config"]["report_to"]  # a run.json written before the key existed
-    assert identity_changes(old, new) == []
+    assert identity_changes(RunIdentity.from_json(old), RunIdentity.from_json(new)) == []

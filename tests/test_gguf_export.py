@@ -21,10 +21,15 @@ import pytest
 from click.testing import CliRunner
 
 from peftko.cli import main
+from peftko.run.records import RunRecord
 from tests.real_vocab import SDIST_VERSION, RealVocabUnavailable, cache_root, fetch_sdist
 
 LLAMA_CPP_IN_SDIST = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def record_of(manifest: dict) -> RunRecord:
+    return RunRecord.from_json(manifest, Path("peftko.json"))
 
 
 def _unavailable(reason: str):
@@ -166,7 +171,7 @@ def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
     stopper.signum = signal.SIGINT
     before = {p.name: p.stat().st_mtime_ns for p in exported["merged"].iterdir()}
     with pytest.raises(Interrupted, match="after the merged model was written, before the GGUF was"):
-        export(exported["merged"], exported["manifest"], GgufOptions("f16", str(llama_cpp)), stopper)
+        export(exported["merged"], record_of(exported["manifest"]), GgufOptions("f16", str(llama_cpp)), stopper)
     assert {p.name: p.stat().st_mtime_ns for p in exported["merged"].iterdir()} == before
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]
 
@@ -180,7 +185,7 @@ def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
 
     from peftko.merge.gguf import sample_text
 
-    text = sample_text(exported["manifest"]["markers"])
+    text = sample_text(record_of(exported["manifest"]).markers)
     want = AutoTokenizer.from_pretrained(exported["merged"])(text, add_special_tokens=False)["input_ids"]
     vocab = Llama(model_path=str(exported["merged"] / "model-q8_0.gguf"), vocab_only=True, verbose=False)
     assert vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False) == want
@@ -216,10 +221,11 @@ def test_without_the_converter_says_how_to_get_it(tiny_run, tmp_path, monkeypatc
 def test_modelfile_quotes_the_stop_marker():
     from peftko.merge.gguf import modelfile
 
-    manifest = {"config": {"doc_end_marker": '<"END\\>'}, "markers": [{"marker": '<"END\\>', "id": 5}]}
-    assert 'PARAMETER stop "<\\"END\\\\>"' in modelfile("model-f16.gguf", manifest).splitlines()
+    manifest = {"base_model": "base", "base_fingerprint": {}, "vocab": {"rows_after": 6},
+                "config": {"doc_end_marker": '<"END\\>'}, "markers": [{"marker": '<"END\\>', "id": 5}]}
+    assert 'PARAMETER stop "<\\"END\\\\>"' in modelfile("model-f16.gguf", record_of(manifest)).splitlines()
     manifest["config"]["doc_end_marker"] = None
-    assert "PARAMETER" not in modelfile("model-f16.gguf", manifest)
+    assert "PARAMETER" not in modelfile("model-f16.gguf", record_of(manifest))
 
 
 def test_missing_converter_packages_are_named(tmp_path, monkeypatch):

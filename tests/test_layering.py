@@ -147,3 +147,71 @@ def test_the_print_check_finds_each_way_of_printing(tmp_path):
                      "    sys.stderr.write('y')\n    sys.stdout.flush()\n", encoding="utf-8")
     assert [w.split(":")[0] for w in printing(stray)] == ["line 2", "line 3", "line 6", "line 7"]
     assert engine_modules() and all(not m.startswith("peftko.commands") for m in engine_modules())
+
+
+# --- the run's records are parsed in one place
+RECORDS = "peftko.run.records"
+RECORD_NAMES = {"MANIFEST", "RUN_FILE", "MERGE_MARK"}  # peftko.run.layout's names of the three files
+RECORD_FILES = {"peftko.json", "run.json", "peftko-merge.json"}
+JSON_READERS = {"loads", "read_json_object"}  # a bare `load` is also the model loader's name
+
+
+def record_aliases() -> dict[str, set[str]]:
+    """Each module's names for the file-name constants, followed through `import ... as` and re-exports
+    (merge/gguf.py's MARK is merge/output.py's alias of MERGE_MARK)."""
+    trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in modules().items()}
+    aliases = {m: set() for m in trees}
+    aliases["peftko.run.layout"] = set(RECORD_NAMES)
+    changed = True
+    while changed:
+        changed = False
+        for m, tree in trees.items():
+            for node in tree.body:
+                found = set()
+                if isinstance(node, ast.ImportFrom) and node.module in aliases:
+                    found = {a.asname or a.name for a in node.names if a.name in aliases[node.module]}
+                elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in aliases[m]:
+                    found = {t.id for t in node.targets if isinstance(t, ast.Name)}
+                if not found <= aliases[m]:
+                    aliases[m] |= found
+                    changed = True
+    return aliases
+
+
+def _mentions(node: ast.AST, names: set[str]) -> bool:
+    return any((isinstance(n, ast.Name) and n.id in names) or (isinstance(n, ast.Attribute) and n.attr in RECORD_NAMES)
+               or (isinstance(n, ast.Constant) and n.value in RECORD_FILES) for n in ast.walk(node))
+
+
+def _is_json_read(call: ast.Call) -> bool:
+    f = call.func
+    if isinstance(f, ast.Attribute):
+        return f.attr == "read_json_object" or (f.attr in ("load", "loads") and isinstance(f.value, ast.Name)
+                                                 and f.value.id == "json")
+    return isinstance(f, ast.Name) and f.id in JSON_READERS
+
+
+def record_reads(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines that JSON-read a path built from the file names, directly or through a variable of the
+    same function (`path = out / RUN_FILE; json.loads(path.read_text())`, `with open(path) as f`)."""
+    lines = []
+    scopes = [tree, *(f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)))]
+    for scope in scopes:
+        tainted = set(names)
+        for node in ast.walk(scope):
+            pairs = [(t, node.value) for t in getattr(node, "targets", [])] if isinstance(node, ast.Assign) else []
+            pairs += [(i.optional_vars, i.context_expr) for i in getattr(node, "items", []) if i.optional_vars]
+            for target, value in pairs:
+                if _mentions(value, tainted):
+                    tainted |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        lines += [n.lineno for n in ast.walk(scope) if isinstance(n, ast.Call) and _is_json_read(n)
+                  and any(_mentions(a, tainted) for a in [*n.args, *(k.value for k in n.keywords)])]
+    return sorted(set(lines))
+
+
+def test_only_the_records_module_reads_peftko_json_run_json_and_the_merge_mark():
+    aliases = record_aliases()
+    readers = {m: lines for m, p in modules().items() if m != RECORDS
+               and (lines := record_reads(ast.parse(p.read_text(encoding="utf-8")), aliases[m]))}
+    assert not readers, ("read peftko.json, run.json and peftko-merge.json through peftko.run.records "
+                         f"(RunRecord, RunIdentityRecord, MergeRecord), not by hand: {readers}")

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from peftko.cli import main
+from peftko.run.records import MergeRecord, RunRecord
 from tests.conftest import train_args
 
 KOREAN = "|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n|START_OF_DIALOGUE|>\"할머니, 오늘은 비가 올까요?\"|END_OF_DIALOGUE|> |SOUND|>똑똑"
@@ -30,6 +31,10 @@ def merged(tiny_run, tmp_path_factory):
 
 def manifest_of(run: Path) -> dict:
     return json.loads((run / "peftko.json").read_text(encoding="utf-8"))
+
+
+def record_of(manifest: dict) -> RunRecord:
+    return RunRecord.from_json(manifest, Path("peftko.json"))
 
 
 def python_block(card: str) -> str:
@@ -161,12 +166,13 @@ def test_the_base_terms_are_named_in_both_cards_and_copied_by_merge(tiny_run, tm
     the Hub's licence tag, and the merged folder holds a copy, since its weights are the base's."""
     from peftko.run.card import adapter_card, merged_card
 
-    manifest = {**manifest_of(tiny_run), "base_terms": ["GEMMA_TERMS.html", "NOTICE.md"]}
-    for card in (adapter_card(manifest, "run"), merged_card(manifest, {"dtype": "float32"}, "merged")):
+    manifest = record_of({**manifest_of(tiny_run), "base_terms": ["GEMMA_TERMS.html", "NOTICE.md"]})
+    mark = MergeRecord(adapter=str(tiny_run), base_model=manifest.base_model, dtype="float32")
+    for card in (adapter_card(manifest, "run"), merged_card(manifest, mark, "merged")):
         assert card.startswith("---\nlanguage:\n- ko\nlicense: gemma\n")
         assert "기반 모델의 이용 조건이 이 모델에도 적용됩니다" in card and "`GEMMA_TERMS.html`, `NOTICE.md`" in card
         assert "The base model's terms apply to this model too" in card
-    assert "license:" not in adapter_card(manifest_of(tiny_run), "run")  # the tiny base ships none
+    assert "license:" not in adapter_card(record_of(manifest_of(tiny_run)), "run")  # the tiny base ships none
 
     base = tmp_path / "base"
     shutil.copytree(manifest_of(tiny_run)["base_model"], base)
@@ -186,12 +192,12 @@ def test_cards_name_the_kept_step_and_the_structure_of_the_samples_when_recorded
     from peftko.run.card import adapter_card
 
     manifest = manifest_of(tiny_run)
-    plain = adapter_card(manifest, tiny_run.name)
+    plain = adapter_card(record_of(manifest), tiny_run.name)
     assert "Adapter kept" not in plain and "Structure of" not in plain  # nothing recorded, nothing claimed
     manifest["results"].update(kept_step=30, structure={
         "samples": 2, "balanced": 1.0, "ends_with_marker": 0.5, "whole_markers_only": 1.0,
         "fragments_per_sample": 0.0, "structure": 0.5})
-    card = adapter_card(manifest, tiny_run.name)
+    card = adapter_card(record_of(manifest), tiny_run.name)
     assert "- 남긴 어댑터: 30단계" in card and "- Adapter kept: step 30 (the lowest held-out loss)" in card
     assert "짝을 닫음 100%, 책 끝 마커로 끝냄 50%, 온전한 마커만 100% (샘플당 마커 조각 0.0)" in card
     assert "Structure of 2 sampled continuations of held-out documents: 100% close their pairs, 50% end the " \

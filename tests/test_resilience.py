@@ -541,13 +541,15 @@ def test_parameters_that_end_not_finite_never_exit_0_nor_write_an_adapter(env, t
 
 
 def test_a_config_key_added_after_the_run_started_reads_as_its_default():
+    from peftko.run.records import RunIdentity
     from peftko.run.resume import identity_changes
     from peftko.core.config import TrainConfig
 
     new = {"config": TrainConfig().to_dict(), "corpus": [], "tokenizer": "t", "base": {"weights": {}}}
     old = {**new, "config": {k: v for k, v in new["config"].items() if k != "dtype"}}
-    assert identity_changes(old, new) == []
-    assert identity_changes(old, {**new, "config": {**new["config"], "dtype": "bfloat16"}}) != []
+    changes = lambda a, b: identity_changes(RunIdentity.from_json(a), RunIdentity.from_json(b))  # noqa: E731
+    assert changes(old, new) == []
+    assert changes(old, {**new, "config": {**new["config"], "dtype": "bfloat16"}}) != []
 
 
 def test_out_of_memory_advice_follows_the_checkpointing_in_use():

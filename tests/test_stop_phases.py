@@ -79,7 +79,7 @@ def test_a_stop_during_the_final_evaluation_writes_a_checkpoint_that_resume_fini
     assert not (r["output"] / "peftko.json").exists()
     resumed = invoke(args(env, r["output"], "--max-steps", "2", "--resume"))
     assert resumed.exit_code == 0, resumed.output
-    assert read_manifest(r["output"])["results"]["steps"] == 2
+    assert read_manifest(r["output"]).results.steps == 2
 
 
 def test_a_stop_during_the_final_save_lets_it_complete(stopped):
@@ -88,7 +88,7 @@ def test_a_stop_during_the_final_save_lets_it_complete(stopped):
     no_traceback(r["text"])  # the second SIGINT arrived during interpreter shutdown
     assert "finishing the save" in r["text"] and "after the adapter was written" in r["text"]
     manifest = read_manifest(r["output"])  # complete: every file, the adapter's hash matches
-    assert manifest["results"]["steps"] == 2
+    assert manifest.results.steps == 2
     assert not (r["output"] / ".peftko.lock").exists()
 
 

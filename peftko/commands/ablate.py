@@ -36,7 +36,7 @@ from peftko.evaluate.structure import SampleOptions, overall_top1, structure_sco
 from peftko.evaluate.verdict import verdict
 from peftko.model.base import resolve_model_path
 from peftko.model.reload import load_for_inference
-from peftko.run.layout import MANIFEST
+from peftko.run.records import RunRecord
 from peftko.run.ownership import check_place
 from peftko.train.packing import choose_val_docs
 
@@ -81,9 +81,9 @@ def evaluate_variant(name: str, run_dir: Path, held_out: list[str], markers: lis
     scored = markers if name != "deleted" else []
     scores = evaluate_texts(model, tokenizer, held_out, scored, seq_len, cfg.batch_size,
                             next(model.parameters()).device).to_json()
-    manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    results = RunRecord.read(run_dir).results
     row = {"variant": name, "dir": str(run_dir), "vocab": len(tokenizer),
-           "registered_markers": len(info.markers), "train_loss": manifest["results"].get("train_loss"),
+           "registered_markers": len(info.markers), "train_loss": results.train_loss,
            "bpc_text": scores["bits_per_char_text"], "bpc": None, "marker_top1": None, "structure": None,
            "tokens_per_char": scores["tokens_per_char"], "held_out_chars": scores["chars"], "eval": scores}
     if name != "deleted":

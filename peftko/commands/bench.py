@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from peftko.core.atomic import check_writable, read_json_object, write_json_atomic
+from peftko.core.atomic import check_writable, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.progress import Result, emit, say
 from peftko.evaluate.bench import BenchOptions, Tasks, hub_access, lm_eval_version, prepare_tasks, quiet_lm_eval, score
 from peftko.model.reload import is_adapter_dir, load_for_inference
-from peftko.run.layout import BENCH, MANIFEST
+from peftko.run.layout import BENCH
+from peftko.run.records import RunRecord
 
 
 def run_bench(models: list[str], options: BenchOptions, quant: str | None = None, device: str = "auto",
@@ -85,7 +86,7 @@ def score_one(label: str, model_path: str, tasks: Tasks, options: BenchOptions, 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    adapter = read_json_object(info.path / MANIFEST).get("adapter_sha256") if info.kind == "adapter" else None
+    adapter = RunRecord.read(info.path).adapter_sha256 if info.kind == "adapter" else None
     return {"label": label, "model": str(info.path), "kind": info.kind, "base": str(info.base),
             "adapter_sha256": adapter, "quant": info.quant, "device": info.device, "dtype": info.dtype,
             "results": results}

@@ -24,6 +24,7 @@ from peftko.merge.model_files import merged_tokenizer, write_config
 from peftko.merge.output import check_output, claim_output, save_atomically
 from peftko.merge.streaming import StreamingUnsupported, stream_merge
 from peftko.run.manifest import check_base, read_manifest
+from peftko.run.records import MergeRecord, RunRecord
 
 
 def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str = "bfloat16",
@@ -38,42 +39,41 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
 
 def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper: Stopper,
                   full_check: bool = False, gguf_options: gguf.GgufOptions | None = None) -> None:
-    manifest = read_manifest(run_dir)
-    base_path = check_base(manifest, base)
+    record = read_manifest(run_dir)
+    base_path = check_base(record, base)
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
         claim_output(out, force)
         if gguf_options:  # llama.cpp refuses some tokenizers: know it before the merge, not after
             gguf.preflight(base_path, out, gguf_options)
-        tokenizer = merged_tokenizer(run_dir, manifest)
-        check_manifest_facts(run_dir, base_path, manifest, tokenizer)
-        record = {"adapter": str(run_dir.resolve()), "base_model": str(base_path.resolve()), "dtype": dtype}
-        writer = streaming_writer(run_dir, base_path, manifest, dtype, full_check)
-        save_atomically(writer, tokenizer, out, record, stopper, manifest)
+        tokenizer = merged_tokenizer(run_dir, record)
+        check_manifest_facts(run_dir, base_path, record, tokenizer)
+        mark = MergeRecord(adapter=str(run_dir.resolve()), base_model=str(base_path.resolve()), dtype=dtype)
+        writer = streaming_writer(run_dir, base_path, record, dtype, full_check)
+        save_atomically(writer, tokenizer, out, mark, stopper, record)
         say(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
         if gguf_options:
-            gguf.export(out, manifest, gguf_options, stopper)
+            gguf.export(out, record, gguf_options, stopper)
 
 
-def streaming_writer(run_dir: Path, base_path: Path, manifest: dict, dtype: str, full_check: bool):
+def streaming_writer(run_dir: Path, base_path: Path, record: RunRecord, dtype: str, full_check: bool):
     """What writes the merged model into the staging folder: the streaming merge, or, where it does
     not apply, the whole-model merge."""
     def write(stage: Path) -> None:
         say(f"merging {run_dir} into {base_path} in {dtype}, one tensor at a time")
         try:
-            report = stream_merge(run_dir, base_path, manifest["vocab"]["rows_after"], dtype, stage,
-                                  bool(manifest["config"].get("trust_remote_code")))
+            report = stream_merge(run_dir, base_path, record.vocab.rows_after, dtype, stage, record.trust_remote_code)
         except StreamingUnsupported as e:
             say(f"merging in memory instead: {e}")
-            merged, _ = merge_and_check(run_dir, base_path, manifest, dtype)
+            merged, _ = merge_and_check(run_dir, base_path, record, dtype)
             merged.save_pretrained(stage, safe_serialization=True, max_shard_size="5GB")
             return
         say(f"self-check: {report.tensors} tensors, {report.lora_targets} LoRA targets within "
-            f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
-            f"{report.marker_rows} token rows (markers, their old pieces) equal to the trained rows, "
-            "every other weight the base's")
-        write_config(base_path, manifest, dtype, stage)
+                   f"{report.worst_probe_error:.1e} of Wx + scale*B(Ax) on random probes, "
+                   f"{report.marker_rows} token rows (markers, their old pieces) equal to the trained rows, "
+                   "every other weight the base's")
+        write_config(base_path, record, dtype, stage)
         if full_check:
-            compare_logits(run_dir, base_path, manifest, dtype, stage)
+            compare_logits(run_dir, base_path, record, dtype, stage)
 
     return write

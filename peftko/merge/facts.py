@@ -14,39 +14,40 @@ from pathlib import Path
 from peftko.core.errors import UserError
 from peftko.model.base import read_base_config
 from peftko.run.layout import MANIFEST
+from peftko.run.records import RunRecord
 
 
-def check_manifest_facts(run_dir: Path, base: Path, manifest: dict, tokenizer) -> None:
-    problems = _row_problems(base, manifest, tokenizer) + _marker_problems(run_dir, manifest, tokenizer)
+def check_manifest_facts(run_dir: Path, base: Path, record: RunRecord, tokenizer) -> None:
+    problems = _row_problems(base, record, tokenizer) + _marker_problems(run_dir, record, tokenizer)
     if problems:
         raise UserError(f"{run_dir / MANIFEST} disagrees with the files it describes: {'; '.join(problems)}. "
                         "It was edited or damaged: restore it from the training run, or train again.")
 
 
-def _row_problems(base: Path, manifest: dict, tokenizer) -> list[str]:
+def _row_problems(base: Path, record: RunRecord, tokenizer) -> list[str]:
     config = read_base_config(base)
     base_rows = (config.get("text_config") or config).get("vocab_size")
     if not isinstance(base_rows, int):
         return []  # a config without vocab_size: the streaming merge reads the rows from the tensors
     expected = max(len(tokenizer), base_rows)  # training grows the embeddings to fit the tokenizer, never shrinks
-    recorded = manifest["vocab"]["rows_after"]
+    recorded = record.vocab.rows_after
     if recorded != expected:
         return [f"vocab.rows_after is {recorded}, but the base's {base_rows} rows grown for the saved tokenizer's "
                 f"{len(tokenizer)} tokens are {expected}"]
     return []
 
 
-def _marker_problems(run_dir: Path, manifest: dict, tokenizer) -> list[str]:
+def _marker_problems(run_dir: Path, record: RunRecord, tokenizer) -> list[str]:
     problems = []
-    for m in manifest["markers"]:
-        ids = tokenizer(m["marker"], add_special_tokens=False)["input_ids"]
-        if ids != [m["id"]]:
-            problems.append(f"marker {m['marker']} is id {m['id']} there but {ids} in the saved tokenizer")
+    for m in record.markers:
+        ids = tokenizer(m.marker, add_special_tokens=False)["input_ids"]
+        if ids != [m.id]:
+            problems.append(f"marker {m.marker} is id {m.id} there but {ids} in the saved tokenizer")
     trained = _trained_rows(run_dir)
-    recorded = sorted(m["id"] for m in manifest["markers"])
-    pieces = manifest.get("marker_piece_rows") or []
-    allowed = {p for m in manifest["markers"] for p in m.get("piece_ids", [])}
-    if not isinstance(pieces, list) or not set(pieces) <= allowed:
+    recorded = sorted(m.id for m in record.markers)
+    pieces = record.marker_piece_rows or []  # a list of integers: RunRecord refuses anything else
+    allowed = {p for m in record.markers for p in m.piece_ids or []}
+    if not set(pieces) <= allowed:
         problems.append(f"marker_piece_rows {pieces} are not pieces the markers were split into")
     elif trained is not None and trained != sorted({*recorded, *pieces}):
         problems.append(f"the markers are ids {recorded} (and their pieces' rows {pieces}) there but the adapter "

@@ -22,14 +22,15 @@ import contextlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from peftko.core.atomic import move_into, publish, read_json_object, staging_dir, write_json_atomic
+from peftko.core.atomic import move_into, publish, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.progress import phase, say
 from peftko.merge.output import MARK
+from peftko.run.records import MarkerEntry, MergeRecord, RunRecord
 
 TYPES = ("q8_0", "f16", "bf16", "f32")
 # Unsloth's default too: half the size of f16 and near-lossless; f16/bf16 are for re-quantizing
@@ -85,7 +86,7 @@ def preflight(base: Path, output: Path, options: GgufOptions) -> None:
         _convert(converter, base, tmp / "vocab.gguf", ["--vocab-only"], base)
 
 
-def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
+def export(merged: Path, record: RunRecord, options: GgufOptions, stopper) -> Path:
     """After the merge is published: GGUF and Modelfile into `merged`, recorded as peftko's own.
 
     Both are written in a staging folder beside `merged` and renamed in only after the check, so a
@@ -99,8 +100,8 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
         _claim(merged, [name, MODELFILE])
         say(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
         with staging_dir(merged.parent, f".{merged.name}.gguf-") as stage:
-            _convert_and_check(converter, merged, stage / name, manifest, options.outtype)
-            (stage / MODELFILE).write_text(modelfile(name, manifest), encoding="utf-8")
+            _convert_and_check(converter, merged, stage / name, record, options.outtype)
+            (stage / MODELFILE).write_text(modelfile(name, record), encoding="utf-8")
             publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
             with stopper.during("save"):
                 move_into(stage, merged, [name, MODELFILE])
@@ -108,12 +109,12 @@ def export(merged: Path, manifest: dict, options: GgufOptions, stopper) -> Path:
     return merged / name
 
 
-def _convert_and_check(converter: Path, merged: Path, staged: Path, manifest: dict, outtype: str) -> None:
+def _convert_and_check(converter: Path, merged: Path, staged: Path, record: RunRecord, outtype: str) -> None:
     try:
         with phase("gguf", 2, "steps") as progress:  # the conversion, then peftko's check of its result
             _convert(converter, merged, staged, ["--outtype", outtype], merged)
             progress.advance()
-            for line in check(staged, merged, manifest):
+            for line in check(staged, merged, record):
                 say(f"GGUF check: {line}")
             progress.advance()
     except UserError as e:
@@ -122,10 +123,8 @@ def _convert_and_check(converter: Path, merged: Path, staged: Path, manifest: di
 
 def _claim(merged: Path, names: list[str]) -> None:
     """Record the names in peftko-merge.json first: a stop halfway still leaves them ours."""
-    record = read_json_object(merged / MARK)
-    files = record.get("files") if isinstance(record.get("files"), list) else []
-    record["files"] = sorted({*files, *names})
-    write_json_atomic(merged / MARK, record)
+    mark = MergeRecord.read(merged)  # written moments ago by the merge
+    write_json_atomic(merged / MARK, replace(mark, files=sorted({*mark.files, *names})).to_json())
 
 
 def _convert(converter: Path, model: Path, outfile: Path, extra: list[str], whose: Path) -> None:
@@ -146,7 +145,7 @@ def _convert(converter: Path, model: Path, outfile: Path, extra: list[str], whos
                     + "\n  ".join(tail or ["(no output)"]) + f"\ncommand: {' '.join(cmd)}")
 
 
-def check(gguf_path: Path, merged: Path, manifest: dict) -> list[str]:
+def check(gguf_path: Path, merged: Path, record: RunRecord) -> list[str]:
     """What was checked, one line each; a UserError naming the first marker or text that differs."""
     import gguf
     from transformers import AutoTokenizer
@@ -154,25 +153,25 @@ def check(gguf_path: Path, merged: Path, manifest: dict) -> list[str]:
     reader = gguf.GGUFReader(gguf_path)
     tokens, types = reader.fields["tokenizer.ggml.tokens"], reader.fields["tokenizer.ggml.token_type"]
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    markers = manifest["markers"]
+    markers = record.markers
     for m in markers:
-        hf = tokenizer(m["marker"], add_special_tokens=False)["input_ids"]
-        got = (tokens.contents(m["id"]), types.contents(m["id"])) if m["id"] < len(tokens.data) else None
-        if hf != [m["id"]] or got != (m["marker"], gguf.TokenType.USER_DEFINED):
-            raise UserError(f"GGUF check failed: marker {m['marker']} is id {m['id']} in peftko.json, "
+        hf = tokenizer(m.marker, add_special_tokens=False)["input_ids"]
+        got = (tokens.contents(m.id), types.contents(m.id)) if m.id < len(tokens.data) else None
+        if hf != [m.id] or got != (m.marker, gguf.TokenType.USER_DEFINED):
+            raise UserError(f"GGUF check failed: marker {m.marker} is id {m.id} in peftko.json, "
                             f"{hf} in the merged tokenizer and {got} in the GGUF.")
-    ids = sorted(m["id"] for m in markers)
+    ids = sorted(m.id for m in markers)
     lines = [f"{len(ids)} markers are single USER_DEFINED tokens with the Hugging Face ids ({ids[0]}..{ids[-1]})"
              if ids else "no markers in this run"]
     return lines + [_llama_cpp_tokenizes_alike(gguf_path, tokenizer, markers)]
 
 
-def sample_text(markers: list[dict]) -> str:
+def sample_text(markers: list[MarkerEntry]) -> str:
     """Korean text with every marker: after text, before text, between spaces, at a line start."""
-    return "".join(SAMPLE.format(m=m["marker"]) for m in markers) or SAMPLE.format(m="")
+    return "".join(SAMPLE.format(m=m.marker) for m in markers) or SAMPLE.format(m="")
 
 
-def _llama_cpp_tokenizes_alike(gguf_path: Path, tokenizer, markers: list[dict]) -> str:
+def _llama_cpp_tokenizes_alike(gguf_path: Path, tokenizer, markers: list[MarkerEntry]) -> str:
     try:
         from llama_cpp import Llama
     except (ImportError, OSError) as e:  # OSError: the package is there but its libllama is not
@@ -206,17 +205,17 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def modelfile(gguf_name: str, manifest: dict) -> str:
+def modelfile(gguf_name: str, record: RunRecord) -> str:
     """Ollama's Modelfile: the GGUF, plain continuation (as peftko trains), stop at the book end."""
-    end = manifest["config"].get("doc_end_marker")
+    end = record.book_end()
     lines = [
         "# Written by peftko. Create the model with: ollama create NAME -f Modelfile",
         f"FROM ./{gguf_name}",
         "# The model continues text, as it was trained: no chat template around the prompt.",
         'TEMPLATE """{{ .Prompt }}"""',
     ]
-    if end and any(m["marker"] == end for m in manifest["markers"]):
-        lines.append(f"PARAMETER stop {_quoted(end)}")
+    if end is not None:
+        lines.append(f"PARAMETER stop {_quoted(end.marker)}")
     return "\n".join(lines) + "\n"
 
 

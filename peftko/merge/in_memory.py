@@ -17,6 +17,7 @@ from peftko.core.progress import say
 from peftko.model.base import Precision, load_base
 from peftko.model.reload import load_with_adapter
 from peftko.merge.model_files import stop_at_book_end
+from peftko.run.records import RunRecord
 
 # bf16/fp16 round the merged weights once; fp32 is exact up to summation order.
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}
@@ -26,8 +27,8 @@ CHECK_SENTENCES = [
 ]
 
 
-def check_texts(manifest: dict) -> list[str]:
-    names = [m["marker"] for m in manifest["markers"]]
+def check_texts(record: RunRecord) -> list[str]:
+    names = record.marker_names
     picks = (names * 5)[:5] if names else [""] * 5
     return [s.format(*picks) for s in CHECK_SENTENCES]
 
@@ -44,20 +45,20 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return num / max(den, 1e-12)
 
 
-def compare_logits(run_dir: Path, base_path: Path, manifest: dict, dtype: str, stage: Path) -> None:
+def compare_logits(run_dir: Path, base_path: Path, record: RunRecord, dtype: str, stage: Path) -> None:
     """--full-check: the written model's logits against the unmerged adapter's, one model in memory at a time."""
     say(f"full check: loading {base_path} with the adapter, then the merged model")
-    texts = check_texts(manifest)
+    texts = check_texts(record)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))
-    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, record, "none", precision)
     before = logits_for(peft_model, tokenizer, texts)
     del peft_model
-    floor = rounding_floor(run_dir, base_path, manifest, dtype, tokenizer, texts, before)
+    floor = rounding_floor(run_dir, base_path, record, dtype, tokenizer, texts, before)
     merged = load_base(stage, "none", precision)
     check_logits(before, logits_for(merged, tokenizer, texts), dtype, floor)
 
 
-def rounding_floor(run_dir: Path, base_path: Path, manifest: dict, dtype: str, tokenizer, texts: list[str],
+def rounding_floor(run_dir: Path, base_path: Path, record: RunRecord, dtype: str, tokenizer, texts: list[str],
                    before: list[torch.Tensor]) -> float:
     """How far rounding to `dtype` alone moves the unmerged adapter's logits BEFORE: their relative
     difference to the same model in float32 (0 for float32).
@@ -67,7 +68,7 @@ def rounding_floor(run_dir: Path, base_path: Path, manifest: dict, dtype: str, t
     merged right. The limit scales with what rounding does to the unmerged model."""
     if dtype == "float32":
         return 0.0
-    exact, _ = load_with_adapter(run_dir, base_path, manifest, "none", Precision(torch.device("cpu"), torch.float32))
+    exact, _ = load_with_adapter(run_dir, base_path, record, "none", Precision(torch.device("cpu"), torch.float32))
     return relative_difference(logits_for(exact, tokenizer, texts), before)
 
 
@@ -82,16 +83,16 @@ def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: s
                         "nothing was written. Try --dtype float32.")
 
 
-def merge_and_check(run_dir: Path, base_path: Path, manifest: dict, dtype: str):
+def merge_and_check(run_dir: Path, base_path: Path, record: RunRecord, dtype: str):
     """The whole-model merge: the merged model, once its logits match the unmerged adapter's on
     marker sentences. Needs the base in memory; the streaming merge is the default."""
     say(f"loading {base_path} in {dtype} and applying {run_dir}")
-    texts = check_texts(manifest)
+    texts = check_texts(record)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
-    peft_model, tokenizer = load_with_adapter(run_dir, base_path, manifest, "none", precision)
+    peft_model, tokenizer = load_with_adapter(run_dir, base_path, record, "none", precision)
     before = logits_for(peft_model, tokenizer, texts)
-    floor = rounding_floor(run_dir, base_path, manifest, dtype, tokenizer, texts, before)
+    floor = rounding_floor(run_dir, base_path, record, dtype, tokenizer, texts, before)
     merged = peft_model.merge_and_unload()
     check_logits(before, logits_for(merged, tokenizer, texts), dtype, floor)
-    stop_at_book_end(merged.generation_config, manifest)
+    stop_at_book_end(merged.generation_config, record)
     return merged, tokenizer

@@ -8,19 +8,20 @@ swapped in whole (peftko.core.atomic), so an existing output is never half overw
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from peftko.core.atomic import (check_writable, publish, read_json_object, replace_dir, staging_dir,
-                                write_json_atomic)
+from peftko.core.atomic import check_writable, publish, replace_dir, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.run.card import merged_card
-from peftko.run.layout import FORMAT_VERSION, MERGE_MARK as MARK
+from peftko.run.layout import MERGE_MARK as MARK
 from peftko.run.output import keep_sentencepiece_files
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
+from peftko.run.records import MergeRecord, RunRecord
 
 def _merge_files(output: Path):
-    files = read_json_object(output / MARK).get("files")
-    names = {MARK, *(files if isinstance(files, list) else [])}
+    mark = MergeRecord.peek(output)  # None: a damaged mark, and then only the mark itself is ours
+    names = {MARK, *(mark.files if mark else [])}
     return lambda name: name in names
 
 
@@ -46,7 +47,8 @@ def claim_output(output: Path, force: bool) -> None:
                        "pass --force to replace it, or choose another directory.")
 
 
-def save_atomically(write_model, tokenizer, output: Path, record: dict, stopper, manifest: dict | None = None) -> None:
+def save_atomically(write_model, tokenizer, output: Path, mark: MergeRecord, stopper,
+                    record: RunRecord | None = None) -> None:
     """Write next to the target, then swap it in: an existing output is never half overwritten.
 
     `write_model(stage)` writes the weights, config.json and generation_config.json and checks
@@ -59,11 +61,11 @@ def save_atomically(write_model, tokenizer, output: Path, record: dict, stopper,
     with staging_dir(output.parent, f".{output.name}.merging-") as stage:
         write_model(stage)
         tokenizer.save_pretrained(stage)
-        keep_sentencepiece_files(Path(record["base_model"]), stage)
-        if manifest is not None:
-            (stage / "README.md").write_text(merged_card(manifest, record, output.name), encoding="utf-8")
+        keep_sentencepiece_files(Path(mark.base_model), stage)
+        if record is not None:
+            (stage / "README.md").write_text(merged_card(record, mark, output.name), encoding="utf-8")
         files = sorted(f.name for f in stage.iterdir())
         publish(stage)  # the stage becomes the output
-        write_json_atomic(stage / MARK, {"format": FORMAT_VERSION, **record, "files": files})
+        write_json_atomic(stage / MARK, replace(mark, files=files).to_json())
         with stopper.during("save"):
             replace_dir(stage, output, f".{output.name}.old-")

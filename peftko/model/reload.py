@@ -25,12 +25,12 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
-from peftko.core.atomic import read_json_object
 from peftko.core.errors import UserError
 from peftko.core.progress import say
 from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
-from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
+from peftko.run.layout import ADAPTER_FILES, MANIFEST
 from peftko.run.manifest import check_base, read_manifest
+from peftko.run.records import MergeRecord, RunRecord
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,15 +74,12 @@ def load_for_inference(path: str | Path, quant: str | None = None, device: str =
 
 
 def _load_adapter(run_dir: Path, quant: str | None, device: str, dtype: str | None):
-    manifest = read_manifest(run_dir)
-    base = check_base(manifest, None)
-    cfg = manifest["config"]
-    quant = quant or manifest.get("quantization", "none")
-    precision = inference_precision(device, dtype, manifest.get("compute_dtype"), "the run trained")
-    model, tokenizer = load_with_adapter(run_dir, base, manifest, quant, precision,
-                                         cfg.get("attn_implementation", "auto"))
-    info = adapter_info(run_dir, base, quant, precision, [m["marker"] for m in manifest["markers"]],
-                        cfg.get("doc_end_marker"))
+    record = read_manifest(run_dir)
+    base = check_base(record, None)
+    quant = quant or record.quantization or "none"
+    precision = inference_precision(device, dtype, record.compute_dtype, "the run trained")
+    model, tokenizer = load_with_adapter(run_dir, base, record, quant, precision, record.attn_implementation)
+    info = adapter_info(run_dir, base, quant, precision, record.marker_names, record.doc_end_marker)
     return model, tokenizer, info
 
 
@@ -94,15 +91,13 @@ def adapter_info(run_dir: Path, base: Path, quant: str, precision: Precision, ma
     return ModelInfo("adapter", run_dir, base, quant, str(precision.device), precision.dtype_name, list(markers), end)
 
 
-def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, precision, attn: str = "auto"):
+def load_with_adapter(run_dir: Path, base: Path, record: RunRecord, quant: str, precision, attn: str = "auto"):
     """The base grown as training grew it, with the adapter applied (not merged), and the run's
     tokenizer: for inference and for `peftko merge`. Consent given at training time
     (--allow-pickle, --trust-remote-code) carries over; nothing more."""
-    cfg = manifest["config"]
-    remote = bool(cfg.get("trust_remote_code"))
-    tokenizer = load_tokenizer(run_dir, remote)
-    model = load_base(base, quant, precision, attn, remote, bool(cfg.get("allow_pickle")))
-    rows = manifest["vocab"]["rows_after"]
+    tokenizer = load_tokenizer(run_dir, record.trust_remote_code)
+    model = load_base(base, quant, precision, attn, record.trust_remote_code, record.allow_pickle)
+    rows = record.vocab.rows_after
     if model.get_input_embeddings().weight.shape[0] < rows:
         model.resize_token_embeddings(rows, mean_resizing=False)
     try:
@@ -117,7 +112,8 @@ def load_with_adapter(run_dir: Path, base: Path, manifest: dict, quant: str, pre
 def _load_model(path: Path, quant: str | None, device: str, dtype: str | None):
     path = resolve_model_path(str(path))
     quant = quant or "none"
-    recorded = read_json_object(path / MERGE_MARK).get("dtype")  # a folder peftko did not write records none
+    mark = MergeRecord.peek(path)  # None: a folder peftko did not write (or a damaged mark) records no dtype
+    recorded = mark.dtype if mark else None
     precision = inference_precision(device, dtype, recorded, "the merge wrote")
     model = load_base(path, quant, precision)
     tokenizer = load_tokenizer(path)

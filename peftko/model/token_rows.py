@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peftko.core.errors import UserError
+from peftko.run.records import MarkerEntry
 
 SPIECE = "\u2581"  # SentencePiece's visible space, "▁"
 # Each marker at the start, right before and after Korean, before a newline and before a space.
@@ -37,9 +38,9 @@ class MarkerToken:
     pieces: list[int]  # base-tokenizer ids the marker was split into before registration
     init_ids: list[int] = field(default_factory=list)  # the pieces its row starts from (meaning_pieces)
 
-    def to_json(self) -> dict:
-        return {"marker": self.marker, "id": self.id, "pieces_before": len(self.pieces),
-                "piece_ids": self.pieces, "init_ids": self.init_ids}
+    def entry(self) -> MarkerEntry:
+        """As peftko.json records it."""
+        return MarkerEntry(self.marker, self.id, len(self.pieces), list(self.pieces), list(self.init_ids))
 
 
 def register_markers(tokenizer, markers: list[str]) -> list[MarkerToken]:

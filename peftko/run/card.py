@@ -9,21 +9,23 @@ as training recorded it: loading the adapter needs it.
 
 from __future__ import annotations
 
+from peftko.run.records import CorpusPart, CorpusRecord, MergeRecord, RunRecord
+
 # Front matter for the Hugging Face Hub. No `base_model`: the recorded base is a local folder,
 # which the Hub rejects there.
 FRONT_MATTER = ("---\nlanguage:\n- ko\n{license}library_name: {library}\npipeline_tag: text-generation\ntags:\n- peftko\n"
                "{tags}---\n")
 
 
-def _front(manifest: dict, library: str, tags: str) -> str:
-    terms = manifest.get("base_terms") or []
+def _front(record: RunRecord, library: str, tags: str) -> str:
+    terms = record.base_terms or []
     license = "license: gemma\n" if any(t.upper().startswith("GEMMA") for t in terms) else ""
     return FRONT_MATTER.format(license=license, library=library, tags=tags)
 
 
-def _terms(manifest: dict, language: str, merged: bool) -> list[str]:
+def _terms(record: RunRecord, language: str, merged: bool) -> list[str]:
     """The base's licence files, named: the weights here are (derived from) the base's, under its terms."""
-    terms = manifest.get("base_terms") or []
+    terms = record.base_terms or []
     if not terms:
         return []
     names = ", ".join(f"`{t}`" for t in terms)
@@ -34,20 +36,20 @@ def _terms(manifest: dict, language: str, merged: bool) -> list[str]:
     return [line, ""]
 
 
-def adapter_card(manifest: dict, folder: str) -> str:
+def adapter_card(record: RunRecord, folder: str) -> str:
     """The card of a `peftko lora-train` output; `folder` is its name, as the commands use it."""
-    facts = _facts(manifest)
-    plain = _plain_adapter_code(manifest, folder)
+    facts = _facts(record)
+    plain = _plain_adapter_code(record, folder)
     return "\n".join([
-        _front(manifest, "peft", "- lora\n"),
+        _front(record, "peft", "- lora\n"),
         f"# {folder}: LoRA 어댑터 / LoRA adapter (peftko)",
         "",
         "## 한국어",
         "",
-        f"`{manifest['base_model']}` 위에 `peftko lora-train`으로 학습한 LoRA 어댑터입니다. 마커마다 토큰 하나가 "
+        f"`{record.base_model}` 위에 `peftko lora-train`으로 학습한 LoRA 어댑터입니다. 마커마다 토큰 하나가 "
         "추가되었고, 그 임베딩 행도 이 폴더에 들어 있습니다.",
         "",
-        *_terms(manifest, "ko", merged=False),
+        *_terms(record, "ko", merged=False),
         *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts,
                       f"peftko merge {folder} --output {folder}-merged   # 독립 실행 모델로 병합"),
         "### peftko 없이 불러오기 (transformers + peft)",
@@ -62,10 +64,10 @@ def adapter_card(manifest: dict, folder: str) -> str:
         "",
         "## English",
         "",
-        f"A LoRA adapter trained with `peftko lora-train` on `{manifest['base_model']}`. Each marker was "
+        f"A LoRA adapter trained with `peftko lora-train` on `{record.base_model}`. Each marker was "
         "added as one token; its embedding rows are in this folder too.",
         "",
-        *_terms(manifest, "en", merged=False),
+        *_terms(record, "en", merged=False),
         *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts,
                       f"peftko merge {folder} --output {folder}-merged   # a standalone model"),
         "### Loading without peftko (transformers + peft)",
@@ -81,21 +83,21 @@ def adapter_card(manifest: dict, folder: str) -> str:
     ])
 
 
-def merged_card(manifest: dict, record: dict, folder: str) -> str:
+def merged_card(record: RunRecord, mark: MergeRecord, folder: str) -> str:
     """The card of a `peftko merge` output: the adapter's manifest plus the merge record."""
-    facts = _facts(manifest)
+    facts = _facts(record)
     plain = _plain_merged_code(facts, folder)
-    dtype = record.get("dtype", "?")
+    dtype = mark.dtype
     return "\n".join([
-        _front(manifest, "transformers", "- merged-lora\n"),
+        _front(record, "transformers", "- merged-lora\n"),
         f"# {folder}: 병합된 모델 / merged model (peftko)",
         "",
         "## 한국어",
         "",
-        f"`peftko merge`가 LoRA 어댑터를 `{manifest['base_model']}`에 {dtype}로 병합한 독립 실행 모델입니다. "
+        f"`peftko merge`가 LoRA 어댑터를 `{record.base_model}`에 {dtype}로 병합한 독립 실행 모델입니다. "
         "어댑터 없이 transformers, vLLM, llama.cpp 변환기 등에서 그대로 불러옵니다.",
         "",
-        *_terms(manifest, "ko", merged=True),
+        *_terms(record, "ko", merged=True),
         *_with_peftko(_facts_ko(facts), "### peftko로 불러오기", folder, facts),
         "### peftko 없이 불러오기 (transformers)",
         "",
@@ -106,10 +108,10 @@ def merged_card(manifest: dict, record: dict, folder: str) -> str:
         "",
         "## English",
         "",
-        f"A standalone model: `peftko merge` merged a LoRA adapter into `{manifest['base_model']}` in {dtype}. "
+        f"A standalone model: `peftko merge` merged a LoRA adapter into `{record.base_model}` in {dtype}. "
         "It loads without the adapter in transformers, vLLM, llama.cpp's converter and the like.",
         "",
-        *_terms(manifest, "en", merged=True),
+        *_terms(record, "en", merged=True),
         *_with_peftko(_facts_en(facts), "### Loading with peftko", folder, facts),
         "### Loading without peftko (transformers)",
         "",
@@ -127,20 +129,21 @@ def _with_peftko(fact_lines: list[str], heading: str, folder: str, facts: dict, 
             *more, "```", ""]
 
 
-def _facts(manifest: dict) -> dict:
-    cfg, results = manifest.get("config", {}), manifest.get("results") or {}
-    markers = [(m["marker"], m["id"]) for m in manifest["markers"]]
-    names = [name for name, _ in markers]
-    stop = cfg.get("doc_end_marker") or ""
+def _facts(record: RunRecord) -> dict:
+    results = record.results
+    markers = [(m.marker, m.id) for m in record.markers]
+    names = record.marker_names
+    stop = record.doc_end_marker or ""
     start = next((n for n in names if n.startswith("|START_OF_TITLE")), names[0] if names else "")
+    sha = record.base_fingerprint.config_sha256
     return {
-        "base": manifest["base_model"], "sha": manifest.get("base_fingerprint", {}).get("config_sha256", "?"),
-        "markers": markers, "stop": stop, "prompt": start, "rows": manifest["vocab"]["rows_after"],
-        "quant": manifest.get("quantization", "?"), "steps": results.get("steps"),
-        "corpus": manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {},
-        "tokens": results.get("tokens_seen"),  # what the steps processed, as the Trainer counted
-        "bpc": [(k, results.get(k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
-        "kept": results.get("kept_step"), "structure": results.get("structure"),
+        "base": record.base_model, "sha": "?" if sha is None else sha,
+        "markers": markers, "stop": stop, "prompt": start, "rows": record.vocab.rows_after,
+        "quant": "?" if record.quantization is None else record.quantization, "steps": results.steps,
+        "corpus": record.corpus or CorpusRecord(),
+        "tokens": results.tokens_seen,  # what the steps processed, as the Trainer counted
+        "bpc": [(k, getattr(results, k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
+        "kept": results.kept_step, "structure": results.structure,
     }
 
 
@@ -191,18 +194,19 @@ def _marker_list(facts: dict, word: str) -> list[str]:
     return [f"- `{m}`: {word} {i}" for m, i in facts["markers"]]
 
 
-def _corpus(corpus: dict, language: str) -> str:
+def _corpus(corpus: CorpusRecord, language: str) -> str:
     """The whole corpus's counts, then the training and held-out parts' (as peftko.json records them)."""
-    def counts(d: dict) -> str:
-        return ", ".join(COUNTS[language][k].format(n=_num(d[k])) for k in CORPUS_KEYS if k in d)
+    def counts(part: CorpusRecord | CorpusPart) -> str:
+        return ", ".join(COUNTS[language][k].format(n=_num(getattr(part, k))) for k in CORPUS_KEYS
+                         if getattr(part, k, None) is not None)
 
-    parts = "; ".join(f"{label}: {counts(corpus[p])}" for p, label in PARTS[language].items()
-                      if isinstance(corpus.get(p), dict))
+    parts = "; ".join(f"{label}: {counts(getattr(corpus, p))}" for p, label in PARTS[language].items()
+                      if getattr(corpus, p) is not None)
     return counts(corpus) + (f" ({parts})" if parts else "")
 
 
-def _held_out(corpus: dict) -> str:
-    names = (corpus.get("held_out") or {}).get("names") or []
+def _held_out(corpus: CorpusRecord) -> str:
+    names = (corpus.held_out.names if corpus.held_out else None) or []
     more = f" … (+{len(names) - HELD_OUT_SHOWN})" if len(names) > HELD_OUT_SHOWN else ""
     return ", ".join(f"`{n}`" for n in names[:HELD_OUT_SHOWN]) + more
 
@@ -251,18 +255,18 @@ def _facts_en(facts: dict) -> list[str]:
     ]
 
 
-def _plain_adapter_code(manifest: dict, folder: str) -> str:
-    stop, rows = manifest.get("config", {}).get("doc_end_marker") or "", manifest["vocab"]["rows_after"]
+def _plain_adapter_code(record: RunRecord, folder: str) -> str:
+    stop, rows = record.doc_end_marker or "", record.vocab.rows_after
     return "\n".join([
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"model = AutoModelForCausalLM.from_pretrained({manifest['base_model']!r}, dtype=\"auto\")",
+        f"model = AutoModelForCausalLM.from_pretrained({record.base_model!r}, dtype=\"auto\")",
         f"model.resize_token_embeddings({rows}, mean_resizing=False)  # vocab.rows_after in peftko.json",
         f"model = PeftModel.from_pretrained(model, {folder!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
-        *_generate_lines(stop, _prompt(manifest)),
+        *_generate_lines(stop, _prompt(record)),
         "```",
     ])
 
@@ -289,5 +293,5 @@ def _generate_lines(stop: str, prompt: str) -> list[str]:
     ]
 
 
-def _prompt(manifest: dict) -> str:
-    return _facts(manifest)["prompt"]
+def _prompt(record: RunRecord) -> str:
+    return _facts(record)["prompt"]

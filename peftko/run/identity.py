@@ -12,8 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from peftko.run.records import BaseFingerprint, RunIdentity
 
-def fingerprint_base(path: Path) -> dict:
+
+def fingerprint_base(path: Path) -> BaseFingerprint:
     """Identify a base without reading every byte of a 16 GB checkpoint.
 
     config.json is hashed whole; each weight file contributes its size, its header (tensor names,
@@ -22,10 +24,7 @@ def fingerprint_base(path: Path) -> dict:
     """
     path = Path(path)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    return {
-        "config_sha256": sha256_file(path / "config.json"),
-        "weights": {w.name: _sampled_hash(w) for w in weights},
-    }
+    return BaseFingerprint(sha256_file(path / "config.json"), {w.name: _sampled_hash(w) for w in weights})
 
 
 def sha256_file(path: Path) -> str:
@@ -65,11 +64,8 @@ def corpus_fingerprint(files) -> list[list]:
     return [[Path(f.path).name, os.path.getsize(f.path), sha256_file(Path(f.path))] for f in files]
 
 
-def run_identity(config: dict, files, tokenizer, base_fingerprint: dict) -> dict:
-    """What a run trains on: its whole resolved config, the corpus, the tokenizer and the base."""
-    return {
-        "config": config,
-        "corpus": corpus_fingerprint(files),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "base": base_fingerprint,
-    }
+def run_identity(config: dict, files, tokenizer, base_fingerprint: BaseFingerprint, processes: int) -> RunIdentity:
+    """What a run trains on: its whole resolved config, the corpus, the tokenizer and the base; and
+    over how many processes (data-parallel runs resume on another count only with the same global batch)."""
+    return RunIdentity(config, corpus_fingerprint(files), tokenizer_fingerprint(tokenizer), base_fingerprint,
+                       processes)

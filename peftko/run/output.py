@@ -8,18 +8,18 @@ last, marks the run complete (peftko.core.atomic).
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, describe_write_failure,
-                                is_write_failure, move_into, publish, read_json_object, staging_dir,
-                                write_json_atomic)
+                                is_write_failure, move_into, publish, staging_dir, write_json_atomic)
 from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
 from peftko.run.checkpoints import STAGE_PREFIX, sealed_checkpoint
 from peftko.run.identity import sha256_file
-from peftko.run.layout import (ADAPTER_FILES, BENCH, FINAL_FILES, FINAL_STAGE, FORMAT_VERSION, LOCK, LOG_DIRS,
-                               MANIFEST, METRICS, REPORT, RUN_FILE, SENTENCEPIECE_FILES)
-from peftko.run.manifest import manifest_problems
+from peftko.run.layout import (ADAPTER_FILES, BENCH, FINAL_FILES, FINAL_STAGE, LOCK, LOG_DIRS, MANIFEST, METRICS,
+                               REPORT, RUN_FILE, SENTENCEPIECE_FILES)
+from peftko.run.records import RunIdentityRecord, RunRecord
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 
 
@@ -68,17 +68,15 @@ def _is_run_dir(output: Path) -> bool:
     """Whether a record peftko wrote says this is a training run: a peftko.json of peftko's shape, or a
     run.json with the run's identity. Names alone (a checkpoint-500/ from another trainer, a
     README.md) prove nothing."""
-    manifest = read_json_object(output / MANIFEST)
-    return (bool(manifest) and not manifest_problems(manifest)) or isinstance(
-        read_json_object(output / RUN_FILE).get("identity"), dict)
+    return RunRecord.peek(output) is not None or RunIdentityRecord.marks(output)
 
 
 def _run_files(output: Path):
     """The entries of a run directory that peftko wrote: its own names, the final files that
     peftko.json lists (or, for a run saved without that list, the names those files always have),
     and the checkpoints that carry the record peftko seals each one with."""
-    manifest = read_json_object(output / MANIFEST)
-    listed = manifest.get("files") if isinstance(manifest.get("files"), list) else FINAL_FILES
+    record = RunRecord.peek(output)
+    listed = record.files if record and record.files is not None else FINAL_FILES
     names = {MANIFEST, RUN_FILE, METRICS, LOCK, REPORT, BENCH, *LOG_DIRS, *listed}
     # Hidden work files of an interrupted write: staging, deletion, atomic-rename temporaries.
     hidden = (STAGE_PREFIX, TRASH_PREFIX, FINAL_STAGE, WRITE_PROBE, f".{MANIFEST}.",
@@ -89,7 +87,7 @@ def _run_files(output: Path):
 RUN_KIND = OutputKind("a training run", _is_run_dir, _run_files, keep=(LOCK,))
 
 
-def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
+def save_final(output: Path, peft_model, tokenizer, record: RunRecord) -> None:
     """Adapter and tokenizer first (staged, then renamed in), peftko.json last.
 
     The previous peftko.json is removed only once the new files are fully written: a failed
@@ -103,16 +101,15 @@ def save_final(output: Path, peft_model, tokenizer, manifest: dict) -> None:
             # save_embedding_layers=False: only the marker rows, never a full embedding matrix.
             peft_model.save_pretrained(stage, save_embedding_layers=False)
             tokenizer.save_pretrained(stage)
-            keep_sentencepiece_files(Path(manifest["base_model"]), stage)
+            keep_sentencepiece_files(Path(record.base_model), stage)
             # Over the template peft's save_pretrained just wrote.
-            (stage / "README.md").write_text(adapter_card(manifest, output.name), encoding="utf-8")
+            (stage / "README.md").write_text(adapter_card(record, output.name), encoding="utf-8")
             files = sorted(f.name for f in stage.iterdir())
             publish(stage)
             digest = sha256_file(stage / ADAPTER_FILES[0])
             (output / MANIFEST).unlink(missing_ok=True)
             move_into(stage, output, files)
-        write_json_atomic(output / MANIFEST, {"format": FORMAT_VERSION, **manifest, "files": files,
-                                              "adapter_sha256": digest})
+        write_json_atomic(output / MANIFEST, replace(record, files=files, adapter_sha256=digest).to_json())
     except Exception as e:
         if not is_write_failure(e):
             raise

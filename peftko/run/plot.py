@@ -23,7 +23,8 @@ from pathlib import Path
 from peftko.core.atomic import replaced_on_success
 from peftko.core.errors import UserError
 from peftko.core.progress import say, warn
-from peftko.run.layout import MANIFEST, METRICS, REPORT as REPORT_FILE
+from peftko.run.layout import METRICS, REPORT as REPORT_FILE
+from peftko.run.records import RunRecord
 
 FONT_PACKAGE, FONT_FILE = "koreanize_matplotlib", "fonts/NanumGothic.ttf"
 
@@ -100,10 +101,9 @@ def read_history(run_dir: Path) -> RunHistory:
 
 
 def _manifest_results(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8")).get("results") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}  # an unfinished run has no peftko.json yet
+    """What peftko.json recorded; a value it did not record leaves metrics.jsonl's in place."""
+    results = RunRecord.results_of(run_dir)  # None: an unfinished run has no peftko.json yet
+    return {k: v for k, v in results.to_json().items() if v is not None} if results else {}
 
 
 def hangul_font() -> Path:

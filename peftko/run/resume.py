@@ -16,6 +16,7 @@ from peftko.core.config import LoraSettings, TrainConfig
 from peftko.core.errors import UserError
 from peftko.run.checkpoints import PREFIX, latest_checkpoint
 from peftko.run.layout import RUN_FILE
+from peftko.run.records import BaseFingerprint, RunIdentity, RunIdentityRecord
 
 # Keys that may change on --resume without --force. max_steps/epochs extend or shorten a run (the
 # LR schedule is recomputed for the new length from the resumed step on); the rest change how
@@ -36,49 +37,33 @@ RESUMABLE_KEYS = frozenset({
 SPLIT_KEYS = frozenset({"batch_size", "grad_accum"})
 
 
-def global_batch(identity: dict) -> int:
-    c = {**TrainConfig().to_dict(), **identity["config"]}
-    return c["batch_size"] * c["grad_accum"] * identity.get("processes", 1)
+def global_batch(identity: RunIdentity) -> int:
+    batch_size, grad_accum, processes = _split(identity)
+    return batch_size * grad_accum * processes
 
 
-def describe_batch(identity: dict) -> str:
-    c = {**TrainConfig().to_dict(), **identity["config"]}
-    return (f"{c['batch_size']} x {c['grad_accum']} accumulation x {identity.get('processes', 1)} "
+def describe_batch(identity: RunIdentity) -> str:
+    batch_size, grad_accum, processes = _split(identity)
+    return (f"{batch_size} x {grad_accum} accumulation x {processes} "
             f"process(es) = {global_batch(identity)}")
 
 
-def write_run_record(output: Path, identity: dict, **extra) -> None:
-    write_json_atomic(Path(output) / RUN_FILE, {"identity": identity, **extra})
+def _split(identity: RunIdentity) -> tuple[int, int, int]:
+    """(batch_size, grad_accum, processes); a run recorded before processes were kept ran one."""
+    c = {**TrainConfig().to_dict(), **identity.config}
+    return c["batch_size"], c["grad_accum"], 1 if identity.processes is None else identity.processes
 
 
-def read_run_record(output: Path) -> dict | None:
-    path = Path(output) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not _is_record(record):
-        raise UserError(f"{path} is not a peftko run record (its identity is missing or malformed): restore it, "
-                        "or start again without --resume")
-    return record
+def write_run_record(output: Path, record: RunIdentityRecord) -> None:
+    write_json_atomic(Path(output) / RUN_FILE, record.to_json())
 
 
-def _is_record(record) -> bool:
-    """The shape --resume relies on: an identity with a config, a corpus list, a tokenizer and a base."""
-    identity = record.get("identity") if isinstance(record, dict) else None
-    return (isinstance(identity, dict) and isinstance(identity.get("config"), dict)
-            and isinstance(identity.get("corpus"), list) and isinstance(identity.get("tokenizer"), str)
-            and isinstance(identity.get("base"), dict) and isinstance(identity["base"].get("weights"), dict))
-
-
-def identity_changes(old: dict, new: dict) -> list[str]:
+def identity_changes(old: RunIdentity, new: RunIdentity) -> list[str]:
     """Each difference that makes a resumed run something other than a continuation."""
     changes = []
     # A key added to TrainConfig after the run started reads as its default: that is what ran.
     defaults = TrainConfig().to_dict()
-    oc, nc = {**defaults, **old["config"]}, {**defaults, **new["config"]}
+    oc, nc = {**defaults, **old.config}, {**defaults, **new.config}
     for key in sorted(set(oc) | set(nc)):
         if key not in RESUMABLE_KEYS | SPLIT_KEYS and oc.get(key) != nc.get(key):
             changes.append(f"config {key}: {oc.get(key)!r} -> {nc.get(key)!r}")
@@ -86,15 +71,19 @@ def identity_changes(old: dict, new: dict) -> list[str]:
         changes.append(f"global batch: {describe_batch(old)} -> {describe_batch(new)} blocks a step (a "
                        "different batch, and a different place in the data; keep the product the same, "
                        "e.g. half the processes and twice --grad-accum)")
-    changes += _corpus_changes(old["corpus"], new["corpus"])
-    if old["tokenizer"] != new["tokenizer"]:
+    changes += _corpus_changes(old.corpus, new.corpus)
+    if old.tokenizer != new.tokenizer:
         changes.append("tokenizer: the base tokenizer or the registered markers differ")
-    if old["base"] != new["base"]:
-        changed = sorted(k for k in set(old["base"]["weights"]) | set(new["base"]["weights"])
-                         if old["base"]["weights"].get(k) != new["base"]["weights"].get(k))
-        what = "config.json" if old["base"]["config_sha256"] != new["base"]["config_sha256"] else ""
-        changes.append("base model: " + ", ".join(filter(None, [what, *changed])) + " differ")
+    if old.base != new.base:
+        changes.append(_base_change(old.base, new.base))
     return changes
+
+
+def _base_change(old: BaseFingerprint, new: BaseFingerprint) -> str:
+    old_weights, new_weights = old.weights or {}, new.weights or {}
+    changed = sorted(k for k in set(old_weights) | set(new_weights) if old_weights.get(k) != new_weights.get(k))
+    what = "config.json" if old.config_sha256 != new.config_sha256 else ""
+    return "base model: " + ", ".join(filter(None, [what, *changed])) + " differ"
 
 
 def _corpus_changes(old: list, new: list) -> list[str]:
@@ -121,15 +110,15 @@ def resume_point(output: Path) -> Path:
     return checkpoint
 
 
-def check_resume(output: Path, identity: dict, force: bool) -> dict:
-    """Refuse a resume whose config, corpus or base changed, unless forced; returns run.json."""
-    record = read_run_record(output)
+def check_resume(output: Path, identity: RunIdentity, force: bool) -> RunIdentityRecord | None:
+    """Refuse a resume whose config, corpus or base changed, unless forced; returns run.json's record."""
+    record = RunIdentityRecord.read(output)
     if record is None:
         if force:
-            return {}
+            return None
         raise UserError(f"--resume: {output / RUN_FILE} is missing, so peftko cannot check that the "
                         "config, corpus and base are unchanged. Pass --force to resume anyway.")
-    changes = identity_changes(record["identity"], identity)
+    changes = identity_changes(record.identity, identity)
     if changes and not force:
         listing = "\n".join(f"  - {c}" for c in changes)
         raise UserError(f"--resume: this is not the run in {output}:\n{listing}\n"
@@ -137,18 +126,20 @@ def check_resume(output: Path, identity: dict, force: bool) -> dict:
     return record
 
 
-def check_adapter_shape(checkpoint: Path, record: dict | None, lora: LoraSettings, token_rows: list[int]) -> None:
+def check_adapter_shape(checkpoint: Path, record: RunIdentityRecord | None, lora: LoraSettings,
+                        token_rows: list[int]) -> None:
     """A checkpoint holds matrices of one LoRA rank, on one set of modules, and one set of token
     rows (the markers', and their syntax pieces'): no --force can load them into another shape, so a
     changed shape is always refused."""
-    changes = _shape_changes(checkpoint, record or {}, lora, sorted(token_rows))
+    changes = _shape_changes(checkpoint, record, lora, sorted(token_rows))
     if changes:
         raise UserError(f"--resume cannot continue from {checkpoint}: the adapter's shape changed "
                         f"({'; '.join(changes)}), and the checkpoint holds matrices of the old shape "
                         "(--force cannot change that). Undo the change, or train into a new --output.")
 
 
-def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, token_rows: list[int]) -> list[str]:
+def _shape_changes(checkpoint: Path, record: RunIdentityRecord | None, lora: LoraSettings,
+                   token_rows: list[int]) -> list[str]:
     try:
         saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -156,7 +147,7 @@ def _shape_changes(checkpoint: Path, record: dict, lora: LoraSettings, token_row
     changes = []
     if saved.get("r") not in (None, lora.r):
         changes.append(f"lora_r {saved['r']} -> {lora.r}")
-    old_modules = record.get("identity", {}).get("config", {}).get("target_modules")
+    old_modules = record.identity.config.get("target_modules") if record else None
     if old_modules is not None and _modules(old_modules) != _modules(lora.target_modules):
         changes.append(f"target_modules {old_modules} -> {lora.target_modules}")
     rows = saved.get("trainable_token_indices") or []

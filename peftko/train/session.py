@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftko import __version__
@@ -32,7 +32,9 @@ from peftko.run.layout import MANIFEST, METRICS
 from peftko.run.output import save_final
 from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
-from peftko.run.resume import check_adapter_shape, check_resume, read_run_record, resume_point, write_run_record
+from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord,
+                                RunRecord, Vocab)
+from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.train.collate import PackedCollator
@@ -43,32 +45,6 @@ from peftko.train.oom import translate_oom
 from peftko.train.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
 from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
-
-
-@dataclass(frozen=True)
-class Results:
-    """What the run measured; written into peftko.json under "results"."""
-
-    bpc_base: float | None = None  # held-out bits per character of the base, its own tokenizer
-    kernels: str | None = None
-    bpc_before: float | None = None  # with the markers registered, before training
-    train_loss: float | None = None
-    steps: int | None = None
-    tokens_seen: int | None = None  # every input position the steps processed (the Trainer's count)
-    skipped_steps: int | None = None
-    eval_loss: float | None = None  # absent from the manifest without held-out data
-    kept_step: int | None = None  # the step whose adapter was kept (lowest held-out loss), when not the last
-    bpc_after: float | None = None
-    structure: dict | None = None  # with `samples`: the held-out continuations' structure score
-    gpu_peak_load_gib: float | None = None  # CUDA only: loading (and the base's evaluation)
-    gpu_peak_train_gib: float | None = None  # CUDA only: training, its evaluations included
-
-    def to_json(self) -> dict:
-        record = asdict(self)
-        for optional in ("eval_loss", "kept_step", "structure", "gpu_peak_load_gib", "gpu_peak_train_gib"):
-            if record[optional] is None:
-                del record[optional]
-        return record
 
 
 @dataclass(frozen=True)
@@ -94,8 +70,8 @@ class Setup:
     vocab_before: int
     tokens: list  # the registered markers (model.token_rows.MarkerToken)
     data: PackedData
-    fingerprint: dict
-    identity: dict
+    fingerprint: BaseFingerprint
+    identity: RunIdentity
     recorded_bpc_before: float | None  # --resume: measured on the untrained model, kept from run.json
     bpc_base: float | None
     built: TrainableModel
@@ -156,8 +132,7 @@ def setup(run: Run, checkpoint: Path | None = None, force: bool = False) -> Setu
     data = setup_data(run, tokenizer)
     fingerprint = fingerprint_base(run.model_path)
     # processes: data-parallel runs resume on another count only with the same global batch
-    identity = {**run_identity(run.cfg.to_dict(), run.files, tokenizer, fingerprint),
-                "processes": distributed.world_size()}
+    identity = run_identity(run.cfg.to_dict(), run.files, tokenizer, fingerprint, distributed.world_size())
     recorded = check_identity(run, checkpoint, identity, tokenizer, tokens, force) if checkpoint else None
     with translate_oom(run.cfg.memory_levers(), "loading the model"):
         bpc_base, built = setup_model(run, tokenizer, tokens, data)
@@ -193,14 +168,15 @@ def setup_data(run: Run, tokenizer) -> PackedData:
     return d
 
 
-def check_identity(run: Run, checkpoint: Path, identity: dict, tokenizer, tokens, force: bool) -> float | None:
+def check_identity(run: Run, checkpoint: Path, identity: RunIdentity, tokenizer, tokens,
+                   force: bool) -> float | None:
     """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
     changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
     rows = trained_rows(tokens, syntax_pieces(tokenizer, tokens))
-    check_adapter_shape(checkpoint, read_run_record(run.output), run.cfg.lora(), rows)
+    check_adapter_shape(checkpoint, RunIdentityRecord.read(run.output), run.cfg.lora(), rows)
     record = check_resume(run.output, identity, force)
     say(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
-    return record.get("bpc_before")
+    return record.bpc_before if record else None
 
 
 def setup_model(run: Run, tokenizer, tokens, data: PackedData) -> tuple[float | None, TrainableModel]:
@@ -269,17 +245,16 @@ def train(run: Run, s: Setup, checkpoint: Path | None, bpc_before: float | None)
                    int(trainer.state.num_input_tokens_seen or 0), guard.skipped)
 
 
-def commit(run: Run, identity: dict, checkpoint: Path | None, bpc_before: float | None) -> None:
+def commit(run: Run, identity: RunIdentity, checkpoint: Path | None, bpc_before: float | None) -> None:
     """The run's first write, once every check has passed and the trainer has loaded what it
     resumes from: remove what --force replaces, trim the log, record the run (rank 0 only)."""
     if not distributed.is_main():
         return
     remove_entries(list(run.replace), first=MANIFEST)
-    extra = {"bpc_before": bpc_before}
     if checkpoint is not None:
         trim_metrics(run.output, step_of(checkpoint))
-        extra["resumed_from"] = checkpoint.name
-    write_run_record(run.output, identity, **extra)
+    resumed_from = checkpoint.name if checkpoint is not None else None
+    write_run_record(run.output, RunIdentityRecord(identity, bpc_before, resumed_from))
 
 
 # --- evaluate and save
@@ -314,24 +289,25 @@ def sampled_structure(run: Run, s: Setup) -> dict | None:
     return score
 
 
-def manifest(run: Run, s: Setup, results: Results) -> dict:
+def manifest(run: Run, s: Setup, results: Results) -> RunRecord:
+    """What peftko.json records (save_final adds the files it wrote and the adapter's hash)."""
     built = s.built
-    return {
-        "peftko_version": __version__,
-        "base_model": str(run.model_path.resolve()),
-        "base_fingerprint": s.fingerprint,
-        "base_terms": terms_files(run.model_path),
-        "markers": [t.to_json() for t in built.tokens],
-        "marker_piece_rows": built.piece_rows,
-        "vocab": {"tokenizer_before": s.vocab_before, "tokenizer_after": len(s.tokenizer),
-                  "rows_before": built.rows_before, "rows_after": built.rows_after},
-        "tied_embeddings": built.tied,
-        "quantization": run.cfg.quant,
-        "compute_dtype": run.precision.dtype_name,
-        "config": run.cfg.to_dict(),
-        "corpus": corpus_record(s.data),
-        "results": results.to_json(),
-    }
+    return RunRecord(
+        peftko_version=__version__,
+        base_model=str(run.model_path.resolve()),
+        base_fingerprint=s.fingerprint,
+        base_terms=terms_files(run.model_path),
+        markers=[t.entry() for t in built.tokens],
+        marker_piece_rows=built.piece_rows,
+        vocab=Vocab(tokenizer_before=s.vocab_before, tokenizer_after=len(s.tokenizer),
+                    rows_before=built.rows_before, rows_after=built.rows_after),
+        tied_embeddings=built.tied,
+        quantization=run.cfg.quant,
+        compute_dtype=run.precision.dtype_name,
+        config=run.cfg.to_dict(),
+        corpus=corpus_record(s.data),
+        results=results,
+    )
 
 
 def finish(run: Run, s: Setup, trained: Trained, results: Results) -> int:
@@ -367,12 +343,11 @@ def stop_with_checkpoint(run: Run, trainer) -> int:
     return echo_stopped(run.output, run.stopper)
 
 
-def corpus_record(d: PackedData) -> dict:
+def corpus_record(d: PackedData) -> CorpusRecord:
     """What the model card reports of the corpus: the whole, and the training and held-out parts."""
-    return {"documents": d.train_docs + d.val_docs, "characters": d.train_chars + d.val_chars,
-            "training": {"documents": d.train_docs, "characters": d.train_chars, "tokens": d.train_tokens},
-            "held_out": {"documents": d.val_docs, "characters": d.val_chars, "tokens": d.val_tokens,
-                         "names": d.held_out}}
+    return CorpusRecord(d.train_docs + d.val_docs, d.train_chars + d.val_chars,
+                        training=CorpusPart(d.train_docs, d.train_chars, d.train_tokens),
+                        held_out=CorpusPart(d.val_docs, d.val_chars, d.val_tokens, d.held_out))
 
 
 def shown(names: list[str], at_most: int = 10) -> str:
