@@ -127,7 +127,8 @@ def make_adapter(run: Path, base: Path, shapes: dict) -> dict:
     config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, task_type="CAUSAL_LM",
                         trainable_token_indices={"embed_tokens": ids, "lm_head": ids})
     config.save_pretrained(run)
-    manifest = {"markers": [{"marker": m, "id": i} for m, i in zip(MARKERS, ids)],
+    manifest = {"base_model": str(base), "base_fingerprint": {},
+                "markers": [{"marker": m, "id": i} for m, i in zip(MARKERS, ids)],
                 "config": {"doc_end_marker": "|END_OF_BOOK|>"},
                 "vocab": {"rows_after": SHAPE["vocab_size"]}}
     (run / "manifest.json").write_text(json.dumps(manifest))
@@ -148,8 +149,9 @@ def child(path: str, run: Path, base: Path, out: Path) -> None:
 
     from peftko.merge.in_memory import merge_and_check
     from peftko.merge.model_files import write_config
+    from peftko.run.records import RunRecord
 
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = RunRecord.from_json(json.loads((run / "manifest.json").read_text()), run / "manifest.json")
     out.mkdir(parents=True)
     before = peak_mib()
     start = time.perf_counter()
@@ -159,7 +161,7 @@ def child(path: str, run: Path, base: Path, out: Path) -> None:
     else:
         from peftko.merge.streaming import stream_merge
 
-        stream_merge(run, base, manifest["vocab"]["rows_after"], "bfloat16", out)
+        stream_merge(run, base, manifest.vocab.rows_after, "bfloat16", out)
         write_config(base, manifest, "bfloat16", out)
     seconds = time.perf_counter() - start
     print(json.dumps({"imports_mib": before, "peak_mib": peak_mib(), "seconds": seconds}))
