@@ -26,6 +26,7 @@ from peftko.cli import main
 from tests.conftest import train_args
 
 pytest.importorskip("lm_eval")  # the [bench] extra; [test] installs it
+pytestmark = pytest.mark.slow  # lm-eval: its imports and task index take seconds a test
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"
 REPO = FIXTURES.parents[2]

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark script in its own processes
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data_path.py"
 
 

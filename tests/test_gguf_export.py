@@ -108,6 +108,7 @@ def reader(exported):
     return gguf.GGUFReader(exported["merged"] / "model-q8_0.gguf")
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_markers_are_user_defined_tokens_with_the_hugging_face_ids(exported, reader):
     import gguf
     from transformers import AutoTokenizer
@@ -125,6 +126,7 @@ def test_markers_are_user_defined_tokens_with_the_hugging_face_ids(exported, rea
     assert f"{len(markers)} markers are single USER_DEFINED tokens" in exported["output"]
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_marker_rows_carry_the_trained_embeddings(exported, reader):
     """The GGUF's rows are the merged model's, to within one q8_0 step, for the new rows too."""
     import gguf
@@ -144,6 +146,7 @@ def test_marker_rows_carry_the_trained_embeddings(exported, reader):
         assert (np.abs(got - want) <= step).all(), gguf_name
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_modelfile_stops_at_the_book_end_marker(exported):
     from peftko.merge.output import MERGE_KIND
     from peftko.run.ownership import entries_to_replace
@@ -159,6 +162,7 @@ def test_modelfile_stops_at_the_book_end_marker(exported):
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
     """A Ctrl-C deferred while the merged model was renamed in stops the command before the converter."""
     import signal
@@ -176,6 +180,7 @@ def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
     if find_spec("llama_cpp") is None:
         assert "llama.cpp tokenization not compared" in exported["output"]
@@ -192,6 +197,7 @@ def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
     assert "llama.cpp tokenizes a Korean sample" in exported["output"]
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_demo_tokenizer_is_refused_before_the_merge(tiny_run, llama_cpp, tmp_path):
     out = tmp_path / "merged"
     r = CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(out), "--gguf", "f16",

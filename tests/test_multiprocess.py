@@ -30,7 +30,8 @@ from tests.conftest import two_story_env
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python")
+pytestmark = [pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python"),
+              pytest.mark.slow]  # each torchrun launch is some 30 s of imports on 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the emulated CPU, in its own processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "as_avx2_cpu.py"
 PROBE = ("import runpy; runpy.run_path({script!r}, run_name='probe')['emulate'](); "

@@ -56,6 +56,7 @@ def test_without_the_package_one_line_says_what_to_install(tmp_path, monkeypatch
     assert not (tmp_path / "home" / "bases").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # the 270M base built once per machine, 20 steps, a merge, a GGUF export
 def test_real_weights_learn_short_books_merge_export_and_write_one_that_ends(real_home, tmp_path, llama_cpp):  # noqa: F811
     """Twenty steps on nine short books (tests/fixtures/short_books; three more held out): held-out bits
     per character fall, the merge checks itself and exports to GGUF, and the merged model, greedy from

@@ -22,6 +22,8 @@ from peftko.cli import main
 from peftko.core.config import DEFAULT_MARKER_PATTERN
 from tests.real_vocab import FAMILIES, MODELS, reference_cases
 
+pytestmark = pytest.mark.slow  # the llama-cpp-python sdist (77 MB) once per machine, 128k-262k-token vocabularies
+
 SAMPLE = "|START_OF_TITLE|>반딧불이 숲|END_OF_TITLE|>\n|SOUND|>쉿! 누가 왔을까요?"
 
 

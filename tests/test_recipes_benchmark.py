@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a benchmark script in its own processes
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py"
 KEYS = {"recipe", "shape", "device", "trainable_params", "peak_gib", "load_peak_gib", "tokens_per_s",
         "real_token_fraction", "mfu", "predicted_peak_gib"}
