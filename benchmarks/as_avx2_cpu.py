@@ -31,7 +31,7 @@ def emulate() -> None:
     if os.environ.get("ATEN_CPU_CAPABILITY") != "avx2" or os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
         sys.exit("set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 first (torch reads them as it loads)")
     sys.meta_path.insert(0, _NoAvx512Bf16())
-    from peftko.core.quiet import keep_libraries_offline_and_quiet
+    from peftko.core.libraries import keep_libraries_offline_and_quiet
 
     keep_libraries_offline_and_quiet()
     import torch

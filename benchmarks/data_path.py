@@ -113,8 +113,8 @@ def child(path: Path) -> dict:
     import resource
 
     from peftko.core.config import DEFAULT_MARKER_PATTERN, TrainConfig
-    from peftko.corpus.report import scan_corpus
-    from peftko.train.packing import prepare_data
+    from peftko.corpus.scan import scan_corpus
+    from peftko.data.packing import prepare_data
     from peftko.model.tiny_base import sample_texts, train_tokenizer
     from peftko.model.token_rows import register_markers
 
@@ -149,7 +149,7 @@ def child(path: Path) -> dict:
 def _tokenizer_alone(tokenizer, path: Path, mib: float = 2.0) -> float:
     """CPU MiB/s of the tokenizer by itself on the first `mib` MiB of the corpus, in the same
     groups prepare_data hands it: the ceiling for the whole path."""
-    from peftko.train.packing import TOKENIZE_BATCH_CHARS
+    from peftko.data.packing import TOKENIZE_BATCH_CHARS
 
     with path.open(encoding="utf-8") as f:
         text = f.read(int(mib * MIB / 3))  # Hangul is 3 bytes in UTF-8

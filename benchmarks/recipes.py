@@ -185,7 +185,7 @@ def make_blocks(tokenizer, tokens, seq_len: int, n_blocks: int) -> list[dict]:
     tokens, EOS. peftko's own packer cuts them, so position_ids restart at each document."""
     import numpy as np
 
-    from peftko.train.packing import pack_blocks
+    from peftko.data.packing import pack_blocks
 
     rng = np.random.default_rng(SEED)
     base_vocab = min(t.id for t in tokens)  # markers sit after the base vocabulary
@@ -324,7 +324,7 @@ def peftko_config(args):
 
 def load_peftko(base: Path, args, precision, tokenizer, tokens):
     from peftko.model.builder import build_trainable
-    from peftko.train.collate import PackedCollator
+    from peftko.data.collate import PackedCollator
 
     built = build_trainable(base, tokenizer, tokens, peftko_config(args), precision)
     collator = PackedCollator.for_model(tokenizer, built.model.get_base_model(), precision.dtype)
@@ -353,7 +353,7 @@ def run_worker(args) -> dict:
     import torch
 
     from peftko.model.base import load_tokenizer, pick_precision
-    from peftko.train.packing import real_token_fraction
+    from peftko.data.packing import real_token_fraction
     from peftko.model import fused_loss
     from peftko.model.kernels import fused_ce_active
     from peftko.model.memory_plan import plan_memory, read_config, shape_from_config

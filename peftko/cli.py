@@ -23,7 +23,7 @@ from peftko.core import progress
 from peftko.core.aliases import flag_hint
 from peftko.core.config import FIELDS, GROUPS, REQUIRED, TrainConfig, load_config
 from peftko.core.errors import Interrupted, UserError
-from peftko.core.quiet import keep_libraries_offline_and_quiet
+from peftko.core.libraries import keep_libraries_offline_and_quiet
 from peftko.core.signals import Stopper
 from peftko.merge.gguf import DEFAULT_TYPE, GgufOptions, TYPES as GGUF_TYPES
 

@@ -2,7 +2,7 @@
 
 Runs the real `peftko` command in this process, after arranging for a real signal to this process
 as one function of the run is entered, as a Ctrl-C or a scheduler's SIGTERM would arrive there:
-  data      train.packing.build_packed: the dataset cache's hidden build folder exists
+  data      data.packing.build_packed: the dataset cache's hidden build folder exists
   evaluate  train.session.final_evaluation: training is done, the final evaluation starts
   save      save_final (as the session calls it): the final adapter is being written
   save2     the same, with the signal sent twice (the second one: stop at once)
@@ -43,10 +43,10 @@ def main() -> None:
     split = rest.index("--")
     options, argv = rest[:split], rest[split + 1:]
     signum = getattr(signal, signame)
-    import peftko.train.packing
+    import peftko.data.packing
     import peftko.train.session
 
-    owner, name = {"data": (peftko.train.packing, "build_packed"),
+    owner, name = {"data": (peftko.data.packing, "build_packed"),
                    "evaluate": (peftko.train.session, "final_evaluation"),
                    "save": (peftko.train.session, "save_final"),
                    "save2": (peftko.train.session, "save_final")}[point]

@@ -45,8 +45,8 @@ def test_each_variant_tokenizer(ablation):
 
 def test_deleted_variant_trains_on_marker_free_text_and_the_same_split(ablation):
     from peftko.core.config import TrainConfig
-    from peftko.corpus.report import scan_corpus
-    from peftko.train.packing import choose_val_docs, prepare_data
+    from peftko.corpus.scan import scan_corpus
+    from peftko.data.packing import choose_val_docs, prepare_data
     from peftko.core.paths import peftko_home
 
     out = ablation["out"]

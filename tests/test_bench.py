@@ -181,7 +181,7 @@ def test_a_run_is_scored_beside_its_base_as_plain_transformers_and_peft_score_th
 
 
 def test_without_json_the_scores_go_into_the_run_which_force_may_replace(tiny_run, tmp_path):
-    from peftko.run.output import RUN_KIND
+    from peftko.run.run_folder import RUN_KIND
     from peftko.run.ownership import entries_to_replace
 
     run = tmp_path / "run"

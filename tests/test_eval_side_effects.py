@@ -17,11 +17,11 @@ import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
 from peftko.model.base import load_base, load_tokenizer, pick_precision
-from peftko.train.collate import PackedCollator
+from peftko.data.collate import PackedCollator
 from peftko.core.config import load_config
 from peftko.evaluate.heldout import held_out_nll
 from peftko.model.quantized import quantized_layers_kept
-from peftko.train.packing import pack_texts
+from peftko.data.packing import pack_texts
 from peftko.model.tiny_base import sample_texts
 from peftko.model.token_rows import grow_embeddings, init_marker_rows, register_markers
 from peftko.model.adapters import attach_adapters

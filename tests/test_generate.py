@@ -99,7 +99,7 @@ def test_refusals(tmp_path, tiny_run):
 
 
 def test_merged_model_loads_with_its_markers_and_continues_like_the_adapter(tiny_run, tmp_path):
-    from peftko.model.reload import load_for_inference
+    from peftko.model.inference import load_for_inference
 
     merged = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged), "--dtype", "float32"])
@@ -154,7 +154,7 @@ def test_a_model_with_its_cache_switched_off_still_generates_with_it(tiny_bases)
     """The Trainer sets config.use_cache = False; lora-train's samples come from that model. Each new
     token must then be one position through the model, not the whole prompt again."""
     from peftko.model.generation import GenerateOptions, sample
-    from peftko.model.reload import ModelInfo, stop_ids
+    from peftko.model.inference import ModelInfo, stop_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_bases["llama-untied"])
     model = AutoModelForCausalLM.from_pretrained(tiny_bases["llama-untied"], dtype=torch.float32).eval()

@@ -148,7 +148,7 @@ def test_marker_rows_carry_the_trained_embeddings(exported, reader):
 
 @pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_modelfile_stops_at_the_book_end_marker(exported):
-    from peftko.merge.output import MERGE_KIND
+    from peftko.merge.merged_folder import MERGE_KIND
     from peftko.run.ownership import entries_to_replace
 
     end = exported["manifest"]["config"]["doc_end_marker"]

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftko"
 # Lowest first. The package root only holds __version__, so every layer may read it.
-LAYERS = ("core", "corpus", "run", "model", "evaluate", "train", "merge", "commands", "cli", "__main__")
+LAYERS = ("core", "run", "corpus", "data", "model", "evaluate", "train", "merge", "commands", "cli", "__main__")
 # Imports of peftko's own modules inside a function, and why each is lazy. The CLI imports each
 # command's module inside the command (`peftko --help` without torch); `peftko markers` loads a
 # tokenizer (torch, transformers) only when --model asks for one.
@@ -158,7 +158,7 @@ JSON_READERS = {"loads", "read_json_object"}  # a bare `load` is also the model 
 
 def record_aliases() -> dict[str, set[str]]:
     """Each module's names for the file-name constants, followed through `import ... as` and re-exports
-    (merge/gguf.py's MARK is merge/output.py's alias of MERGE_MARK)."""
+    (merge/gguf.py's MARK is merge/merged_folder.py's alias of MERGE_MARK)."""
     trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in modules().items()}
     aliases = {m: set() for m in trees}
     aliases["peftko.run.layout"] = set(RECORD_NAMES)

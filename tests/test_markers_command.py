@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from peftko.cli import main
 from peftko.core.config import DEFAULT_MARKER_PATTERN
-from peftko.corpus.report import scan_corpus
+from peftko.corpus.scan import scan_corpus
 from tests.conftest import deny_open
 
 BOOK = """|START_OF_BOOK|>

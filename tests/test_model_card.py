@@ -100,7 +100,7 @@ def test_card_code_loads_the_adapter_as_peftko_does(tiny_run, monkeypatch):
 
     The card loads with dtype="auto", the base's own float32; peftko computes in the run's recorded
     dtype (bfloat16 where the CPU has AVX512-BF16), so the comparison asks for float32."""
-    from peftko.model.reload import load_for_inference
+    from peftko.model.inference import load_for_inference
 
     scope = run_card_code(tiny_run, monkeypatch)
     plain, plain_tok = scope["model"], scope["tokenizer"]
@@ -117,7 +117,7 @@ def test_card_code_loads_the_adapter_as_peftko_does(tiny_run, monkeypatch):
 
 
 def test_card_code_loads_the_merged_model(merged, monkeypatch):
-    from peftko.model.reload import load_for_inference
+    from peftko.model.inference import load_for_inference
 
     scope = run_card_code(merged, monkeypatch)
     ours, tokenizer, _ = load_for_inference(merged, quant="none", device="cpu")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftko.train.collate import PackedCollator
+from peftko.data.collate import PackedCollator
 from peftko.core.config import TrainConfig
-from peftko.train.packing import choose_val_docs, pack_blocks, prepare_data
+from peftko.data.packing import choose_val_docs, pack_blocks, prepare_data
 from peftko.corpus.documents import find_files, scan_file
 from peftko.core.paths import sample_corpus_dir
 from peftko.model.token_rows import register_markers
@@ -84,7 +84,7 @@ def test_pack_blocks_cuts_long_documents_and_rebases_positions():
 
 
 def test_even_block_length_leaves_at_most_a_token_of_padding_per_block():
-    from peftko.train.packing import even_block_len
+    from peftko.data.packing import even_block_len
 
     assert even_block_len(13_670, 256) == 254  # 54 blocks either way; the last is no longer short
     assert even_block_len(1_000, 256) == 250 and even_block_len(512, 256) == 256
@@ -212,7 +212,7 @@ def test_an_interrupted_build_writes_nothing_outside_its_folder_and_leaves_nothi
     import datasets
     import tempfile
 
-    from peftko.train import packing
+    from peftko.data import packing
 
     scratch, hf_cache, cache = tmp_path / "tmp", tmp_path / "hf", tmp_path / "cache"
     scratch.mkdir()
@@ -246,7 +246,7 @@ def test_stale_builds_of_dead_processes_are_removed_but_not_live_ones(tmp_path):
     import subprocess
     import sys
 
-    from peftko.train.packing import BUILD_PREFIX, remove_stale_builds
+    from peftko.data.packing import BUILD_PREFIX, remove_stale_builds
 
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -285,7 +285,7 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next_run(tokenizer, tmp_pa
 import sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
-from peftko.train import packing
+from peftko.data import packing
 from peftko.core.config import TrainConfig
 from peftko.corpus.documents import find_files, scan_file
 def stuck(token_ds, seq_len):
@@ -324,7 +324,7 @@ def test_tokenising_in_several_processes_gives_the_same_blocks(tokenizer, tmp_pa
 
 
 def test_long_documents_are_tokenised_in_bounded_groups(tokenizer, monkeypatch):
-    from peftko.train import packing
+    from peftko.data import packing
 
     monkeypatch.setattr(packing, "TOKENIZE_BATCH_CHARS", 10)
     groups = list(packing._char_groups(["abcd", "efgh", "ij", "a" * 30, "k"]))

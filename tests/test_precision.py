@@ -15,7 +15,7 @@ from peftko.core.config import load_config
 from peftko.core.errors import UserError
 from peftko.model import base as base_model
 from peftko.model.base import pick_precision
-from peftko.model.reload import load_for_inference
+from peftko.model.inference import load_for_inference
 
 
 @pytest.mark.parametrize("fast_bf16,expected", [(True, torch.bfloat16), (False, torch.float32)])

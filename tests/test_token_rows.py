@@ -200,14 +200,14 @@ def test_lora_train_refuses_such_a_tokenizer_before_loading_the_model(tmp_path, 
     assert "Traceback" not in r.output and not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
-def test_the_syntax_pieces_of_the_markers_are_trained_and_only_they(tiny_bases):
+def test_the_piece_rows_of_the_markers_are_trained_and_only_they(tiny_bases):
     """Registering leaves `|`, `|>`, `_` in the vocabulary; their rows train with the markers' so the loss
     can push them down (a real base wrote `|` where `|END_OF_TITLE|>` belonged). Word pieces stay frozen."""
-    from peftko.model.token_rows import syntax_pieces, trainable_token_indices
+    from peftko.model.token_rows import piece_rows, trainable_token_indices
 
     tok = AutoTokenizer.from_pretrained(tiny_bases["llama-tied"])
     tokens = register_markers(tok, MARKERS)
-    pieces = syntax_pieces(tok, tokens)
+    pieces = piece_rows(tok, tokens)
     every_piece = {p for t in tokens for p in t.pieces}
     assert pieces and set(pieces) <= every_piece
     assert all(not any(c.isalnum() for c in tok.decode([p])) for p in pieces)

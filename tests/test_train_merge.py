@@ -68,7 +68,7 @@ def test_manifest_records_what_merge_needs(run):
 
 def test_adapter_holds_lora_and_marker_rows_only(run):
     rows = manifest(run)["vocab"]["rows_after"]
-    # the markers' rows and their syntax pieces' (|, _, |>: token_rows.syntax_pieces)
+    # the markers' rows and their syntax pieces' (|, _, |>: token_rows.piece_rows)
     n_markers = len(manifest(run)["markers"]) + len(manifest(run)["marker_piece_rows"])
     with safe_open(run["run"] / "adapter_model.safetensors", "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}

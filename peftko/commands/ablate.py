@@ -35,10 +35,10 @@ from peftko.evaluate.scoring import default_seq_len, evaluate_texts
 from peftko.evaluate.structure import SampleOptions, overall_top1, structure_score
 from peftko.evaluate.verdict import verdict
 from peftko.model.base import resolve_model_path
-from peftko.model.reload import load_for_inference
+from peftko.model.inference import load_for_inference
 from peftko.run.records import RunRecord
 from peftko.run.ownership import check_place
-from peftko.train.packing import choose_val_docs
+from peftko.data.packing import choose_val_docs
 
 DELETED_DATA = "deleted-data"
 

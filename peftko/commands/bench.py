@@ -1,7 +1,7 @@
 """`peftko bench`: lm-evaluation-harness tasks (KoBEST, KMMLU, HAE-RAE, CLIcK, or your own YAMLs)
 on each MODEL, side by side, as a table and one JSON record.
 
-Each MODEL is loaded by peftko.model.reload, as `eval` loads it. A training run is scored beside
+Each MODEL is loaded by peftko.model.inference, as `eval` loads it. A training run is scored beside
 the base it was trained on (peftko.json), loaded with the run's quantization and dtype, so the
 columns differ by the adapter alone; `--no-base` leaves the base out. One model is in memory at a
 time. The JSON goes to --json FILE, or else into each run scored (RUN/bench.json).
@@ -18,7 +18,7 @@ from peftko.core.atomic import check_writable, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.progress import Result, emit, say
 from peftko.evaluate.bench import BenchOptions, Tasks, hub_access, lm_eval_version, prepare_tasks, quiet_lm_eval, score
-from peftko.model.reload import is_adapter_dir, load_for_inference
+from peftko.model.inference import is_adapter_dir, load_for_inference
 from peftko.run.layout import BENCH
 from peftko.run.records import RunRecord
 

@@ -10,7 +10,7 @@ from peftko.core.progress import Result, emit, say
 from peftko.corpus.reading import read_documents
 from peftko.evaluate.scoring import default_seq_len, evaluate_texts
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
-from peftko.model.reload import load_for_inference
+from peftko.model.inference import load_for_inference
 
 
 def run_eval(model_path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,

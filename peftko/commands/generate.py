@@ -16,7 +16,7 @@ from transformers import TextStreamer
 from peftko.core.errors import UserError
 from peftko.core.progress import Tracker, phase, result, say
 from peftko.model.generation import GenerateOptions, context_length, room_for, sample
-from peftko.model.reload import load_for_inference
+from peftko.model.inference import load_for_inference
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:

@@ -24,9 +24,9 @@ from peftko.model.adapters import check_target_modules
 from peftko.model.base import (check_base_config, check_safetensors, pick_precision, resolve_model_path,
                                resolve_seq_len)
 from peftko.model.memory_plan import read_config, shape_from_config
-from peftko.model.plan_report import echo_plan
+from peftko.model.dry_run import echo_plan
 from peftko.run.layout import LOCK
-from peftko.run.output import claim_run_dir, prepare_output, remove_if_empty
+from peftko.run.run_folder import claim_run_dir, prepare_output, remove_if_empty
 from peftko.run.resume import resume_point
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
 from peftko.train.session import Run, run_training
@@ -75,7 +75,7 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
             # The output before the corpus pass (a refusal costs seconds): rank 0 alone prepares, locks
             # and judges it; its refusal stops every rank.
             replace, created = distributed.on_main(
-                lambda: claim_output(output, model_path, cfg, resume, force, lock))
+                lambda: claim_run_folder(output, model_path, cfg, resume, force, lock))
             check_disk_early(cfg, model_path, output)
             markers, files = read_corpus_and_markers(cfg, strict)
             run = Run(cfg, model_path, precision, output, markers, files, stopper, tuple(replace))
@@ -92,7 +92,7 @@ def read_corpus_and_markers(cfg: TrainConfig, strict: bool):
     return choose_markers(cfg.corpus(), report), files
 
 
-def claim_output(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,
+def claim_run_folder(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,
                  lock: contextlib.ExitStack) -> tuple[list[Path], list[Path]]:
     """Create and lock --output (the lock held until `lock` closes): (what --force replaces, the
     folders this made)."""

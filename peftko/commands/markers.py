@@ -11,7 +11,7 @@ from peftko.core.config import DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
 from peftko.core.progress import Result, emit, say
-from peftko.corpus.report import scan_corpus
+from peftko.corpus.scan import scan_corpus
 
 
 def tokenizer_for_markers(model: str):

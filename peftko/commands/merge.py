@@ -7,7 +7,7 @@ the whole model never sits in memory. Where that mapping does not hold (no safet
 checkpoint keys, an adapter feature it does not handle) the whole model is loaded, merged by peft
 and saved (peftko.merge.in_memory), as --full-check also does to compare the merged model's
 logits with the unmerged adapter. The output is locked (a sibling .NAME.peftko-lock) so two
-merges never write it at once; its place and ownership rules are in peftko.merge.output.
+merges never write it at once; its place and ownership rules are in peftko.merge.merged_folder.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from peftko.core.lock import hold
 from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.merge import gguf
-from peftko.merge.facts import check_manifest_facts
+from peftko.merge.consistency import check_manifest_facts
 from peftko.merge.in_memory import compare_logits, merge_and_check
 from peftko.merge.model_files import merged_tokenizer, write_config
-from peftko.merge.output import check_output, claim_output, save_atomically
+from peftko.merge.merged_folder import check_output, claim_merged_folder, save_atomically
 from peftko.merge.streaming import StreamingUnsupported, stream_merge
 from peftko.run.manifest import check_base, read_manifest
 from peftko.run.records import MergeRecord, RunRecord
@@ -43,7 +43,7 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
     base_path = check_base(record, base)
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
-        claim_output(out, force)
+        claim_merged_folder(out, force)
         if gguf_options:  # llama.cpp refuses some tokenizers: know it before the merge, not after
             gguf.preflight(base_path, out, gguf_options)
         tokenizer = merged_tokenizer(run_dir, record)

@@ -86,7 +86,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class BlockSettings:
-    """How the corpus becomes packed blocks and a held-out split (peftko.train.packing)."""
+    """How the corpus becomes packed blocks and a held-out split (peftko.data.packing)."""
 
     seq_len: int
     jsonl_field: str = "text"

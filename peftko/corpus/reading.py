@@ -15,7 +15,7 @@ from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
 from peftko.core.progress import say, warn
 from peftko.corpus.documents import FileScan, iter_documents
-from peftko.corpus.report import CorpusReport, scan_corpus
+from peftko.corpus.scan import CorpusReport, scan_corpus
 
 SKIP_HINT = ", or pass --skip-bad-files to train on the rest"
 

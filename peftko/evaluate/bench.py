@@ -1,7 +1,7 @@
 """EleutherAI's lm-evaluation-harness (`lm-eval`, the optional `peftko[bench]`) on a model peftko
 loaded: the benchmark half of `peftko bench`.
 
-The model and tokenizer come from peftko.model.reload, the loader of `eval` and `generate`, and are
+The model and tokenizer come from peftko.model.inference, the loader of `eval` and `generate`, and are
 handed to lm-eval's HFLM as objects: lm-eval loads no weights itself, so an adapter run is scored
 exactly as `eval` and `generate` see it. What lm-eval does fetch is task data: a task names a
 Hugging Face Hub dataset (`skt/kobest_v1`, `HAERAE-HUB/KMMLU`, ...) that `datasets` downloads once

@@ -29,7 +29,7 @@ from pathlib import Path
 from peftko.core.atomic import move_into, publish, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.progress import phase, say
-from peftko.merge.output import MARK
+from peftko.merge.merged_folder import MARK
 from peftko.run.records import MarkerEntry, MergeRecord, RunRecord
 
 TYPES = ("q8_0", "f16", "bf16", "f32")

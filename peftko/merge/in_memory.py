@@ -15,7 +15,7 @@ import torch
 from peftko.core.errors import UserError
 from peftko.core.progress import say
 from peftko.model.base import Precision, load_base
-from peftko.model.reload import load_with_adapter
+from peftko.model.inference import load_with_adapter
 from peftko.merge.model_files import stop_at_book_end
 from peftko.run.records import RunRecord
 

@@ -42,7 +42,7 @@ def check_target_modules(model_path: Path, target_modules: list[str] | str, trus
 
 
 def attach_adapters(model, lora: LoraSettings, tokens: list[MarkerToken], pieces: list[int] = ()):
-    """Wrap the base with LoRA + marker rows (and the rows of their syntax pieces: token_rows.syntax_pieces). Frozen weights keep their dtype; trainables are fp32.
+    """Wrap the base with LoRA + marker rows (and the rows of their syntax pieces: token_rows.piece_rows). Frozen weights keep their dtype; trainables are fp32.
 
     Deliberately NOT prepare_model_for_kbit_training: its fp32 upcast of every frozen tensor makes
     activations fp32 and costs 2.8x speed (benchmarks/RESULTS.md) for no gain in a bf16 compute path.

@@ -20,7 +20,7 @@ from peftko.core.config import BaseLoading, LoraSettings, TrainConfig
 from peftko.model.adapters import attach_adapters
 from peftko.model.base import Precision, load_base
 from peftko.model.kernels import apply_fast_kernels
-from peftko.model.token_rows import MarkerToken, embedding_modules, grow_embeddings, init_marker_rows, syntax_pieces
+from peftko.model.token_rows import MarkerToken, embedding_modules, grow_embeddings, init_marker_rows, piece_rows
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TrainableModel:
     tied: bool  # input and output embeddings share one matrix
     kernels: str | None  # what apply_fast_kernels switched on, None when nothing
     trainable_params: int
-    piece_rows: list[int]  # old marker pieces trained too, so the loss can push them down (syntax_pieces)
+    piece_rows: list[int]  # old marker pieces trained too, so the loss can push them down (token_rows.piece_rows)
 
 
 def load(model_path: Path, loading: BaseLoading, precision: Precision):
@@ -49,7 +49,7 @@ def make_trainable(model, tokenizer, tokens: list[MarkerToken], lora: LoraSettin
     init_marker_rows(model, tokens)
     tied = embedding_modules(model)[2]
     transformers.set_seed(seed)  # LoRA's random A matrices come next
-    pieces = syntax_pieces(tokenizer, tokens)
+    pieces = piece_rows(tokenizer, tokens)
     peft_model = attach_adapters(model, lora, tokens, pieces)
     kernels = apply_fast_kernels(peft_model, liger, precision)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -4,7 +4,7 @@
 Nothing here loads weights: the shape comes from config.json, and the checkpoint's parameter count
 (a cross-check) from the safetensors headers. The model (what each term counts, and how it was
 calibrated against the measurements in benchmarks/RESULTS.md) is written out in
-benchmarks/MEMORY_MODEL.md; `plan_memory` computes it and peftko.model.plan_report prints it.
+benchmarks/MEMORY_MODEL.md; `plan_memory` computes it and peftko.model.dry_run prints it.
 """
 
 from __future__ import annotations

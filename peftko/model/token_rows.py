@@ -73,7 +73,7 @@ def meaning_pieces(tokenizer, pieces: list[int]) -> list[int]:
     """The pieces a marker's row starts from: those with a letter or digit (`START`, `TITLE`, `소리`).
 
     An <unk> piece (no byte fallback) or a special token says nothing about the marker. Nor do the
-    syntax pieces every marker shares (`|`, `_`, `|>`: syntax_pieces): averaged in, they made
+    syntax pieces every marker shares (`|`, `_`, `|>`: piece_rows): averaged in, they made
     `|START_OF_TITLE|>` and `|END_OF_TITLE|>` start 6/7 the same row, and pointed every marker row at
     `|` and `|>`, so raising a marker's logit raised theirs (a real base then wrote `|` for a marker).
     A marker with no such piece starts from its non-special pieces.
@@ -231,7 +231,7 @@ def _mean_of_rows(w: torch.Tensor, rows: int, chunk: int = 8192) -> torch.Tensor
     return (total / max(rows, 1)).to(w.dtype)
 
 
-def syntax_pieces(tokenizer, tokens: list[MarkerToken]) -> list[int]:
+def piece_rows(tokenizer, tokens: list[MarkerToken]) -> list[int]:
     """The base-vocabulary pieces the markers were split into that are marker syntax only: no letter
     or digit in them (`|`, `|>`, `_`, `<|`, SentencePiece's `▁|`).
 
@@ -248,9 +248,10 @@ def syntax_pieces(tokenizer, tokens: list[MarkerToken]) -> list[int]:
     return sorted(p for p in pieces if not has_letters(tokenizer, p))
 
 
-def trained_rows(tokens: list[MarkerToken], pieces: list[int] = ()) -> list[int]:
-    """The embedding rows a run trains: the markers' and their syntax pieces' (syntax_pieces). What
-    training hands peft and what --resume expects a checkpoint to hold, from this one definition."""
+def trained_rows(tokens: list[MarkerToken] | list[MarkerEntry], pieces: list[int] = ()) -> list[int]:
+    """The embedding rows a run trains: the markers' and their syntax pieces' (piece_rows). What
+    training hands peft, what --resume expects a checkpoint to hold and what merge checks the
+    adapter against (from peftko.json's markers), from this one definition."""
     return sorted({t.id for t in tokens} | set(pieces))
 
 

@@ -261,7 +261,7 @@ class RunRecord:
     version: int | None = FORMAT_VERSION  # "format" on disk
     peftko_version: str | None = None
     base_terms: list[str] | None = None  # the base's licence files (peftko.model.base.terms_files)
-    marker_piece_rows: list[int] | None = None  # old marker pieces trained too (syntax_pieces)
+    marker_piece_rows: list[int] | None = None  # old marker pieces trained too (piece_rows)
     tied_embeddings: bool | None = None
     quantization: str | None = None
     compute_dtype: str | None = None

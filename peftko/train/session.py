@@ -24,12 +24,12 @@ from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.base import Precision, load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
-from peftko.model.reload import adapter_info, stop_ids
-from peftko.model.token_rows import register_markers, syntax_pieces, trained_rows
+from peftko.model.inference import adapter_info, stop_ids
+from peftko.model.token_rows import register_markers, piece_rows, trained_rows
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
 from peftko.run.identity import fingerprint_base, run_identity
 from peftko.run.layout import MANIFEST, METRICS
-from peftko.run.output import save_final
+from peftko.run.run_folder import save_final
 from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
 from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord,
@@ -37,12 +37,12 @@ from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Resul
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
-from peftko.train.collate import PackedCollator
+from peftko.data.collate import PackedCollator
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
 from peftko.train.gpu_memory import peak_gib, reset_peak
 from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
 from peftko.train.oom import translate_oom
-from peftko.train.packing import PackedData, pack_texts, prepare_data
+from peftko.data.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
 from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
 
@@ -172,7 +172,7 @@ def check_identity(run: Run, checkpoint: Path, identity: RunIdentity, tokenizer,
                    force: bool) -> float | None:
     """On --resume, refuse (before loading) a checkpoint of another shape, and, unless forced, a
     changed config, corpus or base. Nothing is written here. Returns the recorded bpc_before."""
-    rows = trained_rows(tokens, syntax_pieces(tokenizer, tokens))
+    rows = trained_rows(tokens, piece_rows(tokenizer, tokens))
     check_adapter_shape(checkpoint, RunIdentityRecord.read(run.output), run.cfg.lora(), rows)
     record = check_resume(run.output, identity, force)
     say(f"resuming from {checkpoint} (step {step_of(checkpoint)})")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftko.core.errors import UserError
 from peftko.model.base import read_base_config
+from peftko.model.token_rows import trained_rows
 from peftko.run.layout import MANIFEST
 from peftko.run.records import RunRecord
 
@@ -49,7 +50,7 @@ def _marker_problems(run_dir: Path, record: RunRecord, tokenizer) -> list[str]:
     allowed = {p for m in record.markers for p in m.piece_ids or []}
     if not set(pieces) <= allowed:
         problems.append(f"marker_piece_rows {pieces} are not pieces the markers were split into")
-    elif trained is not None and trained != sorted({*recorded, *pieces}):
+    elif trained is not None and trained != trained_rows(record.markers, pieces):
         problems.append(f"the markers are ids {recorded} (and their pieces' rows {pieces}) there but the adapter "
                         f"trains rows {trained}")
     return problems

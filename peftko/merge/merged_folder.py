@@ -15,7 +15,7 @@ from peftko.core.atomic import check_writable, publish, replace_dir, staging_dir
 from peftko.core.errors import UserError
 from peftko.run.card import merged_card
 from peftko.run.layout import MERGE_MARK as MARK
-from peftko.run.output import keep_sentencepiece_files
+from peftko.run.run_folder import keep_sentencepiece_files
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 from peftko.run.records import MergeRecord, RunRecord
 
@@ -41,7 +41,7 @@ def check_output(output: Path, inputs: dict[str, Path]) -> None:
         check_writable(folder)
 
 
-def claim_output(output: Path, force: bool) -> None:
+def claim_merged_folder(output: Path, force: bool) -> None:
     """Under the lock: an earlier merged model is replaced only with --force, and only whole."""
     entries_to_replace(output, MERGE_KIND, force, f"--output {output} already holds a merged model; "
                        "pass --force to replace it, or choose another directory.")
