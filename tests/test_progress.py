@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -83,8 +84,13 @@ def test_without_a_sink_the_engine_is_silent(capsys):
 # --- every long phase of the commands, as JSON lines
 @pytest.fixture(scope="module")
 def trained(tiny_bases, small_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("progress") / "run"
-    r = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], small_corpus, out, "--eval-steps", "3",
+    folder = tmp_path_factory.mktemp("progress")
+    # A corpus no other test trains on: the token cache is built here, so its phase is seen.
+    corpus = folder / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    (corpus / "progress.txt").write_text("|START_OF_BOOK|>진행 이벤트를 보는 책.|END_OF_BOOK|>\n", encoding="utf-8")
+    out = folder / "run"
+    r = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], corpus, out, "--eval-steps", "3",
                                             "--samples", "1", "--sample-tokens", "4", "--progress", "json"))
     assert r.exit_code == 0, r.output
     return out, events_of(r)
@@ -111,7 +117,7 @@ def test_json_progress_carries_the_same_lines_as_the_terminal(trained, tiny_base
     run, events = trained
     carried = "".join(e["text"] + e["end"] if e["event"] == "message" else e["text"] + "\n" for e in events
                       if (e["event"] == "message" and not e["err"]) or (e["event"] == "advanced" and e["text"]))
-    r = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], small_corpus, tmp_path / "run",
+    r = CliRunner().invoke(main, train_args(tiny_bases["llama-untied"], run.parent / "corpus", tmp_path / "run",
                                             "--eval-steps", "3", "--samples", "1", "--sample-tokens", "4"))
     assert r.exit_code == 0, r.output
 
