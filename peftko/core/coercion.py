@@ -5,6 +5,8 @@ TrainConfig key has, and peftko.core.aliases reads other tools' values with the 
 
 from __future__ import annotations
 
+import math
+
 import types
 import typing
 from typing import Literal
@@ -78,9 +80,14 @@ def _to_float(value, from_string: bool) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a number")
     try:
-        return float(value)  # YAML reads 2e-4 (no dot) as a string
+        number = float(value)  # YAML reads 2e-4 (no dot) as a string
     except (TypeError, ValueError):
         raise ValueError("must be a number") from None
+    # YAML's .inf and .nan are floats: an infinite epoch count overflows the step count, and a NaN
+    # weight decay or clipping norm passes every comparison and poisons the run later
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
 
 
 def _to_str(value, from_string: bool) -> str:
