@@ -6,6 +6,7 @@ as one function of the run is entered, as a Ctrl-C or a scheduler's SIGTERM woul
   evaluate  train.session.final_evaluation: training is done, the final evaluation starts
   save      save_final (as the session calls it): the final adapter is being written
   save2     the same, with the signal sent twice (the second one: stop at once)
+  report    train.session.write_report_or_warn: the adapter is written, report.png is being drawn
 --again-at-exit also sends the signal again while the interpreter shuts down (atexit).
 """
 
@@ -49,7 +50,8 @@ def main() -> None:
     owner, name = {"data": (peftko.data.packing, "build_packed"),
                    "evaluate": (peftko.train.session, "final_evaluation"),
                    "save": (peftko.train.session, "save_final"),
-                   "save2": (peftko.train.session, "save_final")}[point]
+                   "save2": (peftko.train.session, "save_final"),
+                   "report": (peftko.train.session, "write_report_or_warn")}[point]
     signal_on_entry(owner, name, signum, times=2 if point == "save2" else 1)
     if "--again-at-exit" in options:
         again_at_exit(signum)

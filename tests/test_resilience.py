@@ -419,6 +419,15 @@ def test_full_disk_while_saving_the_adapter_keeps_the_previous_one(env, tmp_path
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_full_disk_on_the_final_save_without_a_checkpoint_does_not_advise_resume(env, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", enospc)
+    r = invoke(args(env, tmp_path / "run", "--max-steps", "2", "--save-steps", "0"))
+    refused(r, 2, "could not write the adapter", "nothing to resume", "--force")
+    assert "--resume" not in r.output
+
+
 # --- 7. safe loading
 def test_pickle_only_base_is_refused_without_allow_pickle(env, tmp_path):
     base = tmp_path / "pickled"

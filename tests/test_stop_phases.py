@@ -40,6 +40,7 @@ def stopped(env):
         "evaluate": ("evaluate", "SIGTERM", (), None),
         "save": ("save", "SIGINT", ("--again-at-exit",), None),
         "save2": ("save2", "SIGINT", (), None),
+        "report": ("report", "SIGTERM", (), None),
     }
     procs = {name: (start_at(env, point, sig, root / name, *opts, home=home), root / name, home)
              for name, (point, sig, opts, home) in plans.items()}
@@ -100,3 +101,13 @@ def test_a_second_signal_during_the_save_stops_at_once_without_a_traceback(stopp
     assert not (r["output"] / ".peftko.lock").exists()
     assert not (r["output"] / "peftko.json").exists() or read_manifest(r["output"])
     assert json.loads((r["output"] / "run.json").read_text())["identity"]
+
+
+def test_a_stop_after_the_adapter_was_written_says_the_run_is_complete(stopped):
+    """Not "before training began; nothing in --output was changed": that sent users to --force."""
+    r = stopped["report"]
+    assert r["code"] == 143, r["text"]
+    no_traceback(r["text"])
+    assert "before training began" not in r["text"] and "nothing in --output was changed" not in r["text"]
+    assert f"after the adapter was written: the run in {r['output']} is complete" in r["text"], r["text"]
+    read_manifest(r["output"])  # and it is: a finished run merge accepts

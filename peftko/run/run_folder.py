@@ -15,7 +15,7 @@ from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, descr
                                 is_write_failure, move_into, publish, staging_dir, write_json_atomic)
 from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
-from peftko.run.checkpoints import STAGE_PREFIX, sealed_checkpoint
+from peftko.run.checkpoints import STAGE_PREFIX, latest_checkpoint, sealed_checkpoint
 from peftko.run.identity import sha256_file
 from peftko.run.layout import (ADAPTER_FILES, BENCH, FINAL_FILES, FINAL_STAGE, LOCK, LOG_DIRS, MANIFEST, METRICS,
                                REPORT, RUN_FILE, SENTENCEPIECE_FILES)
@@ -115,8 +115,16 @@ def save_final(output: Path, peft_model, tokenizer, record: RunRecord) -> None:
             raise
         kept = " The previous adapter there is intact." if (output / MANIFEST).exists() else ""
         raise UserError(f"could not write the adapter to {output}: {describe_write_failure(e)} "
-                        f"(disk full?).{kept} Checkpoints, if any, are intact: free space and run again "
-                        "with --resume.") from None
+                        f"(disk full?).{kept} {_what_to_run(output)}") from None
+
+
+def _what_to_run(output: Path) -> str:
+    """After a failed final save: --resume only when a checkpoint exists to resume from."""
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is not None:
+        return f"Its checkpoints are intact: free space and run again with --resume (from {checkpoint.name})."
+    return ("No checkpoint was written (see --save-steps), so there is nothing to resume: free space and "
+            "run the same command again with --force, which replaces only what this run wrote.")
 
 
 def keep_sentencepiece_files(base: Path, folder: Path) -> list[str]:

@@ -329,6 +329,9 @@ def finish(run: Run, s: Setup, trained: Trained, results: Results) -> int:
     with run.stopper.during("save"):
         log_bpc(run.output, results)
         save_final(run.output, s.model, s.tokenizer, manifest(run, s, results))
+        # From here a stop cuts nothing that matters: say so, not "before training began"
+        run.stopper.unfinished = (f"after the adapter was written: the run in {run.output} is complete. "
+                                  f"Next: peftko merge {run.output} --output {run.output}-merged")
     echo_done(run.output, results, registered=bool(s.tokens))
     write_report_or_warn(run.output)
     if run.stopper.signum:
