@@ -146,3 +146,58 @@ def test_ablate_samples_as_the_flags_else_the_config_else_two(monkeypatch, tmp_p
 def test_the_variants_leave_sampling_to_ablate(ablation):
     for variant in ("registered", "as-text", "deleted"):
         assert "structure" not in manifest(ablation["out"], variant)["results"], variant
+
+
+class _SigintAtStep:
+    """A real SIGINT to this process as a training step begins (the as-text variant's step 2),
+    as a Ctrl-C would arrive."""
+
+    def __init__(self, output_name: str, step: int):
+        self.output_name, self.step, self.sent = output_name, step, False
+
+    def __call__(self, real):
+        import os
+        import signal
+
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Send(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if not outer.sent and state.global_step + 1 == outer.step and args.output_dir.endswith(
+                        outer.output_name):
+                    outer.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        def make_trainer(*a, **kw):
+            trainer = real(*a, **kw)
+            trainer.add_callback(Send())
+            return trainer
+
+        return make_trainer
+
+
+@pytest.mark.slow  # four short trainings and two evaluations
+def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(tiny_bases, small_corpus, tmp_path,
+                                                                         monkeypatch):
+    import peftko.train.session
+
+    out = tmp_path / "abl"
+    args = ["ablate", *train_args(tiny_bases["llama-tied"], small_corpus, out, "--max-steps", "2",
+                                  "--save-steps", "1")[1:], "--samples", "1", "--sample-tokens", "4"]
+    monkeypatch.setattr(peftko.train.session, "make_trainer",
+                        _SigintAtStep("as-text", 2)(peftko.train.session.make_trainer))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 130, r.output
+    assert "lora-train --resume" not in r.output  # ablate says how to continue itself
+    assert "while training the as-text variant" in r.output and "Run the same ablate command again" in r.output
+    registered = (out / "registered" / "peftko.json").read_bytes()
+    assert not (out / "as-text" / "peftko.json").exists() and not (out / "ablation.json").exists()
+
+    r = CliRunner().invoke(main, args)  # the same command, no --force
+    assert r.exit_code == 0, r.output
+    assert f"kept: {out / 'registered'}" in r.output and "resuming from" in r.output
+    assert (out / "registered" / "peftko.json").read_bytes() == registered  # kept, not trained again
+    assert json.loads((out / "as-text" / "peftko.json").read_text())["results"]["steps"] == 2
+    assert (out / "ablation.json").exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 from peftko.commands.lora_train import run_lora_train, training_inputs
 from peftko.core.atomic import replaced_on_success, write_json_atomic
 from peftko.core.config import TrainConfig
-from peftko.core.errors import UserError
+from peftko.core.errors import Interrupted, UserError
 from peftko.core.progress import Result, emit, say
 from peftko.corpus.documents import iter_documents
 from peftko.corpus.lint import marker_regex
@@ -36,8 +36,10 @@ from peftko.evaluate.structure import SampleOptions, overall_top1, structure_sco
 from peftko.evaluate.verdict import verdict
 from peftko.model.base import resolve_model_path
 from peftko.model.inference import load_for_inference
-from peftko.run.records import RunRecord
+from peftko.run.checkpoints import latest_checkpoint
 from peftko.run.ownership import check_place
+from peftko.run.records import RunIdentityRecord, RunRecord
+from peftko.run.resume import RESUMABLE_KEYS
 from peftko.data.packing import choose_val_docs
 
 DELETED_DATA = "deleted-data"
@@ -94,6 +96,34 @@ def evaluate_variant(name: str, run_dir: Path, held_out: list[str], markers: lis
     return row
 
 
+def train_variant(name: str, vcfg: TrainConfig, force: bool) -> None:
+    """Train one variant, or carry on where an interrupted ablate left it: a finished variant of the
+    same settings is kept, one with a checkpoint resumes (lora-train checks it is the same run), one
+    stopped before its first checkpoint starts again (--force replaces only what that run wrote)."""
+    folder = Path(vcfg.output)
+    finished = None if force else RunRecord.peek(folder)
+    if finished is not None and same_settings(finished.config, vcfg):
+        say(f"kept: {folder} is this variant, trained to the end by an earlier ablate")
+        return
+    resume = not force and finished is None and latest_checkpoint(folder) is not None
+    restart = not force and not resume and RunIdentityRecord.marks(folder)
+    code = run_lora_train(vcfg, resume=resume, force=force or restart)
+    if code in (130, 143):
+        raise Interrupted(code - 128, f"while training the {name} variant; its checkpoint, if one was written, "
+                          f"is in {folder}. Run the same ablate command again to continue: finished variants "
+                          "are kept and this one resumes.")
+    if code != 0:
+        raise UserError(f"training the {name} variant stopped (exit {code}); nothing was compared")
+
+
+def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
+    """A finished variant may be kept when only what --resume lets change differs (and seq_len, which
+    lora-train records resolved when the config says auto)."""
+    now = cfg.to_dict()
+    free = RESUMABLE_KEYS | ({"seq_len"} if cfg.seq_len == "auto" else set())
+    return all(recorded.get(k) == now.get(k) for k in (set(recorded) | set(now)) - free)
+
+
 def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: bool = False,
                as_json: bool = False) -> dict:
     out = Path(cfg.output)
@@ -115,8 +145,7 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
     rows = []
     for name, vcfg in variant_configs(cfg, out, deleted_path).items():
         say(f"\n=== ablate: {name} ===")
-        if run_lora_train(vcfg, force=force) != 0:
-            raise UserError(f"training the {name} variant stopped; nothing was compared")
+        train_variant(name, vcfg, force)
         held_out = [(deleted_docs if name == "deleted" else docs)[i] for i in val]
         rows.append(evaluate_variant(name, Path(vcfg.output), held_out, markers, vcfg, opts))
     answer = verdict(rows)
