@@ -176,6 +176,7 @@ def watched_run(tiny_bases, small_corpus, tmp_path_factory):
     return out, output
 
 
+@pytest.mark.slow  # `watched_run`: a real lora-train process, 25-30 s on 2 cores
 def test_tensorboard_events_are_written_inside_the_run_dir(watched_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -188,6 +189,7 @@ def test_tensorboard_events_are_written_inside_the_run_dir(watched_run):
     assert [e.step for e in acc.Scalars("eval/loss")] == [3, 6]
 
 
+@pytest.mark.slow  # `watched_run`
 def test_output_to_a_file_has_plain_lines_and_no_carriage_returns(watched_run):
     _, output = watched_run
     assert "\r" not in output
@@ -195,6 +197,7 @@ def test_output_to_a_file_has_plain_lines_and_no_carriage_returns(watched_run):
     assert "report: " in output and "structure of 1 sampled continuation:" in output
 
 
+@pytest.mark.slow  # `watched_run`
 def test_metrics_hold_one_eval_per_step(watched_run):
     out, _ = watched_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -204,6 +207,7 @@ def test_metrics_hold_one_eval_per_step(watched_run):
     assert manifest["results"]["eval_loss"] == last_eval
 
 
+@pytest.mark.slow  # `watched_run`
 def test_lora_train_writes_the_report(watched_run):
     out, _ = watched_run
     assert (out / "report.png").read_bytes()[:8] == PNG_MAGIC

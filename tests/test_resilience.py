@@ -268,6 +268,7 @@ def signalled(env):
     return runs
 
 
+@pytest.mark.slow  # `signalled`: three real processes (test_interrupt_and_resume_... is the fast one)
 @pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(signalled, name, code):
     r = signalled[name]
@@ -280,6 +281,7 @@ def test_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(sig
     assert not (r.output / "peftko.json").exists()
 
 
+@pytest.mark.slow  # `signalled`
 def test_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(env, signalled):
     r = signalled["twice"]
     assert r.code == 130, r.text

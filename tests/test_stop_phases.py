@@ -20,6 +20,10 @@ from peftko.run.checkpoints import latest_checkpoint
 from peftko.run.manifest import read_manifest
 from tests.test_resilience import REPO, args, env, invoke  # noqa: F401 - env is a fixture
 
+# Five real lora-train processes, started together: some 50 s of imports on 2 cores. A stop during a step
+# stays in the fast subset (tests/test_resilience.py, a real SIGINT to the test process itself).
+pytestmark = pytest.mark.slow
+
 
 def start_at(env, point, signame, output, *options, home=None):
     cmd = [sys.executable, "-m", "tests.signal_points", point, signame, *options, "--",

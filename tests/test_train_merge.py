@@ -19,10 +19,12 @@ from tests.conftest import BASES, train_args
 
 QUANTS = ["4bit", "8bit", "none"]
 COMBOS = [(b, q) for b in BASES for q in QUANTS]
+# 8bit trains and merges like 4bit (its loading path is also in tests/test_eval_side_effects.py): slow only.
+PARAMS = [pytest.param((b, q), id=f"{b}-{q}", marks=[pytest.mark.slow] if q == "8bit" else []) for b, q in COMBOS]
 SAMPLE = '|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n|START_OF_DIALOGUE|>"안녕!"|END_OF_DIALOGUE|> |SOUND|>똑똑'
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=[f"{b}-{q}" for b, q in COMBOS])
+@pytest.fixture(scope="module", params=PARAMS)
 def run(request, tiny_bases, small_corpus, tmp_path_factory):
     base_name, quant = request.param
     base = tiny_bases[base_name]
