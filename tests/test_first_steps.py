@@ -72,3 +72,26 @@ def test_a_shortened_resume_counts_to_its_own_total(tiny_bases, small_corpus, tm
     finished = [e for e in events if e["event"] == "finished" and e["phase"] == "train"]
     assert [e["total"] for e in started + finished] == [4, 4], started + finished
     assert "/20" not in r.output
+
+
+def test_a_run_that_is_all_warmup_is_told_before_loading(tiny_bases, small_corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = train_args(tiny_bases["llama-untied"], small_corpus, out)
+    argv = argv[:argv.index("--max-steps")] + ["--max-steps", "1"] + argv[argv.index("--max-steps") + 2:]
+    argv = argv[:argv.index("--warmup-ratio")] + ["--warmup-ratio", "0.05", "--scheduler", "cosine"]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 0, r.output
+    assert "all 1 planned step are warmup steps (warmup_ratio 0.05 of 1 = 1)" in r.output
+    assert "rises to 5.00e-03 at most, not lr 0.01" in r.output
+    assert r.output.index("planned step") < r.output.index("loading ")
+
+
+def test_a_run_with_nothing_to_train_is_refused(tiny_bases, small_corpus, tmp_path):
+    from peftko.core.config import load_config
+    from peftko.core.errors import UserError
+
+    config = tmp_path / "c.yaml"
+    config.write_text("target_modules: []\n")
+    with pytest.raises(UserError, match="target_modules: an empty list trains no LoRA layer"):
+        load_config(config, {"model": str(tiny_bases["llama-untied"]), "data": [str(small_corpus)],
+                             "output": str(tmp_path)})

@@ -358,6 +358,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append("max_bad_steps and num_proc: must be at least 1")
     if isinstance(cfg.markers, str) and cfg.markers != "auto":
         p.append(f"markers: must be 'auto' or a list of markers, got {cfg.markers!r}")
+    if isinstance(cfg.target_modules, list) and not cfg.target_modules:
+        p.append("target_modules: an empty list trains no LoRA layer; give layer names or all-linear")
     if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
         p.append(f"target_modules: must be 'all-linear' or a list, got {cfg.target_modules!r}")
     p += report_problems(cfg.report_to)

@@ -44,7 +44,8 @@ from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
 from peftko.train.oom import translate_oom
 from peftko.data.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
-from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
+from peftko.train.trainer import (final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note,
+                                  warmup_note)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def setup_data(run: Run, tokenizer) -> PackedData:
         say(f"held out: {shown(d.held_out)}")
     processes = distributed.world_size()
     for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
-                 passes_note(run.cfg.steps(), len(d.train), processes)):
+                 passes_note(run.cfg.steps(), len(d.train), processes), warmup_note(run.cfg, len(d.train), processes)):
         if note:
             say(note)
     return d

@@ -122,6 +122,19 @@ def warmup_steps(cfg, total: int) -> int:
     return 0 if cfg.scheduler == "constant" else math.ceil(cfg.warmup_ratio * total)
 
 
+def warmup_note(cfg, n_blocks: int, processes: int = 1) -> str | None:
+    """A line to print before loading when every planned step is a warmup step (a short run, or
+    num_epochs: 1 on a small corpus): the learning rate never reaches the configured one."""
+    total = planned_steps(cfg.steps(), n_blocks, processes)
+    warm = warmup_steps(cfg, total)
+    if warm < total:
+        return None
+    top = cfg.lr * lr_factor(total - 1, kind=cfg.scheduler, warmup=warm, total=total)
+    return (f"note: all {total} planned step{'s' if total != 1 else ''} are warmup steps (warmup_ratio "
+            f"{cfg.warmup_ratio:g} of {total} = {warm}): the learning rate rises to {top:.2e} at most, not lr "
+            f"{cfg.lr:g}. Train more steps (--max-steps, --epochs) or lower --warmup-ratio")
+
+
 def checkpointing_kwargs(offload_checkpoints: bool, precision) -> dict:
     """offload: transformers holds each layer's checkpointed input in pinned host memory; a GPU's
     only: on the CPU there is nothing to move, and no pinned allocator."""
