@@ -79,3 +79,14 @@ def test_a_worse_adapter_is_said_to_be_worse_in_the_summary_and_the_card(tiny_ba
             f"{results['bpc_before']:.3f} (with the markers registered) to {results['bpc_after']:.3f}") in summary
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "**Warning: held-out bits per character after training" in card and "**주의: 학습 후" in card
+
+
+def test_report_on_a_run_in_progress_says_not_yet_rather_than_no_held_out_documents():
+    from matplotlib.figure import Figure
+
+    from peftko.run.plot import NOT_MEASURED, NOT_YET
+
+    in_progress, finished = Figure().subplots(1, 2)
+    _plot_bpc(in_progress, {})  # metrics.jsonl only: no peftko.json yet
+    _plot_bpc(finished, {"steps": 20, "bpc_before": None})
+    assert in_progress.texts[0].get_text() == NOT_YET and finished.texts[0].get_text() == NOT_MEASURED

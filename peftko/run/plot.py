@@ -42,6 +42,7 @@ BPC_BARS = (  # results key, label, colour
     ("bpc_after", "학습 후\n(trained)", "tab:green"),
 )
 NOT_MEASURED = "측정하지 않음\n(not measured: no held-out documents)"
+NOT_YET = "아직 측정하지 않음\n(not measured yet:\nthe run has not finished)"
 KEPT = "남긴 어댑터 (kept adapter): step {step}"
 STRUCTURE = "생성 구조 (structure of {n} samples)\n마커 조각 (marker fragments): 샘플당 {frag:.1f} per sample"
 WORSE_LABEL = "학습 후: 나빠짐\n(trained: worse)"
@@ -229,7 +230,9 @@ def _plot_bpc(ax, results: dict) -> None:
     ax.set_title(BPC)
     bars = [(label, results[key], color) for key, label, color in BPC_BARS if results.get(key) is not None]
     if not bars:
-        ax.text(0.5, 0.5, NOT_MEASURED, ha="center", va="center", transform=ax.transAxes)
+        # A finished run records its steps (peftko.json); before that, the bars are still to come.
+        why = NOT_MEASURED if results.get("steps") is not None else NOT_YET
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
     if worse_after_training(results.get("bpc_before"), results.get("bpc_after")):
