@@ -146,3 +146,18 @@ def test_ablate_samples_as_the_flags_else_the_config_else_two(monkeypatch, tmp_p
 def test_the_variants_leave_sampling_to_ablate(ablation):
     for variant in ("registered", "as-text", "deleted"):
         assert "structure" not in manifest(ablation["out"], variant)["results"], variant
+
+
+def test_the_verdict_on_a_toy_base_says_it_is_about_the_toy(tiny_bases, tmp_path):
+    import json as _json
+
+    from peftko.commands.ablate import toy_base_note
+
+    note = toy_base_note(tiny_bases["llama-untied"])
+    assert "a toy initialised at random" in note and "not for a pretrained base" in note
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(_json.dumps({  # Gemma-3-270M's shape: no note
+        "model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 2048, "vocab_size": 262144}))
+    assert toy_base_note(real) == ""
