@@ -193,7 +193,8 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes,
     overrides the defaults.
     """
     _no_library_bars_in_files()
-    cfg = _load_config(config_file, sets, flags, "lora-train", explain=dry_run)  # before torch loads: a slip answers at once
+    # before torch loads: a slip answers at once (a dry run also shows how other tools' keys were read)
+    cfg = _load_config(config_file, sets, flags, "lora-train", explain=dry_run)
     from peftko.commands.lora_train import run_lora_train
 
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict,

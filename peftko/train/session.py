@@ -163,7 +163,8 @@ def setup_data(run: Run, tokenizer) -> PackedData:
         say(f"held out: {shown(d.held_out)}")
     processes = distributed.world_size()
     for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
-                 passes_note(run.cfg.steps(), len(d.train), processes), warmup_note(run.cfg, len(d.train), processes)):
+                 passes_note(run.cfg.steps(), len(d.train), processes),
+                 warmup_note(run.cfg, len(d.train), processes)):
         if note:
             say(note)
     return d
