@@ -193,21 +193,22 @@ def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes,
     overrides the defaults.
     """
     _no_library_bars_in_files()
-    cfg = _load_config(config_file, sets, flags, "lora-train")  # before torch loads: a slip answers at once
+    # before torch loads: a slip answers at once (a dry run also shows how other tools' keys were read)
+    cfg = _load_config(config_file, sets, flags, "lora-train", explain=dry_run)
     from peftko.commands.lora_train import run_lora_train
 
     sys.exit(run_lora_train(cfg, resume=resume, force=force, dry_run=dry_run, strict=strict,
                             num_processes=num_processes))
 
 
-def _load_config(config_file, sets, flags: dict, command: str) -> TrainConfig:
+def _load_config(config_file, sets, flags: dict, command: str, explain: bool = False) -> TrainConfig:
     """The TrainConfig from the file, --set and the generated flags (see _config_options); the
     command needs model, data and output from one of them, never the demo's defaults."""
     for name in MULTIPLE:  # an empty tuple means "not given", so the config file's list stays
         flags[name] = list(flags[name]) or None
     for name in JOINED:  # every repeat counts: --markers A --markers B is A,B, never just B
         flags[name] = ",".join(flags[name]) if flags[name] else None
-    return load_config(config_file, flags, list(sets), required_by=command)
+    return load_config(config_file, flags, list(sets), required_by=command, explain=explain)
 
 
 def _no_library_bars_in_files() -> None:

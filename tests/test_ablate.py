@@ -201,3 +201,18 @@ def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(tiny_bas
     assert (out / "registered" / "peftko.json").read_bytes() == registered  # kept, not trained again
     assert json.loads((out / "as-text" / "peftko.json").read_text())["results"]["steps"] == 2
     assert (out / "ablation.json").exists()
+
+
+def test_the_verdict_on_a_toy_base_says_it_is_about_the_toy(tiny_bases, tmp_path):
+    import json as _json
+
+    from peftko.commands.ablate import toy_base_note
+
+    note = toy_base_note(tiny_bases["llama-untied"])
+    assert "a toy initialised at random" in note and "not for a pretrained base" in note
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(_json.dumps({  # Gemma-3-270M's shape: no note
+        "model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 2048, "vocab_size": 262144}))
+    assert toy_base_note(real) == ""

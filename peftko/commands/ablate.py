@@ -36,6 +36,7 @@ from peftko.evaluate.structure import SampleOptions, overall_top1, structure_sco
 from peftko.evaluate.verdict import verdict
 from peftko.model.base import resolve_model_path
 from peftko.model.inference import load_for_inference
+from peftko.model.memory_plan import read_config, shape_from_config
 from peftko.run.checkpoints import latest_checkpoint
 from peftko.run.ownership import check_place
 from peftko.run.records import RunIdentityRecord, RunRecord
@@ -124,6 +125,21 @@ def same_settings(recorded: dict, cfg: TrainConfig) -> bool:
     return all(recorded.get(k) == now.get(k) for k in (set(recorded) | set(now)) - free)
 
 
+TOY_PARAMS = 50e6  # below this a base is a toy (the built-in tiny-llama: random weights, briefly trained)
+
+
+def toy_base_note(model_path: Path) -> str:
+    """A sign test can be "sure" about a toy base: say that the verdict is about that toy."""
+    try:
+        params = shape_from_config(read_config(model_path)).total_params
+    except (KeyError, TypeError, ValueError, OSError):
+        return ""
+    if params >= TOY_PARAMS:
+        return ""
+    return (f" Note: the base has {params / 1e6:.1f} M parameters, a toy initialised at random (like builtin:tiny-llama): "
+            "the verdict says what markers do for it, not for a pretrained base; run ablate on the base you will train.")
+
+
 def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: bool = False,
                as_json: bool = False) -> dict:
     out = Path(cfg.output)
@@ -148,7 +164,7 @@ def run_ablate(cfg: TrainConfig, opts: SampleOptions = SampleOptions(), force: b
         train_variant(name, vcfg, force)
         held_out = [(deleted_docs if name == "deleted" else docs)[i] for i in val]
         rows.append(evaluate_variant(name, Path(vcfg.output), held_out, markers, vcfg, opts))
-    answer = verdict(rows)
+    answer = verdict(rows) + toy_base_note(resolve_model_path(cfg.model))
     result = {"held_out_documents": val, "markers": markers, "sampling": dataclasses.asdict(opts),
               "config": cfg.to_dict(), "variants": rows, "verdict": answer}
     write_json_atomic(out / "ablation.json", result)

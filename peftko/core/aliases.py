@@ -4,8 +4,10 @@ the transformers TrainingArguments names it shares) or Unsloth mostly reads as i
 ALIASES maps a peer's key to peftko's TrainConfig key, with a converter where the value is spelled
 differently (load_in_4bit: true is quant: 4bit). A key is here only when it means the same thing;
 one that looks alike but measures something else (warmup_steps counts steps, peftko's warmup_ratio
-is a fraction) is in REFUSED, with what to write instead. The docs' table is generated from this
-module (markdown_table) and tests/test_aliases.py keeps the two equal.
+is a fraction) is in REFUSED, with what to write instead. A key that changes nothing in peftko
+(Axolotl's strict, tf32, train_on_inputs on raw text) is in IGNORED: listed once in a note, never an
+error, as Axolotl itself only warns on keys it does not know; so is any other key left empty. The
+docs' table is generated from this module (markdown_table) and tests/test_aliases.py keeps the two equal.
 
 read_source reads one source (the config file, or the --set values) with these names; the types
 of peftko's keys come from peftko.core.config, which calls it.
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from peftko.core.coercion import to_type
@@ -68,6 +71,9 @@ def _axolotl_datasets(value: Any) -> list[str]:
 def _axolotl_dataset(entry: Any) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         raise ValueError(f"has an entry without a path; {DATASETS_EXPECTED}")
+    if _looks_like_hub_name(entry["path"]):
+        raise ValueError(f"path {entry['path']!r} is a Hugging Face Hub dataset, not a local file or folder; "
+                         f"{DATASETS_EXPECTED}")
     if entry.get("type") not in ("completion", "text"):
         raise ValueError(f"type {entry.get('type')!r} is an instruction or chat format; {DATASETS_EXPECTED}")
     if entry.get("field", "text") != "text":
@@ -76,6 +82,14 @@ def _axolotl_dataset(entry: Any) -> str:
     if extra:
         raise ValueError(f"{', '.join(extra)} has no peftko equivalent; {DATASETS_EXPECTED}")
     return entry["path"]
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    """owner/name with nothing of a local path about it, and nothing there: a Hub dataset (the
+    path would otherwise fail later as a missing folder, which says nothing of the Hub)."""
+    parts = path.split("/")
+    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and "\\" not in path
+            and not Path(path).exists())
 
 
 def _lora_target(value: Any) -> Any:
@@ -110,11 +124,16 @@ def _fraction(value: float) -> float:
     return value
 
 
+def _unsloth_checkpointing(value: Any) -> bool:
+    """Unsloth's "unsloth" is its own offloading checkpointing: peftko checkpoints (see --offload-checkpoints)."""
+    return True if value == "unsloth" else value
+
+
 def _optim(value: str) -> str:
     if value in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"):
         return "adamw"
-    if value == "paged_adamw_8bit":
-        return value
+    if value in ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit"):
+        return "paged_adamw_8bit"  # bitsandbytes' 8-bit AdamW; paging only moves states out of a full GPU
     raise ValueError("peftko has adamw and paged_adamw_8bit")
 
 
@@ -129,6 +148,8 @@ ALIASES: dict[str, Alias] = {
         "a local folder: peftko downloads nothing", "로컬 폴더: peftko는 아무것도 내려받지 않습니다")),
     "model_name": Alias("model", (UNSLOTH,), note=(
         "a local folder: peftko downloads nothing", "로컬 폴더: peftko는 아무것도 내려받지 않습니다")),
+    "tokens": Alias("markers", (AXOLOTL,), note=(
+        "the tokens to add to the tokenizer: peftko's markers", "토크나이저에 더할 토큰: peftko의 마커")),
     "datasets": Alias("data", (AXOLOTL,), _axolotl_datasets, note=(
         "entries `- path: corpus/` with `type: completion` (raw text); other types are refused",
         "`- path: corpus/`와 `type: completion`(일반 텍스트) 항목만; 다른 type은 거절")),
@@ -164,6 +185,9 @@ ALIASES: dict[str, Alias] = {
     # LoRA
     "lora_rank": Alias("lora_r", (FACTORY,)),
     "r": Alias("lora_r", (UNSLOTH,)),
+    "random_state": Alias("seed", (UNSLOTH,)),
+    "use_gradient_checkpointing": Alias("gradient_checkpointing", (UNSLOTH,), _unsloth_checkpointing, note=(
+        "true or \"unsloth\": true", "true나 \"unsloth\": true")),
     "lora_target_modules": Alias("target_modules", (AXOLOTL,)),
     "lora_target": Alias("target_modules", (FACTORY,), _lora_target, note=(
         "all: all-linear; names comma-separated", "all: all-linear; 이름은 쉼표로 구분")),
@@ -184,8 +208,9 @@ ALIASES: dict[str, Alias] = {
     "lr_scheduler": Alias("scheduler", (AXOLOTL,), note=("cosine, linear or constant", "cosine, linear, constant")),
     "lr_scheduler_type": Alias("scheduler", (FACTORY, TRL), note=(
         "cosine, linear or constant", "cosine, linear, constant")),
-    "optim": Alias("optimizer", (FACTORY, TRL), _optim, str, note=(
-        "adamw_torch (and _fused): adamw; paged_adamw_8bit", "adamw_torch(_fused): adamw; paged_adamw_8bit")),
+    "optim": Alias("optimizer", (FACTORY, TRL, UNSLOTH), _optim, str, note=(
+        "adamw_torch (and _fused): adamw; adamw_8bit, paged_adamw_8bit: paged_adamw_8bit",
+        "adamw_torch(_fused): adamw; adamw_8bit, paged_adamw_8bit: paged_adamw_8bit")),
 }
 
 # Peers' keys that are peftko's own, meaning the same: nothing to translate.
@@ -206,11 +231,55 @@ REFUSED: dict[str, tuple[str, str]] = {
                         "peftko는 eval_steps 스텝마다 평가합니다"),
     "saves_per_epoch": ("peftko writes a checkpoint every save_steps optimizer steps",
                         "peftko는 save_steps 스텝마다 체크포인트를 씁니다"),
-    "sample_packing": ("peftko always packs whole documents into blocks; delete this key",
-                       "peftko는 늘 문서를 블록으로 묶습니다; 이 키를 지우세요"),
-    "packing": ("peftko always packs whole documents into blocks; delete this key",
-                "peftko는 늘 문서를 블록으로 묶습니다; 이 키를 지우세요"),
+    "max_samples": ("keeps part of the data; peftko trains on every document given (choose the files instead)",
+                    "데이터 일부만 씀; peftko는 주어진 문서를 모두 학습(파일을 골라 주세요)"),
+    "overwrite_output_dir": ("peftko replaces an output folder only with --force", "peftko는 --force로만 출력 폴더를 바꿈"),
+    "lora_model_dir": ("loads an existing adapter to train on; peftko starts a new one (continue a peftko run "
+                       "with --resume); leave it empty",
+                       "있는 어댑터를 불러와 이어 학습합니다; peftko는 새로 시작합니다(peftko 실행은 --resume으로 "
+                       "이어 감); 비워 두세요"),
+    "resume_from_checkpoint": ("peftko continues a run with --resume (the same command), not a path",
+                               "peftko는 경로가 아니라 --resume(같은 명령)으로 이어 갑니다"),
 }
+
+# Peers' keys that change nothing in peftko, whatever their value: a note lists them, once.
+IGNORED: dict[str, tuple[str, str]] = {
+    "strict": ("Axolotl's own check of its keys; peftko checks every key", "Axolotl의 키 검사; peftko는 모든 키를 검사"),
+    "tf32": ("a matmul speed switch; dtype sets peftko's precision", "행렬 곱 속도 설정; 정밀도는 dtype"),
+    "train_on_inputs": ("raw text has no inputs to mask: every token is trained",
+                        "일반 텍스트에는 가릴 입력이 없어 모든 토큰을 학습"),
+    "group_by_length": ("packed blocks are all seq_len long: no lengths to group",
+                        "묶은 블록은 모두 seq_len 길이: 묶을 길이가 없음"),
+    "pad_to_sequence_len": ("packed blocks are all seq_len long already", "묶은 블록은 이미 모두 seq_len 길이"),
+    "model_type": ("peftko loads every base with AutoModelForCausalLM", "peftko는 AutoModelForCausalLM으로 읽음"),
+    "tokenizer_type": ("peftko loads the base's tokenizer with AutoTokenizer", "peftko는 AutoTokenizer로 읽음"),
+    "special_tokens": ("peftko keeps the base's special tokens and pads its blocks itself; tokens to add go in "
+                       "`tokens:` or markers", "기반 모델의 특수 토큰을 그대로 씀; 더할 토큰은 `tokens:`나 markers"),
+    "overwrite_cache": ("peftko's dataset cache is keyed by the files and the tokenizer: a change rebuilds it",
+                        "peftko의 데이터 캐시는 파일과 토크나이저로 구분: 바뀌면 다시 만듦"),
+    "dataset_prepared_path": ("peftko caches tokenized data under PEFTKO_HOME/datasets",
+                              "peftko는 토큰화한 데이터를 PEFTKO_HOME/datasets에 캐시"),
+}
+# Peers' keys whose one value is what peftko does anyway: ignored at that value, refused at another.
+# name -> (that value, English, Korean)
+IGNORED_AT: dict[str, tuple[Any, str, str]] = {
+    "sample_packing": (True, "peftko always packs whole documents into blocks", "peftko는 늘 문서를 블록으로 묶음"),
+    "packing": (True, "peftko always packs whole documents into blocks", "peftko는 늘 문서를 블록으로 묶음"),
+    "stage": ("pt", "peftko continues pre-training on raw text", "peftko는 일반 텍스트로 사전 학습을 이어 감"),
+    "finetuning_type": ("lora", "peftko trains LoRA adapters only", "peftko는 LoRA 어댑터만 학습"),
+    "do_train": (True, "peftko's lora-train always trains", "lora-train은 늘 학습"),
+    "quantization_method": ("bitsandbytes", "peftko quantizes with bitsandbytes", "peftko는 bitsandbytes로 양자화"),
+    "bias": ("none", "peftko's LoRA trains no bias", "peftko의 LoRA는 bias를 학습하지 않음"),
+    "use_rslora": (False, "peftko scales LoRA by lora_alpha / lora_r", "peftko는 LoRA를 lora_alpha / lora_r로 스케일"),
+}
+
+
+class Ignored(Exception):
+    """A peer's key that changes nothing in peftko: a note, not a problem."""
+
+
+def _empty(raw: Any) -> bool:
+    return raw is None or raw == "" or raw == [] or raw == {}
 
 
 def peftko_flag(alias: str) -> str:
@@ -235,8 +304,15 @@ def markdown_table(lang: str) -> str:
     rows = [head, "|---|---|---|---|"]
     rows += [f"| `{name}` | {', '.join(a.tools)} | `{a.key}` | {a.note[ko]} |" for name, a in ALIASES.items()]
     rows += [f"| `{name}` | | {'거절' if ko else 'refused'} | {text[ko]} |" for name, text in REFUSED.items()]
+    rows += [f"| `{name}` | | {'무시(알림)' if ko else 'ignored (a note)'} | {text[ko]} |"
+             for name, text in IGNORED.items()]
+    rows += [f"| `{name}` | | {'무시' if ko else 'ignored'}: `{_as_written(value)}` | "
+             f"{(ko_why if ko else why)}; {'다른 값은 거절' if ko else 'any other value is refused'} |"
+             for name, (value, why, ko_why) in IGNORED_AT.items()]
     same = ", ".join(f"`{k}`" for k in SAME_NAMES)
-    tail = (f"이름도 뜻도 같은 키(그대로 읽음): {same}." if ko else f"Same name, same meaning (read as is): {same}.")
+    tail = (f"이름도 뜻도 같은 키(그대로 읽음): {same}. 값을 비워 둔 다른 도구의 키도 무시하고 알림에 적습니다."
+            if ko else f"Same name, same meaning (read as is): {same}. Any other tool's key left empty is "
+            "ignored too, and listed in the note.")
     return "\n".join(rows) + "\n\n" + tail
 
 
@@ -245,25 +321,46 @@ def markdown_table(lang: str) -> str:
 Coerce = Callable[[str, Any], Any]  # (peftko key, value) -> the value as the key's type, or ValueError
 
 
+@dataclass
+class Reading:
+    """One source read: peftko's values, the problems, the keys ignored (name, why), how each peer's
+    name was read (name, as written, peftko's key, value), and the peftko keys a problem was about."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    translated: list[tuple[str, Any, str, Any]] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+
+    def __iter__(self):  # values, problems = read_source(...) still reads
+        return iter((self.values, self.problems))
+
+
 def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[str],
-                coerce: Coerce) -> tuple[dict[str, Any], list[str]]:
+                coerce: Coerce) -> Reading:
     """One source's settings under peftko's `keys`, each read by `coerce`, and its problems, each a
     line starting with `prefix` (the file's name). Two names for one key in the same source
     (lr and learning_rate) must agree: neither silently wins."""
     found: dict[str, list[tuple[str, Any, Any]]] = {}  # peftko key -> [(name, as written, as read)]
-    problems = []
+    reading = Reading()
+    problems = reading.problems
     for name, raw in items:
         name = str(name)
         try:
             key, value = _read_one(name, raw, keys, coerce)
+        except Ignored as e:
+            reading.ignored.append((name, e.args[0]))
         except LookupError as e:
             problems.append(f"{prefix}{name}: {e.args[0]}")
         except ValueError as e:
             problems.append(f"{prefix}{name}: {raw!r} {e}")
+            if name in ALIASES:
+                reading.failed.add(ALIASES[name].key)
         else:
             if key is not None:
                 found.setdefault(key, []).append((name, raw, value))
-    values = {}
+                if name not in keys:
+                    reading.translated.append((name, raw, key, value))
     for key, entries in found.items():
         try:
             value = _agree(key, entries)
@@ -271,14 +368,24 @@ def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[
             problems.append(f"{prefix}{e}")
             continue
         if value is not None:
-            values[key] = value
-    return values, problems
+            reading.values[key] = value
+    return reading
 
 
 def _read_one(name: str, raw: Any, keys: Collection[str], coerce: Coerce) -> tuple[str | None, Any]:
     """(peftko's key, the value read) for one key as written; LookupError: unknown or refused."""
     if name in keys:
         return name, coerce(name, raw)
+    if name in IGNORED:
+        raise Ignored(IGNORED[name][0])
+    if name in IGNORED_AT:
+        expected, why = IGNORED_AT[name][:2]
+        if raw == expected:
+            raise Ignored(why)
+        raise LookupError(f"{_as_written(raw)} is refused: {why}; only {_as_written(expected)} is accepted "
+                          "(and ignored: it is what peftko does)")
+    if name not in ALIASES and _empty(raw):
+        raise Ignored("empty")
     if name in REFUSED:
         raise LookupError(REFUSED[name][0])
     alias = ALIASES.get(name)
@@ -324,7 +431,9 @@ def _as_written(raw: Any) -> str:
 
 
 def _did_you_mean(name: str, keys: Collection[str]) -> str:
-    match = difflib.get_close_matches(name, [*keys, *ALIASES], n=1)
+    # 0.8, not difflib's 0.6: a typo (learning_rte, lora_alhpa) scores above 0.8; a different key that
+    # shares a word (tokens / sample_tokens, pad_to_sequence_len / sequence_len) scores below.
+    match = difflib.get_close_matches(name, [*keys, *ALIASES], n=1, cutoff=0.8)
     if not match:
         return ""
     hint = match[0]

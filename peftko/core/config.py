@@ -21,6 +21,7 @@ import yaml
 from peftko.core.aliases import read_source
 from peftko.core.coercion import to_type
 from peftko.core.errors import UserError
+from peftko.core.progress import say
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:sample"
@@ -273,14 +274,19 @@ def load_config(
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     required_by: str | None = None,
+    explain: bool = False,
 ) -> TrainConfig:
     """Defaults < YAML file < --set < explicit flags. Raises one UserError listing every problem.
 
     The file and --set may use other tools' names (peftko.core.aliases). With `required_by` (the
     command's name), model, data and output must be given by one of the three, never defaulted.
+    Other tools' keys that change nothing are listed in one note; with `explain` (--dry-run), how
+    each other tool's key was read.
     """
-    values, problems = _gather(config_file, flags or {}, sets or [])
-    missing = _missing(required_by, values, config_file)
+    values, problems, readings = _gather(config_file, flags or {}, sets or [])
+    echo_ignored(readings)
+    failed = set().union(*(r.failed for _, r in readings))
+    missing = _missing(required_by, {**values, **dict.fromkeys(failed)}, config_file)  # one line per slip
     if "data" in values and not values["data"]:  # given, but empty (no default: REQUIRED)
         problems.append("data: give at least one file or folder")
     cfg = TrainConfig(**values)
@@ -289,24 +295,57 @@ def load_config(
         raise UserError(missing[0])  # the usual slip, a forgotten flag: one line
     if problems:
         raise UserError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    if explain:
+        echo_translated(readings)
     return cfg
 
 
-def _gather(config_file, flags: dict[str, Any], sets: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Every source's values under peftko's keys, later sources overriding earlier ones."""
+def _gather(config_file, flags: dict[str, Any], sets: list[str]):
+    """Every source's values under peftko's keys, later sources overriding earlier ones; the
+    problems; and each source's Reading (its ignored and translated keys)."""
     problems: list[str] = []
-    sources = []
+    readings = []
     if config_file:
-        sources.append(read_source(read_yaml(config_file).items(), f"{config_file}: ", FIELDS, coerce))
+        readings.append((str(config_file), read_source(read_yaml(config_file).items(), f"{config_file}: ",
+                                                       FIELDS, coerce)))
     set_values, set_problems = parse_set(sets)
     problems += set_problems
-    sources.append(read_source(set_values.items(), "--set ", FIELDS, coerce))
-    sources.append(_read_flags({k: v for k, v in flags.items() if v is not None}))
+    readings.append(("--set", read_source(set_values.items(), "--set ", FIELDS, coerce)))
+    sources = [r for _, r in readings] + [_read_flags({k: v for k, v in flags.items() if v is not None})]
     values: dict[str, Any] = {}
     for source_values, source_problems in sources:
         values.update(source_values)
         problems += source_problems
-    return values, problems
+    return values, problems, readings
+
+
+def echo_ignored(readings) -> None:
+    """One note per source for the keys that change nothing."""
+    for where, r in readings:
+        if r.ignored:
+            said = [n for n, why in r.ignored if why != "empty"]
+            empty = [n for n, why in r.ignored if why == "empty"]
+            say(f"note: {where}: ignored, as they change nothing in peftko: "
+                + "; ".join([*(f"{n} ({dict(r.ignored)[n]})" for n in said),
+                             *([f"left empty: {', '.join(empty)}"] if empty else [])]))
+
+
+def echo_translated(readings) -> None:
+    """Each other tool's key as peftko read it (--dry-run)."""
+    for where, r in readings:
+        if r.translated:
+            say(f"{where}: other tools' keys, as peftko reads them:")
+            width = max(len(name) for name, *_ in r.translated)
+            for name, raw, key, value in r.translated:
+                say(f"  {name + ':':<{width + 1}} {_shown(raw)} -> {key}: {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if hasattr(value, "excluded"):  # an Unless: a switch turned off
+        return f"not {value.excluded}" + (f" (else {value.otherwise})" if value.otherwise is not None else "")
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _missing(command: str | None, values: dict[str, Any], config_file) -> list[str]:
@@ -358,6 +397,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append("max_bad_steps and num_proc: must be at least 1")
     if isinstance(cfg.markers, str) and cfg.markers != "auto":
         p.append(f"markers: must be 'auto' or a list of markers, got {cfg.markers!r}")
+    if isinstance(cfg.target_modules, list) and not cfg.target_modules:
+        p.append("target_modules: an empty list trains no LoRA layer; give layer names or all-linear")
     if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
         p.append(f"target_modules: must be 'all-linear' or a list, got {cfg.target_modules!r}")
     p += report_problems(cfg.report_to)

@@ -45,6 +45,7 @@ def echo_plan(cfg: TrainConfig, model_path: Path, precision: Precision, markers:
         ram = plan_memory(shape, compute_bytes=_dtype_bytes(precision.dtype), liger=False, **kwargs)
         lines.append(f"this run is on the CPU ({str(precision.dtype).replace('torch.', '')}): "
                      f"about {max(ram.peak, ram.loading) / GIB:.1f} GiB of RAM" + _cpu_warning(shape, cfg))
+    lines += fit_lines(plan, cfg, shape, _dtype_bytes(dtype), liger, kwargs)
     if processes > 1 or cfg.max_steps > 0:
         lines.append(batch_line(cfg.steps(), processes))
     if stats and abs(stats[0] - shape.total_params) > 0.05 * stats[0]:
@@ -134,6 +135,52 @@ def _table(plan: MemoryPlan, cfg: TrainConfig, shape: ModelShape, dtype: str, n_
         f"fits in {_verdicts(plan)}  (counting {ALLOCATOR_SLACK:.0%} allocator slack and "
         f"{CARD_OVERHEAD_GIB:.0f} GiB for the CUDA context)",
     ]
+
+
+MIN_SEQ_LEN_SUGGESTED = 256  # shorter blocks cut most books mid-scene; below this, no suggestion
+
+
+def fit_lines(plan: MemoryPlan, cfg: TrainConfig, shape: ModelShape, compute_bytes: int, liger: bool,
+              kwargs: dict) -> list[str]:
+    """For each card the plan does not fit, the smallest single changes that would make it fit,
+    each with its predicted training peak: a shorter sequence, Liger, offloaded checkpoints, a
+    smaller batch (with more accumulation, so the step trains as many blocks)."""
+    lines = []
+    for card in CARDS_GIB:
+        if plan.fits(card):
+            continue
+        kinds = _changes(cfg, shape, compute_bytes, liger, kwargs)
+        fitting = [next(((flag, p) for flag, p in kind if p.fits(card)), None) for kind in kinds]
+        changes = [f"{flag} ({p.peak_gib:.2f} GiB)" for flag, p in filter(None, fitting)]
+        lines.append(f"to fit {card} GiB: " + (", or ".join(changes) if changes else
+                                               "no single change of sequence length, Liger, offloaded "
+                                               "checkpoints or batch is enough; use a bigger card or a smaller base"))
+    return lines
+
+
+def _changes(cfg: TrainConfig, shape: ModelShape, compute_bytes: int, liger: bool,
+             kwargs: dict) -> list[list[tuple[str, MemoryPlan]]]:
+    """Each kind of change as (flag, plan) from the smallest change to the largest: the caller keeps
+    the first of each kind that fits."""
+    def plan(**changed) -> MemoryPlan:
+        return plan_memory(shape, compute_bytes=compute_bytes, **{"liger": liger, **kwargs, **changed})
+
+    seq_len = cfg.seq_len // 2
+    seq_plans = []
+    while isinstance(cfg.seq_len, int) and seq_len >= MIN_SEQ_LEN_SUGGESTED:
+        seq_plans.append((f"--seq-len {seq_len}", plan(seq_len=seq_len)))
+        seq_len //= 2
+    batch, batch_plans = cfg.batch_size // 2, []
+    while batch >= 1:
+        accum = cfg.grad_accum * cfg.batch_size // batch
+        batch_plans.append((f"--batch-size {batch} --grad-accum {accum}", plan(batch_size=batch)))
+        batch //= 2
+    kinds = [seq_plans, batch_plans]
+    if not liger and cfg.liger != "off":
+        kinds.append([("--liger on (pip install 'peftko[gpu]', CUDA)", plan(liger=True))])
+    if cfg.gradient_checkpointing and not cfg.offload_checkpoints:
+        kinds.append([("--offload-checkpoints", plan(offload_checkpoints=True))])
+    return kinds
 
 
 def batch_line(steps: StepSettings, processes: int) -> str:

@@ -144,13 +144,25 @@ def _facts(record: RunRecord) -> dict:
         "tokens": results.tokens_seen,  # what the steps processed, as the Trainer counted
         "bpc": [(k, getattr(results, k)) for k in ("bpc_base", "bpc_before", "bpc_after")],
         "kept": results.kept_step, "structure": results.structure,
+        "worse": results.worse_after_training,
     }
 
 
 def _scored(facts: dict, language: str) -> list[str]:
     """The step keep_best kept, and the structure score of `samples` (peftko.evaluate.structure), when recorded."""
     lines, s = [], facts["structure"]
-    if facts["kept"]:
+    bpc = dict(facts["bpc"])
+    if facts["worse"]:
+        lines.append(f"- **주의: 학습 후 검증 문자당 비트({bpc['bpc_after']:.3f})가 마커 등록 후({bpc['bpc_before']:.3f})보다 "
+                     "나쁩니다.** 이 어댑터는 학습하지 않은 모델보다 검증 문서를 못 예측합니다" if language == "ko" else
+                     f"- **Warning: held-out bits per character after training ({bpc['bpc_after']:.3f}) are worse than "
+                     f"with the markers registered ({bpc['bpc_before']:.3f}).** This adapter predicts the held-out "
+                     "documents worse than no training")
+    if facts["kept"] == 0:
+        lines.append("- 남긴 어댑터: 마커만 등록한 상태, 학습 전 (학습한 어떤 단계도 검증에서 더 낫지 않음)" if language == "ko"
+                     else "- Adapter kept: the markers as registered, before any step (no trained step did better "
+                     "on the held-out documents)")
+    elif facts["kept"]:
         lines.append(f"- 남긴 어댑터: {facts['kept']}단계 (검증 손실이 가장 낮음)" if language == "ko" else
                      f"- Adapter kept: step {facts['kept']} (the lowest held-out loss)")
     if isinstance(s, dict) and s.get("samples"):

@@ -24,7 +24,7 @@ from peftko.core.atomic import replaced_on_success
 from peftko.core.errors import UserError
 from peftko.core.progress import say, warn
 from peftko.run.layout import METRICS, REPORT as REPORT_FILE
-from peftko.run.records import RunRecord
+from peftko.run.records import RunRecord, worse_after_training
 
 FONT_PACKAGE, FONT_FILE = "koreanize_matplotlib", "fonts/NanumGothic.ttf"
 
@@ -42,8 +42,10 @@ BPC_BARS = (  # results key, label, colour
     ("bpc_after", "학습 후\n(trained)", "tab:green"),
 )
 NOT_MEASURED = "측정하지 않음\n(not measured: no held-out documents)"
+NOT_YET = "아직 측정하지 않음\n(not measured yet:\nthe run has not finished)"
 KEPT = "남긴 어댑터 (kept adapter): step {step}"
 STRUCTURE = "생성 구조 (structure of {n} samples)\n마커 조각 (marker fragments): 샘플당 {frag:.1f} per sample"
+WORSE_LABEL = "학습 후: 나빠짐\n(trained: worse)"
 STRUCTURE_BARS = (  # results["structure"] key, label, colour
     ("balanced", "쌍 닫힘\n(pairs closed)", "tab:blue"),
     ("ends_with_marker", "책 끝 마커\n(book ended)", "tab:orange"),
@@ -228,9 +230,15 @@ def _plot_bpc(ax, results: dict) -> None:
     ax.set_title(BPC)
     bars = [(label, results[key], color) for key, label, color in BPC_BARS if results.get(key) is not None]
     if not bars:
-        ax.text(0.5, 0.5, NOT_MEASURED, ha="center", va="center", transform=ax.transAxes)
+        # A finished run records its steps (peftko.json); before that, the bars are still to come.
+        why = NOT_MEASURED if results.get("steps") is not None else NOT_YET
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
+    if worse_after_training(results.get("bpc_before"), results.get("bpc_after")):
+        # Green would read as success: the trained bar is red, and says it is worse.
+        bars = [(WORSE_LABEL, value, "tab:red") if label == BPC_BARS[2][1] else (label, value, color)
+                for label, value, color in bars]
     labels, values, colors = zip(*bars)
     drawn = ax.bar(labels, values, color=colors)
     ax.bar_label(drawn, fmt="%.3f")

@@ -172,6 +172,12 @@ class CorpusRecord:
             for p in _check(data[k], CorpusPart.RULES, f"corpus.{k}.")]
 
 
+def worse_after_training(bpc_before, bpc_after) -> bool:
+    """Compared as printed (3 decimals): a difference nobody is shown is no verdict."""
+    numbers = [x for x in (bpc_before, bpc_after) if isinstance(x, (int, float))]
+    return len(numbers) == 2 and round(bpc_after, 3) > round(bpc_before, 3)
+
+
 @dataclass
 class Results:
     """What the run measured; written into peftko.json under "results". Filled in as training goes."""
@@ -197,6 +203,12 @@ class Results:
         "bpc_base": NUMBER, "kernels": TEXT, "bpc_before": NUMBER, "train_loss": NUMBER, "steps": INTEGER,
         "tokens_seen": INTEGER, "skipped_steps": INTEGER, "eval_loss": NUMBER, "kept_step": INTEGER,
         "bpc_after": NUMBER, "structure": OBJECT, "gpu_peak_load_gib": NUMBER, "gpu_peak_train_gib": NUMBER}
+
+    @property
+    def worse_after_training(self) -> bool:
+        """Held-out bits per character after training above those with the markers registered:
+        the adapter predicts the held-out documents worse than no training at all."""
+        return worse_after_training(self.bpc_before, self.bpc_after)
 
     def to_json(self) -> dict:
         record = asdict(self)

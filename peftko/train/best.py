@@ -5,6 +5,9 @@ adapter from before that, and hear that it happened.
 The trainable weights (LoRA and the marker rows: a few MB) are copied to the CPU at each new lowest
 held-out loss; at the end they are put back if a later evaluation was worse. The copy lives in
 memory only: after --resume, the lowest is taken among the evaluations since the resume.
+
+The weights before the first step (LoRA at zero, the marker rows as registered) are copied too: when
+every trained state is worse on the held-out text than that, the run keeps it (back_to_registered).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from transformers import TrainerCallback
 
 from peftko.core import distributed
-from peftko.core.progress import say
+from peftko.core.progress import say, warn
+from peftko.run.records import worse_after_training
 
 
 @dataclass
@@ -33,6 +37,11 @@ class KeepBest(TrainerCallback):
         self.model = model
         self.best: Best | None = None
         self.last: tuple[float, int] | None = None  # (eval_loss, step) of the latest evaluation
+        self.initial: dict[str, torch.Tensor] | None = None  # before the first step; None after a resume
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.initial = self._copy()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         loss = (metrics or {}).get("eval_loss")
@@ -58,3 +67,30 @@ class KeepBest(TrainerCallback):
                 if name in self.best.weights:
                     p.copy_(self.best.weights[name].to(p.device))
         return self.best
+
+    def restore_initial(self) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.initial:
+                    p.copy_(self.initial[name].to(p.device))
+
+
+def back_to_registered(keeper: KeepBest | None, keep_best: bool, bpc_before: float | None,
+                       bpc_after: float | None) -> bool:
+    """When the trained adapter is worse on the held-out text than the markers as registered, put
+    the registered-only state back (True), or say why it cannot be (False)."""
+    if not worse_after_training(bpc_before, bpc_after):
+        return False
+    if keeper is None or keeper.initial is None:
+        why = ("keep_best is off (--no-keep-best)" if not keep_best else
+               "the run was resumed, and the weights from before its first step are not kept across a resume")
+        distributed.on_main(lambda: warn(
+            f"keep_best: the trained adapter is kept although the markers as registered did better on the held-out "
+            f"documents ({bpc_before:.3f} against {bpc_after:.3f} bits per character): {why}"))
+        return False
+    keeper.restore_initial()
+    distributed.on_main(lambda: say(
+        f"kept the adapter as registered, before any step: training made the held-out documents harder to predict "
+        f"({bpc_after:.3f} bits per character after training, {bpc_before:.3f} with the markers registered). "
+        "Lower --lr, train fewer steps or add text; --no-keep-best keeps the last step's"))
+    return True

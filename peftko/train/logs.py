@@ -97,7 +97,10 @@ class TrainingProgress(TrainerCallback):
 def format_log(state, logs: dict, total: int | None = None) -> str:
     if "train_runtime" in logs and "loss" not in logs:
         speed = state.num_input_tokens_seen / max(logs["train_runtime"], 1e-9)
-        return f"done: {state.global_step} steps in {logs['train_runtime']:.0f} s, {speed:,.0f} tokens/s"
+        took = f"in {logs['train_runtime']:.0f} s, {speed:,.0f} tokens/s"
+        if total and state.global_step < total:  # a stop: what was done, not "done"
+            return f"stopped at step {state.global_step} of {total} {took}"
+        return f"done: {state.global_step} steps {took}"
     # Without a bar, the line itself says how far the run is.
     parts = [f"step {state.global_step:>5}" + (f"/{total}" if total else "")]
     if "loss" in logs:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 
 def resume_command(output: Path) -> str:
-    """The command the user ran, with --resume: the same config and flags continue the same run."""
-    args = sys.argv[1:]
+    """The command the user ran, with --resume: the same config and flags continue the same run.
+    Never with --force: on a resume it switches off the check that config, corpus and base are
+    unchanged, which is what makes the continued run the same run."""
+    args = [a for a in sys.argv[1:] if a != "--force"]
     if args[:1] != ["lora-train"]:
         return f"peftko lora-train --output {shlex.quote(str(output))} <your config and flags> --resume"
     return "peftko " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))

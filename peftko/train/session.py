@@ -18,7 +18,7 @@ from peftko.core import distributed
 from peftko.core.config import DEFAULT_DOC_END, TrainConfig
 from peftko.core.errors import Interrupted
 from peftko.core.paths import peftko_home
-from peftko.core.progress import say
+from peftko.core.progress import say, warn
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
@@ -35,7 +35,7 @@ from peftko.run.plot import write_report_or_warn
 from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord,
                                 RunRecord, Vocab)
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
-from peftko.train.best import KeepBest
+from peftko.train.best import KeepBest, back_to_registered
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.data.collate import PackedCollator
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
@@ -44,7 +44,8 @@ from peftko.train.nonfinite import NonFiniteGuard, check_finite_parameters
 from peftko.train.oom import translate_oom
 from peftko.data.packing import PackedData, pack_texts, prepare_data
 from peftko.train.rerun import resume_command
-from peftko.train.trainer import final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note
+from peftko.train.trainer import (final_eval_loss, make_trainer, passes_note, planned_steps, short_data_note,
+                                  warmup_note)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def setup_data(run: Run, tokenizer) -> PackedData:
         say(f"held out: {shown(d.held_out)}")
     processes = distributed.world_size()
     for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
-                 passes_note(run.cfg.steps(), len(d.train), processes)):
+                 passes_note(run.cfg.steps(), len(d.train), processes),
+                 warmup_note(run.cfg, len(d.train), processes)):
         if note:
             say(note)
     return d
@@ -222,9 +224,20 @@ def held_out_bpc(run: Run, s: Setup) -> float | None:
 def shared_bpc(run: Run, model, blocks, collator, chars: int) -> float:
     """Bits per character over all the held-out blocks: data-parallel, each rank measures its
     share and the sums are added, so every block counts once (the unwrapped model: no DDP sync)."""
-    nll, _ = held_out_nll(model, distributed.my_share(blocks), collator, run.cfg.batch_size, run.precision.device)
-    (nll,) = distributed.sum_over_ranks(nll)
+    nll, _ = shared_nll(run, model, blocks, collator)
     return bits_per_char(nll, chars)
+
+
+def shared_nll(run: Run, model, blocks, collator) -> tuple[float, float]:
+    nll, count = held_out_nll(model, distributed.my_share(blocks), collator, run.cfg.batch_size, run.precision.device)
+    nll, count = distributed.sum_over_ranks(nll, count)
+    return nll, count
+
+
+def held_out_loss(run: Run, s: Setup) -> tuple[float, float]:
+    """(mean loss per predicted token, bits per character) of the model as it is now."""
+    nll, count = shared_nll(run, s.model, s.data.val, s.collator)
+    return nll / max(count, 1), bits_per_char(nll, s.data.val_chars)
 
 
 # --- train
@@ -258,19 +271,25 @@ def commit(run: Run, identity: RunIdentity, checkpoint: Path | None, bpc_before:
 
 
 # --- evaluate and save
-def final_evaluation(run: Run, s: Setup, trained: Trained) -> Evaluation:
+def final_evaluation(run: Run, s: Setup, trained: Trained, bpc_before: float | None = None) -> Evaluation:
     """eval_loss and bpc_after on the held-out data (none without it); first, with keep_best, the
-    weights of the lowest held-out loss are put back if a later evaluation was worse."""
+    weights of the lowest held-out loss are put back if a later evaluation was worse, and the
+    markers as registered (step 0) if every trained state is worse than them."""
     if s.data.val is None:
         return Evaluation()
     kept = trained.keeper.restore() if trained.keeper else None
     if kept is None:
-        return Evaluation(final_eval_loss(trained.trainer), held_out_bpc(run, s), None, sampled_structure(run, s))
-    last_loss, last_step = trained.keeper.last
-    distributed.on_main(lambda: say(
-        f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
-        f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
-    return Evaluation(kept.loss, held_out_bpc(run, s), kept.step, sampled_structure(run, s))
+        e = Evaluation(final_eval_loss(trained.trainer), held_out_bpc(run, s), None)
+    else:
+        last_loss, last_step = trained.keeper.last
+        distributed.on_main(lambda: say(
+            f"kept the adapter of step {kept.step}, the lowest held-out loss ({kept.loss:.4f}; step {last_step}: "
+            f"{last_loss:.4f}). --no-keep-best keeps the last step's"))
+        e = Evaluation(kept.loss, held_out_bpc(run, s), kept.step)
+    if back_to_registered(trained.keeper, run.cfg.keep_best, bpc_before, e.bpc_after):
+        loss, bpc = held_out_loss(run, s)
+        e = Evaluation(loss, bpc, 0)
+    return dataclasses.replace(e, structure=sampled_structure(run, s))
 
 
 def sampled_structure(run: Run, s: Setup) -> dict | None:
@@ -317,7 +336,7 @@ def finish(run: Run, s: Setup, trained: Trained, results: Results) -> int:
     phase = "evaluate together" if distributed.active() else "evaluate"
     try:
         with run.stopper.during(phase), translate_oom(run.cfg.memory_levers(), "evaluating"):
-            e = final_evaluation(run, s, trained)
+            e = final_evaluation(run, s, trained, results.bpc_before)
     except Interrupted:
         return stop_with_checkpoint(run, trained.trainer)
     if distributed.active() and run.stopper.agreed():
@@ -393,5 +412,9 @@ def echo_done(output: Path, results: Results, registered: bool = True) -> None:
         say("held-out bits per character: "
             + (f"base model {base:.3f} (its own tokenizer), " if base is not None else "")
             + f"{results.bpc_before:.3f} {before}, {results.bpc_after:.3f} after training")
+        if results.worse_after_training:
+            warn(f"warning: the adapter is worse than no training: held-out bits per character rose from "
+                 f"{results.bpc_before:.3f} ({before}) to {results.bpc_after:.3f} after training. "
+                 "Lower --lr, train fewer steps, or add text")
     say(f"adapter written to {output}{os.sep} (adapter_model.safetensors, tokenizer, peftko.json)")
     say(f"next: peftko merge {output} --output {output}-merged")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput
@@ -99,6 +101,40 @@ def short_data_note(steps: StepSettings, n_blocks: int, processes: int = 1) -> s
             "or --grad-accum to match")
 
 
+def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (0 = the first), as a fraction of the peak.
+
+    transformers' warmup starts at 0: the first step of every run changed nothing. Here the warmup's
+    step i runs at (i + 1) / (warmup + 1), so the first is above 0 and the peak comes right after the
+    warmup, as before; after it, the cosine or linear decay is transformers' own, which never reaches 0
+    on a step that runs. "constant" has no warmup, as in transformers."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_steps(cfg, total: int) -> int:
+    return 0 if cfg.scheduler == "constant" else math.ceil(cfg.warmup_ratio * total)
+
+
+def warmup_note(cfg, n_blocks: int, processes: int = 1) -> str | None:
+    """A line to print before loading when every planned step is a warmup step (a short run, or
+    num_epochs: 1 on a small corpus): the learning rate never reaches the configured one."""
+    total = planned_steps(cfg.steps(), n_blocks, processes)
+    warm = warmup_steps(cfg, total)
+    if warm < total:
+        return None
+    top = cfg.lr * lr_factor(total - 1, kind=cfg.scheduler, warmup=warm, total=total)
+    return (f"note: all {total} planned step{'s' if total != 1 else ''} are warmup steps (warmup_ratio "
+            f"{cfg.warmup_ratio:g} of {total} = {warm}): the learning rate rises to {top:.2e} at most, not lr "
+            f"{cfg.lr:g}. Train more steps (--max-steps, --epochs) or lower --warmup-ratio")
+
+
 def checkpointing_kwargs(offload_checkpoints: bool, precision) -> dict:
     """offload: transformers holds each layer's checkpointed input in pinned host memory; a GPU's
     only: on the CPU there is nothing to move, and no pinned allocator."""
@@ -115,7 +151,7 @@ def training_arguments(cfg, precision, output: Path, n_blocks: int, has_eval: bo
         max_steps=steps,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.scheduler,
-        warmup_steps=math.ceil(cfg.warmup_ratio * steps),
+        warmup_steps=warmup_steps(cfg, steps),
         max_grad_norm=cfg.max_grad_norm,
         bf16=precision.bf16,
         fp16=precision.fp16,
@@ -157,6 +193,15 @@ class PeftkoTrainer(Trainer):
 
     _staging: Path | None = None
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The schedule of lr_factor: a warmup whose first step already moves the model."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, partial(
+                lr_factor, kind=str(self.args.lr_scheduler_type.value), total=num_training_steps,
+                warmup=self.args.get_warmup_steps(num_training_steps)))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Liger's fused loss still builds full logits in eval mode unless told not to.
         if not model.training:
@@ -176,6 +221,7 @@ class PeftkoTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._load_from_checkpoint(resume_from_checkpoint)
         self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        self.state.max_steps = self.args.max_steps  # the shortened total, not the checkpoint's
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, 0.0, {})
