@@ -23,6 +23,7 @@ from pathlib import Path
 
 from peftko.core.atomic import process_alive
 from peftko.core.errors import UserError
+from peftko.run.layout import MANIFEST
 
 STUDIO_DIR = ".peftko-studio"
 LOG_LINES = 60
@@ -106,7 +107,7 @@ class Jobs:
         if not self.folder.is_dir():
             return []
         found = [p for p in self.folder.iterdir() if (p / "job.json").is_file()]
-        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        found.sort(key=lambda p: p.name, reverse=True)  # the names begin with the time they started
         return [p.name for p in found if kind is None or p.name.split("-")[2:3] == [kind]]
 
     def _running(self, job: Job) -> bool:
@@ -114,9 +115,10 @@ class Jobs:
             return False
         cmdline = Path(f"/proc/{job.pid}/cmdline")  # the pid may have been reused since
         try:
-            return b"peftko" in cmdline.read_bytes()
+            argv = cmdline.read_bytes()
         except OSError:
             return not cmdline.parent.parent.is_dir()  # no /proc on this system: trust the pid
+        return not argv or b"peftko" in argv  # empty: the child is between fork and exec
 
     def state(self, job_id: str) -> dict:
         """What the page shows of a job: status, progress, log tail, errors, results."""
@@ -136,14 +138,20 @@ class Jobs:
             status = "failed"
         else:
             status = "ended"  # ended while no studio watched it; its events say how
-        if not running and status != "stopped" and any("stopped" in t.lower() or "--resume" in t for t in errors):
-            status = "stopped"
+        log = [line for e in events for line in _lines(e)]
+        if status == "ended":  # no exit code kept: what the child wrote says how it ended
+            if any(line.startswith("peftko: stopped by SIG") for line in log[-5:]):
+                status = "stopped"
+            elif job.kind == "train" and _newer(self.root / job.output / MANIFEST, job.started):
+                status = "finished"
+            elif job.kind != "train" and any(e.get("event") == "result" for e in events):
+                status = "finished"
         bar = None
         for e in events:
             if e.get("event") in ("started", "advanced", "finished"):
                 bar = {"phase": e.get("phase"), "done": e.get("done", 0), "total": e.get("total"),
                        "unit": e.get("unit"), "finished": e.get("event") == "finished"}
-        log = [line for e in events for line in _lines(e)][-LOG_LINES:]
+        log = log[-LOG_LINES:]
         stderr = _tail(folder / "stderr.log")
         results = {e["name"]: e["value"] for e in events if e.get("event") == "result" and "name" in e}
         return {"id": job.id, "kind": job.kind, "status": status, "rc": rc, "output": job.output,
@@ -196,3 +204,10 @@ def _tail(path: Path, size: int = 4000) -> str:
             return f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
+
+
+def _newer(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False

@@ -295,9 +295,10 @@ function drawCurve(m) {
   const series = [[m.lr, YL, "#2e9d55", "lr"], [m.loss, Y, "#2f5bd3", "loss"], [m.eval_loss, Y, "#e0731a", "eval"]];
   for (const [pts, y, color, cls] of series) {
     if (!pts.length) continue;
-    add("polyline", {points: pts.map((p) => `${X(p[0])},${y(p[1])}`).join(" "), fill: "none", stroke: color, "stroke-width": 2,
+    add("polyline", {points: pts.map((p) => `${X(p[0])},${y(p[1])}`).join(" "), fill: "none", stroke: color,
+                     "stroke-width": cls === "lr" ? 1.5 : 2, "stroke-dasharray": cls === "lr" ? "5 4" : "none",
                      "vector-effect": "non-scaling-stroke"});
-    for (const p of pts) add("circle", {cx: X(p[0]), cy: y(p[1]), r: 3, fill: color, class: "pt " + cls}).append(
+    for (const p of pts) add("circle", {cx: X(p[0]), cy: y(p[1]), r: cls === "lr" ? 2 : 3, fill: color, class: "pt " + cls}).append(
       Object.assign(document.createElementNS(ns, "title"), {textContent: `step ${p[0]}: ${p[1].toPrecision(4)}`}));
   }
 }
