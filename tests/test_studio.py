@@ -228,8 +228,10 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         # Corpus: the copy of the sample corpus, 7 markers, 0 problems, chips in the book
         _set(driver, "corpus-path", "corpus")
         driver.find_element("id", "corpus-open").click()
-        _wait(driver, lambda d: _text(d, "#n-markers b") == "7", 60, message="7 markers")
-        assert _text(driver, "#n-problems b") == "0"
+        _wait(driver, lambda d: d.execute_script("return lastReport && lastReport.corpus") == "corpus", 60,
+              message="the report of corpus/")
+        _wait(driver, lambda d: _text(d, "#n-markers b") == "7" and _text(d, "#n-problems b") == "0", 30,
+              message="7 markers, 0 problems")
         chip = _wait(driver, lambda d: d.find_element("css selector", "#book .chip"), 30, message="a chip")
         assert chip.is_displayed() and chip.get_attribute("data-marker") == "|START_OF_BOOK|>"
         assert len(driver.find_elements("css selector", "#markers-table .chip")) == 7
