@@ -254,13 +254,12 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 40 "
                                                              "--logging-steps 2 --eval-steps 20"), 20, message="command")
         driver.find_element("id", "plan").click()
-        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-out"), 180, 1, "the memory plan")
+        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-fit"), 180, 1, "the memory plan")
         driver.find_element("id", "start").click()
         _wait(driver, lambda d: _points(d) >= 2, 240, 0.5, "the curve's first points")
         seen = _points(driver)
         _wait(driver, lambda d: _points(d) > seen, 120, 0.5, "the curve gaining points")
         assert _status(driver) == "running"
-        _shot(driver, "train", shots)
         driver.find_element("id", "stop").click()
         _wait(driver, lambda d: _status(d) == "stopped", 120, 0.5, "the run stopped")
         assert list((root / "runs" / "demo").glob("checkpoint-*")), "a stop writes a checkpoint"
@@ -281,6 +280,7 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: _status(d) in ("running", "finished"), 60, 0.5, "re-attached after a restart")
         _wait(driver, lambda d: _points(d) > stopped_at, 240, 0.5, "the resumed run's points")
         _wait(driver, lambda d: _status(d) == "finished", 400, 1, "the run finishing")
+        _shot(driver, "train", shots)
         assert (root / "runs" / "demo" / "report.png").is_file()
         training_pid = None
 
@@ -302,7 +302,7 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         driver.find_element("id", "generate").click()
         reason = _wait(driver, lambda d: d.find_element("id", "stop-reason").get_attribute("data-reason"), 240, 1,
                        "a generated sample")
-        assert reason in ("eos", "length", "book_end")
+        assert reason in ("eos", "length", "marker")
         assert driver.find_elements("css selector", "#gen-out .chip")
         _shot(driver, "try", shots)
 

@@ -28,7 +28,8 @@ const T = {
     "try.temperature": "온도 (0: 항상 같은 결과)", "try.seed": "시드", "try.prompt": "프롬프트", "try.generate": "생성",
     "try.running": "생성 중… (모델을 불러오는 데 몇 초 걸립니다)", "try.stop": "멈춘 이유", "try.tokens": "새 토큰",
     "try.fragments": "마커 조각", "try.nomodel": "학습 결과가 없습니다",
-    "stop.eos": "모델이 끝(eos)을 냈습니다", "stop.length": "최대 토큰 수에 닿았습니다", "stop.book_end": "책 끝 마커를 썼습니다",
+    "stop.eos": "모델이 끝(eos)을 냈습니다", "stop.length": "최대 토큰 수에 닿았습니다", "stop.marker": "책 끝 마커를 썼습니다",
+    "plan.fits": "메모리", 
     "error": "오류", "lang": "English",
   },
   en: {
@@ -60,7 +61,8 @@ const T = {
     "try.temperature": "Temperature (0: repeatable)", "try.seed": "Seed", "try.prompt": "Prompt", "try.generate": "Generate",
     "try.running": "Generating… (loading the model takes a few seconds)", "try.stop": "stopped because",
     "try.tokens": "new tokens", "try.fragments": "marker fragments", "try.nomodel": "no runs yet",
-    "stop.eos": "the model wrote its end (eos)", "stop.length": "reached the token limit", "stop.book_end": "wrote the book-end marker",
+    "stop.eos": "the model wrote its end (eos)", "stop.length": "reached the token limit", "stop.marker": "wrote the book-end marker",
+    "plan.fits": "memory", 
     "error": "error", "lang": "한국어",
   },
 };
@@ -155,7 +157,7 @@ function drawReport(r) {
     Object.assign(stat(markers.length, t("corpus.nmarkers")), {id: "n-markers"}),
     Object.assign(stat(r.problems.length, t("corpus.nproblems"), r.problems.length ? "bad" : "good"), {id: "n-problems"}));
   table("markers-table", [["col.marker"], ["col.count", "num"], ["col.files", "num"]],
-        markers.map(([m, n]) => [[chip(m)], [String(n), "num"], [String(r.marker_files[m]), "num"]]));
+        markers.map(([m, n]) => [[el("span", {}, chip(m), " ", el("code", {text: m}))], [String(n), "num"], [String(r.marker_files[m]), "num"]]));
   table("files-table", [["col.file"], ["col.encoding"], ["col.status"], ["col.chars", "num"]],
         r.files.map((f) => [[f.name], [f.encoding || "-"], [f.detail ? `${f.status}: ${f.detail}` : f.status],
                             [String(f.chars), "num"]]));
@@ -264,6 +266,8 @@ $("plan").onclick = async () => {
     let job = await api("/api/train", {...form(), action: "plan"});
     while (job.status === "running") { await new Promise((r) => setTimeout(r, 1000)); job = await api("/api/jobs/" + job.id); }
     out.textContent = job.log.join("\n");
+    const fit = job.log.find((l) => l.startsWith("fits in "));
+    $("plan-fit").hidden = !fit; $("plan-fit").textContent = fit ? `${t("plan.fits")}: ${fit}` : "";
     if (job.status !== "finished") showError("train-error", new Error(job.errors.join("\n") || job.stderr || job.status));
   } catch (e) { out.hidden = true; showError("train-error", e); }
 };
@@ -378,7 +382,8 @@ $("generate").onclick = async () => {
     if (!job.samples.length) throw new Error(job.errors.join("\n").replace(/^peftko: (error: )?/gm, "") || job.stderr || job.status);
     for (const s of job.samples) {
       const text = el("div", {class: "line"}); const span = el("span", {class: "t"});
-      renderParts(splitMarkers(s.prompt), span); renderParts(splitMarkers(s.text), span); text.append(span); out.append(text);
+      const given = el("span", {class: "prompt"}); renderParts(splitMarkers(s.prompt), given);
+      span.append(given); renderParts(splitMarkers(s.text), span); text.append(span); out.append(text);
       $("gen-status").replaceChildren(el("span", {id: "stop-reason", "data-reason": s.stop_reason},
         `${t("try.stop")}: ${t("stop." + s.stop_reason)} · ${t("try.tokens")}: ${s.new_tokens} · ${t("try.fragments")}: ${s.marker_fragments}`));
     }
