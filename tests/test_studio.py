@@ -125,6 +125,8 @@ def test_the_token_and_the_root_are_checked_on_every_request(root):
         assert status == 200 and answer["command"].endswith("--data corpus --output runs/x --max-steps 5")
         status, answer = http(base + "/api/train", {"output": "runs/x", "max_steps": "five", "action": "preview"}, post)
         assert status == 400 and "max_steps: 'five' is not an integer" in answer["error"]
+        status, answer = http(base + "/api/merge", {"run": "corpus"}, post)
+        assert status == 400 and "corpus: not a finished run" in answer["error"]
         # another site's name for this address (DNS rebinding) is refused even with the token
         assert http(base + "/api/runs", headers={**ok, "Host": "evil.example:80"})[0] == 403
     finally:
@@ -218,6 +220,7 @@ def _status(driver) -> str:
 @pytest.mark.slow
 def test_the_whole_loop_in_a_browser(root, tmp_path):
     driver = _browser()
+    from selenium.webdriver.support.ui import Select
     shots = Path(os.environ.get("PEFTKO_SCREENSHOTS") or tmp_path / "screenshots")
     port = free_port()
     studio = start_studio(root, port)
@@ -254,7 +257,8 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 40 "
                                                              "--logging-steps 2 --eval-steps 20"), 20, message="command")
         driver.find_element("id", "plan").click()
-        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-fit"), 180, 1, "the memory plan")
+        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-fit"), 480, 1,
+              "the memory plan (the first one builds the tiny base)")
         driver.find_element("id", "start").click()
         _wait(driver, lambda d: _points(d) >= 2, 240, 0.5, "the curve's first points")
         seen = _points(driver)
@@ -293,11 +297,18 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: d.execute_script(
             "const i = document.querySelector('.run img'); return i && i.complete && i.naturalWidth > 0"), 30,
             message="report.png shown")
+
+        # Ship: merge the run from its card; the merged model then shows among the runs
+        card.find_element("css selector", "button.merge").click()
+        _wait(driver, lambda d: d.find_element("css selector", '.run[data-path="runs/demo-merged"]'), 240, 1,
+              "the merged model")
         _shot(driver, "runs", shots)
 
         # Try: generate from the run; the markers come back as chips, with the stop reason
         driver.find_element("css selector", "nav button[data-page=try]").click()
-        _wait(driver, lambda d: d.find_element("id", "try-model").get_attribute("value") == "runs/demo", 30)
+        _wait(driver, lambda d: "runs/demo" in [o.get_attribute("value") for o in
+                                                d.find_elements("css selector", "#try-model option")], 30)
+        Select(driver.find_element("id", "try-model")).select_by_value("runs/demo")
         _set(driver, "max_new_tokens", "60")
         driver.find_element("id", "generate").click()
         reason = _wait(driver, lambda d: d.find_element("id", "stop-reason").get_attribute("data-reason"), 240, 1,

@@ -59,7 +59,8 @@ class Studio:
                   Route("/api/jobs/{id}/stop", self.api(lambda q: self.jobs.stop(q["id"])), methods=["POST"]),
                   Route("/api/jobs/{id}/resume", self.api(self.resume), methods=["POST"]),
                   Route("/api/train", self.api(self.train), methods=["POST"]),
-                  Route("/api/generate", self.api(self.generate), methods=["POST"])]
+                  Route("/api/generate", self.api(self.generate), methods=["POST"]),
+                  Route("/api/merge", self.api(self.merge), methods=["POST"])]
         app = Starlette(routes=routes)
 
         async def guarded(scope, receive, send):
@@ -180,6 +181,20 @@ class Studio:
                 except (TypeError, ValueError):
                     raise UserError(f"{name}: {q[name]!r} is not a number") from None
         return self.jobs.state(self.jobs.start("generate", argv, self.root.shown(model)).id)
+
+    def merge(self, q: dict) -> dict:
+        """`peftko merge RUN --output OUT [--gguf]`: the standalone model (and a GGUF) beside the run."""
+        run = self.root.inside(q.get("run", ""))
+        if views.runs_record(run) is None:
+            raise UserError(f"{self.root.shown(run)}: not a finished run (no peftko.json that reads)")
+        output = (q.get("output") or "").strip() or self.root.shown(run) + "-merged"
+        out = self.root.inside(output, must_exist=False)
+        if out == self.root.path:
+            raise UserError("the merged model needs a folder below the root, not the root itself")
+        argv = ["merge", self.root.shown(run), "--output", self.root.shown(out)]
+        if q.get("gguf"):
+            argv.append("--gguf")
+        return self.jobs.state(self.jobs.start("merge", argv, self.root.shown(out)).id)
 
 
 def _static(name: str) -> bytes:

@@ -129,6 +129,11 @@ def _run(root: Root, folder: Path) -> dict:
     return entry
 
 
+def runs_record(folder: Path) -> RunRecord | None:
+    """The run's peftko.json, or None where it has none that reads."""
+    return RunRecord.peek(folder)
+
+
 def _walk(top: Path, depth: int):
     level = [top]
     for _ in range(depth):

@@ -24,6 +24,7 @@ const T = {
     "runs.steps": "스텝", "runs.bpc": "문자당 비트 (검증)", "runs.before": "학습 전", "runs.after": "학습 후",
     "runs.basebpc": "기본 모델", "runs.kept": "남긴 스텝", "runs.incomplete": "진행 중이거나 멈춘 실행 (peftko.json 없음)",
     "runs.checkpoints": "체크포인트", "runs.merged": "병합된 모델", "runs.from": "원본 실행",
+    "ship.merge": "병합 (독립 모델 만들기)", "ship.gguf": "GGUF와 Ollama Modelfile도", "ship.output": "병합 모델 폴더",
     "try.title": "생성해 보기", "try.model": "학습 결과 또는 병합 모델", "try.max": "최대 새 토큰",
     "try.temperature": "온도 (0: 항상 같은 결과)", "try.seed": "시드", "try.prompt": "프롬프트", "try.generate": "생성",
     "try.running": "생성 중… (모델을 불러오는 데 몇 초 걸립니다)", "try.stop": "멈춘 이유", "try.tokens": "새 토큰",
@@ -57,6 +58,7 @@ const T = {
     "runs.steps": "steps", "runs.bpc": "bits per character (held out)", "runs.before": "before", "runs.after": "after",
     "runs.basebpc": "base", "runs.kept": "kept step", "runs.incomplete": "running or stopped (no peftko.json yet)",
     "runs.checkpoints": "checkpoints", "runs.merged": "merged model", "runs.from": "from run",
+    "ship.merge": "Merge (a standalone model)", "ship.gguf": "also a GGUF and an Ollama Modelfile", "ship.output": "merged model folder",
     "try.title": "Try it", "try.model": "Run or merged model", "try.max": "Max new tokens",
     "try.temperature": "Temperature (0: repeatable)", "try.seed": "Seed", "try.prompt": "Prompt", "try.generate": "Generate",
     "try.running": "Generating… (loading the model takes a few seconds)", "try.stop": "stopped because",
@@ -331,7 +333,7 @@ const num = (x, d = 3) => (typeof x === "number" ? x.toFixed(d) : "–");
 async function loadRuns() {
   showError("runs-error", null);
   try {
-    const {runs} = await api("/api/runs");
+    const [{runs}, {jobs: merges}] = await Promise.all([api("/api/runs"), api("/api/jobs?kind=merge&limit=50")]);
     const list = $("runs-list"); list.replaceChildren();
     if (!runs.length) { list.append(el("p", {class: "hint", text: t("runs.none")})); return; }
     const grid = el("div", {class: "runs-grid"}); list.append(grid);
@@ -353,10 +355,41 @@ async function loadRuns() {
         if (r.checkpoints.length) row("runs.checkpoints", r.checkpoints.join(", "));
       }
       card.append(dl);
+      if (r.complete) card.append(shipBox(r, merges.find((j) => j.argv[1] === r.path)));
       if (r.report) card.append(el("img", {src: "/api/report?run=" + encodeURIComponent(r.path) + "&t=" + Math.round(r.mtime), alt: "report.png"}));
       grid.append(card);
     }
   } catch (e) { showError("runs-error", e); }
+}
+
+// --- Ship: merge a run (and --gguf), with the job's bar and log in the run's card
+function shipBox(run, job) {
+  const box = el("div", {class: "ship"});
+  const out = el("input", {class: "merge-output", value: run.path + "-merged", size: 28, title: t("ship.output")});
+  const gguf = el("input", {type: "checkbox", class: "merge-gguf"});
+  const button = el("button", {class: "merge", text: t("ship.merge")});
+  const state = el("div", {class: "merge-state"});
+  box.append(el("div", {class: "row"}, out, el("label", {}, gguf, " " + t("ship.gguf")), button), state);
+  const draw = (j) => {
+    const p = j.progress;
+    state.replaceChildren(el("span", {class: "badge " + j.status, "data-status": j.status, text: t("status." + j.status)}),
+      " " + (p ? `${p.phase}: ${p.done}${p.total ? " / " + p.total : ""} ${p.unit || ""}` : ""),
+      el("pre", {class: "log", text: (j.errors.length ? j.errors : j.log.slice(-6)).join("\n")}));
+    button.disabled = j.status === "running";
+  };
+  const poll = async (id) => {
+    try {
+      const j = await api("/api/jobs/" + id); draw(j);
+      if (j.status === "running") setTimeout(() => poll(id), 1000);
+      else if (j.status === "finished" && page === "runs") setTimeout(loadRuns, 300);
+    } catch (e) { state.replaceChildren(el("div", {class: "error", text: `${t("error")}: ${e.message}`})); }
+  };
+  if (job) { out.value = job.output; draw(job); if (job.status === "running") poll(job.id); }
+  button.onclick = async () => {
+    try { const j = await api("/api/merge", {run: run.path, output: out.value, gguf: gguf.checked}); draw(j); poll(j.id); }
+    catch (e) { state.replaceChildren(el("div", {class: "error", text: `${t("error")}: ${e.message}`})); }
+  };
+  return box;
 }
 
 // --- Try
