@@ -280,7 +280,8 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         time.sleep(1)
         os.kill(training_pid, 0)  # still alive: it has its own session
         studio = start_studio(root, port)
-        driver.get(url + "#train")
+        driver.refresh()  # a reload finds the training again
+        driver.find_element("css selector", "nav button[data-page=train]").click()
         _wait(driver, lambda d: _status(d) in ("running", "finished"), 60, 0.5, "re-attached after a restart")
         _wait(driver, lambda d: _points(d) > stopped_at, 240, 0.5, "the resumed run's points")
         _wait(driver, lambda d: _status(d) == "finished", 400, 1, "the run finishing")

@@ -114,7 +114,10 @@ class Studio:
     # --- the commands
     def job_list(self, q: dict) -> dict:
         kind = q.get("kind") or None
-        return {"jobs": [self.jobs.state(i) for i in self.jobs.ids(kind)[:int(q.get("limit", 20))]]}
+        limit = str(q.get("limit", 20))
+        if not limit.isdigit():
+            raise UserError(f"limit: {limit!r} is not a count")
+        return {"jobs": [self.jobs.state(i) for i in self.jobs.ids(kind)[:int(limit)]]}
 
     def train_argv(self, q: dict) -> tuple[list[str], str]:
         argv = ["lora-train"]

@@ -34,7 +34,7 @@ STOPPED = (130, 143)
 @dataclass
 class Job:
     id: str
-    kind: str  # "train", "plan" (lora-train --dry-run), "generate"
+    kind: str  # "train", "plan" (lora-train --dry-run), "generate", "merge"
     argv: list[str]  # after `python -m peftko`
     output: str  # the folder the command writes ("" when none), as the page names it
     pid: int

@@ -238,6 +238,7 @@ async function pollJob(id) {
   try {
     const job = await api("/api/jobs/" + id);
     if (job.status !== "running") stopping = false;
+    if (!job.errors.length) showError("train-error", null);  // e.g. "does not answer" while the studio restarted
     drawJob(job);
     const m = await api("/api/metrics?run=" + encodeURIComponent(job.output));
     drawCurve(m);
