@@ -103,6 +103,9 @@ def test_paths_outside_the_root_are_refused(root, tmp_path):
 
 def test_the_token_and_the_root_are_checked_on_every_request(root):
     port = free_port()
+    (root / "typo").mkdir()
+    (root / "typo" / "a.txt").write_text("|START_OF_BOOK|>\n|START_OF_TITLE|>제목|END_OF_TITEL|>\n본문.\n|END_OF_BOOK|>\n",
+                                         encoding="utf-8")
     studio = start_studio(root, port, "--token", "s3cret-token")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -115,6 +118,14 @@ def test_the_token_and_the_root_are_checked_on_every_request(root):
         assert status == 400 and "outside the studio's root" in answer["error"]
         status, answer = http(base + "/api/corpus?path=no-such-corpus", headers=ok)
         assert status == 400 and "no-such-corpus: no such file or folder" in answer["error"]
+        # a marker typo: in the report with FILE:LINE, and on its line of the book (which the page underlines)
+        status, answer = http(base + "/api/corpus?path=typo", headers=ok)
+        assert status == 200 and [(p["name"], p["line"]) for p in answer["problems"]][:1] == [("a.txt", 2)]
+        status, answer = http(base + "/api/book?corpus=typo&file=a.txt", headers=ok)
+        assert [line["n"] for line in answer["lines"] if line["problems"]] == [2]
+        assert answer["lines"][1]["parts"][0] == ["m", "|START_OF_TITLE|>"]
+        status, answer = http(base + "/api/book?corpus=typo&file=../corpus/01_moonlight_postman.txt", headers=ok)
+        assert status == 400 and "not a file of the corpus typo" in answer["error"]
         # a POST needs the page's own header (a form of another site has none), and an output under the root
         assert http(base + "/api/train", {"output": "runs/x"}, ok)[0] == 403
         post = {**ok, "X-Peftko": "1"}

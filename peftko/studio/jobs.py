@@ -26,6 +26,7 @@ from peftko.core.errors import UserError
 from peftko.run.layout import MANIFEST
 
 STUDIO_DIR = ".peftko-studio"
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the peftko package
 LOG_LINES = 60
 # Exit codes the CLI documents: 0 done, 130/143 stopped by SIGINT/SIGTERM (resumable).
 STOPPED = (130, 143)
@@ -70,7 +71,10 @@ class Jobs:
             folder = self.folder / f"{stamp}-{kind}-{n}"
             folder.mkdir()
         argv = [*argv, "--progress", "json"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PYTHONSAFEPATH="1")
+        # The child runs the studio's own peftko, never a folder named peftko under the root (its
+        # working directory): PYTHONSAFEPATH keeps the cwd off sys.path (Python 3.11+).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
         with open(folder / "events.jsonl", "wb") as out, open(folder / "stderr.log", "wb") as err:
             child = subprocess.Popen([sys.executable, "-m", "peftko", *argv], cwd=self.root, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=err, env=env, start_new_session=True)

@@ -50,8 +50,9 @@ def book(root: Root, corpus: str, name: str) -> dict:
     if scan.status != "ok":
         raise UserError(f"{name}: {scan.describe()}")
     problems: dict[int, list[str]] = {}
-    for p in scan_corpus([path], DEFAULT_MARKER_PATTERN).problems:
-        problems.setdefault(p.line, []).append(p.text)
+    for p in scan_corpus([base], DEFAULT_MARKER_PATTERN).problems:  # the corpus's, as its report lists them
+        if Path(p.path).resolve() == path:
+            problems.setdefault(p.line, []).append(p.text)
     lines = []
     for number, text in enumerate(iter_lines(path, scan.encoding), start=1):
         if number > BOOK_MAX_LINES:
