@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -46,7 +47,8 @@ class Studio:
             return JSONResponse({"error": "POST without the studio's header refused"}, 403)
         return None
 
-    def app(self) -> Starlette:
+    def app(self):
+        """The ASGI application: the routes behind the guards."""
         routes = [Route("/", self.page), Route("/static/{name}", self.static),
                   Route("/api/choices", self.api(lambda q: views.choices(self.root))),
                   Route("/api/corpus", self.api(lambda q: views.corpus_report(self.root, q.get("path", "")))),
@@ -75,7 +77,7 @@ class Studio:
         """A JSON endpoint: query, path and (for POST) body fields in one dict; a UserError answers 400
         with its one line, anything else 500 with a line, never a traceback."""
         async def endpoint(request: Request) -> Response:
-            fields = dict(request.query_params) | dict(request.path_params)
+            fields = dict(request.query_params)
             if request.method == "POST":
                 try:
                     body = await request.json()
@@ -84,11 +86,13 @@ class Studio:
                 if not isinstance(body, dict):
                     return JSONResponse({"error": "the request body must be a JSON object"}, 400)
                 fields |= body
+            fields |= request.path_params  # the job named in the path, whatever the body says
             try:
                 return JSONResponse(await run_in_threadpool(handler, fields))
             except UserError as e:
                 return JSONResponse({"error": str(e)}, 400)
             except Exception as e:  # noqa: BLE001: the page shows one line; the studio's stderr has the rest
+                traceback.print_exc()
                 return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
         return endpoint
 
