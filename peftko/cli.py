@@ -438,5 +438,27 @@ def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
     run_ablate(cfg, SampleOptions(samples=n, max_new_tokens=tokens), force=force, as_json=as_json)
 
 
+@main.command("studio")
+@click.option("--root", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The folder the studio reads and writes in (corpora, configs, runs); nothing outside it.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; any but the loopback requires a token (printed once).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="Port to listen on.")
+@click.option("--token", envvar="PEFTKO_STUDIO_TOKEN", default=None, metavar="TEXT",
+              help="Require this token on every request (off the loopback one is made up when not given)  "
+                   "[env: PEFTKO_STUDIO_TOKEN]")
+def studio(root, host, port, token):
+    """The whole loop in a local web page: corpus, training, runs, generation (Korean first).
+
+    Needs pip install 'peftko[studio]'. Trainings it starts run as their own processes: stopping
+    the studio leaves them running, and a new studio on the same --root finds them again.
+    """
+    try:
+        from peftko.studio.serve import serve
+    except ImportError as e:
+        raise UserError(f"peftko studio needs {e.name}: pip install 'peftko[studio]'") from None
+    serve(root, host, port, token)
+
+
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftko"
 # Lowest first. The package root only holds __version__, so every layer may read it.
-LAYERS = ("core", "run", "corpus", "data", "model", "evaluate", "train", "merge", "commands", "cli", "__main__")
+LAYERS = ("core", "run", "corpus", "data", "model", "evaluate", "train", "merge", "commands", "studio", "cli",
+          "__main__")
 # Imports of peftko's own modules inside a function, and why each is lazy. The CLI imports each
 # command's module inside the command (`peftko --help` without torch); `peftko markers` loads a
 # tokenizer (torch, transformers) only when --model asks for one.

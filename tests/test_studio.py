@@ -1,0 +1,355 @@
+"""`peftko studio`: the guards over plain HTTP (fast), and the whole loop in a real headless Chromium
+(Debian's chromium + chromedriver, driven by selenium): corpus, memory plan, a training that is
+watched, stopped, resumed and outlives a killed studio, the runs, generation, and the refusals.
+
+The browser test writes a screenshot of every page (Korean) into $PEFTKO_SCREENSHOTS (default: a
+temporary folder); `PEFTKO_SCREENSHOTS=docs/images pytest tests/test_studio.py` refreshes the docs'.
+Without chromium the browser test is skipped, and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from peftko.core.errors import UserError  # noqa: E402
+from peftko.core.lock import hold  # noqa: E402
+from peftko.core.paths import sample_corpus_dir  # noqa: E402
+from peftko.studio.sandbox import Root  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_studio(root: Path, port: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "peftko", "studio", "--root", str(root), "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the studio ended: " + proc.stdout.read())
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the studio did not listen within 60 s")
+
+
+def stop_studio(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def root(tmp_path):
+    folder = tmp_path / "root"
+    folder.mkdir()
+    shutil.copytree(sample_corpus_dir(), folder / "corpus")
+    return folder
+
+
+# --- fast: the guards
+def test_paths_outside_the_root_are_refused(root, tmp_path):
+    r = Root(root)
+    assert r.inside("corpus") == root.resolve() / "corpus"
+    (tmp_path / "secret").mkdir()
+    (root / "escape").symlink_to(tmp_path / "secret")
+    for bad in ("..", "../secret", str(tmp_path / "secret"), "escape", "corpus/../../secret"):
+        with pytest.raises(UserError, match="outside the studio's root"):
+            r.inside(bad)
+    with pytest.raises(UserError, match="no such file or folder"):
+        r.inside("no/such/folder")
+    assert r.corpus("builtin:sample") == sample_corpus_dir()
+
+
+def test_the_token_and_the_root_are_checked_on_every_request(root):
+    port = free_port()
+    (root / "typo").mkdir()
+    (root / "typo" / "a.txt").write_text("|START_OF_BOOK|>\n|START_OF_TITLE|>제목|END_OF_TITEL|>\n본문.\n|END_OF_BOOK|>\n",
+                                         encoding="utf-8")
+    studio = start_studio(root, port, "--token", "s3cret-token")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert http(base + "/api/runs")[0] == 401
+        assert http(base + "/api/corpus?path=corpus&token=wrong")[0] == 401
+        status, answer = http(base + "/api/corpus?path=corpus", headers={"X-Peftko-Token": "s3cret-token"})
+        assert status == 200 and len(answer["markers"]) == 7 and answer["problems"] == []
+        ok = {"X-Peftko-Token": "s3cret-token"}
+        status, answer = http(base + "/api/corpus?path=../", headers=ok)
+        assert status == 400 and "outside the studio's root" in answer["error"]
+        status, answer = http(base + "/api/corpus?path=no-such-corpus", headers=ok)
+        assert status == 400 and "no-such-corpus: no such file or folder" in answer["error"]
+        # a marker typo: in the report with FILE:LINE, and on its line of the book (which the page underlines)
+        status, answer = http(base + "/api/corpus?path=typo", headers=ok)
+        assert status == 200 and [(p["name"], p["line"]) for p in answer["problems"]][:1] == [("a.txt", 2)]
+        status, answer = http(base + "/api/book?corpus=typo&file=a.txt", headers=ok)
+        assert [line["n"] for line in answer["lines"] if line["problems"]] == [2]
+        assert answer["lines"][1]["parts"][0] == ["m", "|START_OF_TITLE|>"]
+        status, answer = http(base + "/api/book?corpus=typo&file=../corpus/01_moonlight_postman.txt", headers=ok)
+        assert status == 400 and "not a file of the corpus typo" in answer["error"]
+        # a POST needs the page's own header (a form of another site has none), and an output under the root
+        assert http(base + "/api/train", {"output": "runs/x"}, ok)[0] == 403
+        post = {**ok, "X-Peftko": "1"}
+        status, answer = http(base + "/api/train", {"output": "/tmp/elsewhere", "action": "preview"}, post)
+        assert status == 400 and "outside the studio's root" in answer["error"]
+        status, answer = http(base + "/api/train", {"preset": "tiny-demo.yaml", "data": "corpus", "output": "runs/x",
+                                                    "max_steps": "5", "action": "preview"}, post)
+        assert status == 200 and answer["command"].endswith("--data corpus --output runs/x --max-steps 5")
+        status, answer = http(base + "/api/train", {"output": "runs/x", "max_steps": "five", "action": "preview"}, post)
+        assert status == 400 and "max_steps: 'five' is not an integer" in answer["error"]
+        status, answer = http(base + "/api/merge", {"run": "corpus"}, post)
+        assert status == 400 and "corpus: not a finished run" in answer["error"]
+        # another site's name for this address (DNS rebinding) is refused even with the token
+        assert http(base + "/api/runs", headers={**ok, "Host": "evil.example:80"})[0] == 403
+    finally:
+        stop_studio(studio)
+    assert not (root / "runs").exists()  # previews write nothing
+
+
+def test_off_the_loopback_a_token_is_made_up_and_printed_once(root):
+    """Bound to every address (0.0.0.0), the studio refuses requests without the token it printed."""
+    port = free_port()
+    studio = start_studio(root, port, "--host", "0.0.0.0")
+    try:
+        stop_studio(studio)
+        out = studio.stdout.read()
+    finally:
+        stop_studio(studio)
+    url = next(line for line in out.splitlines() if line.startswith("peftko studio: "))
+    assert "?token=" in url and len(url.split("?token=")[1]) >= 20
+    studio = start_studio(root, port, "--host", "0.0.0.0", "--token", "tok-123")
+    try:
+        assert http(f"http://127.0.0.1:{port}/api/runs")[0] == 401
+        assert http(f"http://127.0.0.1:{port}/api/runs", headers={"X-Peftko-Token": "tok-123"})[0] == 200
+    finally:
+        stop_studio(studio)
+
+
+# --- slow: the whole loop in a browser
+def _browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs selenium: pip install -e '.[test]'")
+        pytest.skip("needs selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                "--lang=ko-KR", "--disable-gpu", "--no-first-run", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _wait(driver, what, timeout=120, every=0.3, message=""):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = what(driver)
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001: an element not there yet
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting: {message} (last: {last!r})")
+
+
+def _shot(driver, name: str, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
+    height = driver.execute_script("return Math.min(document.body.scrollHeight, 2200)")
+    driver.set_window_size(1280, max(800, height))
+    driver.save_screenshot(str(folder / f"studio-{name}.png"))
+    driver.set_window_size(1280, 1000)
+
+
+def _text(driver, css: str) -> str:
+    return driver.find_element("css selector", css).text
+
+
+def _set(driver, element_id: str, value: str) -> None:
+    e = driver.find_element("id", element_id)
+    e.clear()
+    e.send_keys(value)
+
+
+def _points(driver) -> int:
+    return int(driver.find_element("id", "curve").get_attribute("data-points") or 0)
+
+
+def _status(driver) -> str:
+    return driver.find_element("id", "train-badge").get_attribute("data-status")
+
+
+@pytest.mark.slow
+def test_the_whole_loop_in_a_browser(root, tmp_path):
+    driver = _browser()
+    from selenium.webdriver.support.ui import Select
+    shots = Path(os.environ.get("PEFTKO_SCREENSHOTS") or tmp_path / "screenshots")
+    port = free_port()
+    studio = start_studio(root, port)
+    url = f"http://127.0.0.1:{port}/"
+    training_pid = None
+    try:
+        driver.get(url)
+        # Corpus: the copy of the sample corpus, 7 markers, 0 problems, chips in the book
+        _set(driver, "corpus-path", "corpus")
+        driver.find_element("id", "corpus-open").click()
+        _wait(driver, lambda d: d.execute_script("return lastReport && lastReport.corpus") == "corpus", 60,
+              message="the report of corpus/")
+        _wait(driver, lambda d: _text(d, "#n-markers b") == "7" and _text(d, "#n-problems b") == "0", 30,
+              message="7 markers, 0 problems")
+        chip = _wait(driver, lambda d: d.find_element("css selector", "#book .chip"), 30, message="a chip")
+        assert chip.is_displayed() and chip.get_attribute("data-marker") == "|START_OF_BOOK|>"
+        assert len(driver.find_elements("css selector", "#markers-table .chip")) == 7
+        _shot(driver, "corpus", shots)
+        # a wrong path and one outside the root each answer with one clear line
+        _set(driver, "corpus-path", "no/such/corpus")
+        driver.find_element("id", "corpus-open").click()
+        _wait(driver, lambda d: "no/such/corpus: no such file or folder" in _text(d, "#corpus-error"), 30)
+        _set(driver, "corpus-path", "../..")
+        driver.find_element("id", "corpus-open").click()
+        _wait(driver, lambda d: "outside the studio's root" in _text(d, "#corpus-error"), 30)
+        assert "Traceback" not in driver.page_source
+
+        # Train: the command, the memory plan, then a run watched as it goes
+        driver.find_element("css selector", "nav button[data-page=train]").click()
+        assert driver.find_element("id", "preset").get_attribute("value") == "tiny-demo.yaml"
+        for field, value in (("data", "corpus"), ("output", "runs/demo"), ("max_steps", "40"),
+                             ("logging_steps", "2"), ("eval_steps", "20")):
+            _set(driver, field, value)
+        _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 40 "
+                                                             "--logging-steps 2 --eval-steps 20"), 20, message="command")
+        driver.find_element("id", "plan").click()
+        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-fit"), 480, 1,
+              "the memory plan (the first one builds the tiny base)")
+        driver.find_element("id", "start").click()
+        _wait(driver, lambda d: _points(d) >= 2, 240, 0.5, "the curve's first points")
+        seen = _points(driver)
+        _wait(driver, lambda d: _points(d) > seen, 120, 0.5, "the curve gaining points")
+        assert _status(driver) == "running"
+        driver.find_element("id", "stop").click()
+        _wait(driver, lambda d: _status(d) == "stopped", 120, 0.5, "the run stopped")
+        assert list((root / "runs" / "demo").glob("checkpoint-*")), "a stop writes a checkpoint"
+        assert "--resume" in _text(driver, "#log")
+        stopped_at = _points(driver)
+
+        # Resume; then kill the studio: the training goes on, and a new studio re-attaches to it
+        driver.find_element("id", "resume").click()
+        _wait(driver, lambda d: _status(d) == "running", 60, 0.5, "the resumed run")
+        jobs = sorted((root / ".peftko-studio" / "jobs").glob("*-train-*"))
+        training_pid = json.loads((jobs[-1] / "job.json").read_text())["pid"]
+        os.killpg(studio.pid, signal.SIGKILL)
+        studio.wait()
+        time.sleep(1)
+        os.kill(training_pid, 0)  # still alive: it has its own session
+        studio = start_studio(root, port)
+        driver.refresh()  # a reload finds the training again
+        driver.find_element("css selector", "nav button[data-page=train]").click()
+        _wait(driver, lambda d: _status(d) in ("running", "finished"), 60, 0.5, "re-attached after a restart")
+        _wait(driver, lambda d: _points(d) > stopped_at, 240, 0.5, "the resumed run's points")
+        _wait(driver, lambda d: _status(d) == "finished", 400, 1, "the run finishing")
+        _shot(driver, "train", shots)
+        assert (root / "runs" / "demo" / "report.png").is_file()
+        training_pid = None
+
+        # Runs: the finished run with its bits per character before and after
+        driver.find_element("css selector", "nav button[data-page=runs]").click()
+        card = _wait(driver, lambda d: d.find_element("css selector", '.run[data-path="runs/demo"]'), 30)
+        after = float(card.find_element("css selector", ".bpc-after").text)
+        before = float(card.find_element("css selector", ".bpc-before").text)
+        assert 0 < after < 20 and 0 < before < 20
+        _wait(driver, lambda d: d.execute_script(
+            "const i = document.querySelector('.run img'); return i && i.complete && i.naturalWidth > 0"), 30,
+            message="report.png shown")
+
+        # Ship: merge the run from its card; the merged model then shows among the runs
+        card.find_element("css selector", "button.merge").click()
+        _wait(driver, lambda d: d.find_element("css selector", '.run[data-path="runs/demo-merged"]'), 240, 1,
+              "the merged model")
+        _shot(driver, "runs", shots)
+
+        # Try: generate from the run; the markers come back as chips, with the stop reason
+        driver.find_element("css selector", "nav button[data-page=try]").click()
+        _wait(driver, lambda d: "runs/demo" in [o.get_attribute("value") for o in
+                                                d.find_elements("css selector", "#try-model option")], 30)
+        Select(driver.find_element("id", "try-model")).select_by_value("runs/demo")
+        _set(driver, "max_new_tokens", "60")
+        driver.find_element("id", "generate").click()
+        reason = _wait(driver, lambda d: d.find_element("id", "stop-reason").get_attribute("data-reason"), 240, 1,
+                       "a generated sample")
+        assert reason in ("eos", "length", "marker")
+        assert driver.find_elements("css selector", "#gen-out .chip")
+        _shot(driver, "try", shots)
+
+        # A locked output: another peftko process holds it; the page shows the CLI's message
+        locked = root / "runs" / "locked"
+        locked.mkdir(parents=True)
+        with hold(locked / ".peftko.lock", "--output runs/locked"):
+            driver.find_element("css selector", "nav button[data-page=train]").click()
+            _set(driver, "output", "runs/locked")
+            time.sleep(0.6)  # the command preview
+            driver.find_element("id", "start").click()
+            _wait(driver, lambda d: "is in use by another peftko process (pid" in _text(d, "#train-error"), 180, 1,
+                  "the lock holder's message")
+        assert "Traceback" not in driver.page_source
+
+        # English switch
+        driver.find_element("id", "lang").click()
+        assert driver.find_element("css selector", "nav button[data-page=runs]").text == "Runs"
+        driver.find_element("id", "lang").click()
+    finally:
+        driver.quit()
+        if training_pid is not None:
+            try:
+                os.kill(training_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stop_studio(studio)
