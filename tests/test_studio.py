@@ -268,7 +268,7 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 40 "
                                                              "--logging-steps 2 --eval-steps 20"), 20, message="command")
         driver.find_element("id", "plan").click()
-        _wait(driver, lambda d: "fits in 12 GiB" in _text(d, "#plan-fit"), 480, 1,
+        _wait(driver, lambda d: "12 GiB: yes" in _text(d, "#plan-fit"), 480, 1,
               "the memory plan (the first one builds the tiny base)")
         driver.find_element("id", "start").click()
         _wait(driver, lambda d: _points(d) >= 2, 240, 0.5, "the curve's first points")
