@@ -294,15 +294,18 @@ def report(run_dir):
 @click.option("--model", help="Base model directory: show how its tokenizer splits each marker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any problem is found.")
+@click.option("--grammar", is_flag=True, help="Also show the markers' grammar learned from the corpus: pairs, "
+              "nesting, document open and close, no back-to-back repeats (what generate --structure strict keeps).")
 @_marker_pattern_options
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
 @_progress_option
-def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_field):
+def markers(paths, model, as_json, strict, grammar, marker_pattern, old_pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
     from peftko.commands.markers import run_markers_command
 
     sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
-                                 pattern=_one_pattern(marker_pattern, old_pattern), jsonl_field=jsonl_field))
+                                 pattern=_one_pattern(marker_pattern, old_pattern), jsonl_field=jsonl_field,
+                                 grammar=grammar))
 
 
 @main.command("eval")

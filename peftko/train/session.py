@@ -34,6 +34,7 @@ from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
 from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord,
                                 RunRecord, Vocab)
+from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
@@ -59,6 +60,7 @@ class Run:
     files: list
     stopper: Stopper = field(default_factory=lambda: Stopper("before training began"))  # the command's handler
     replace: tuple[Path, ...] = ()  # what --force removes, at the run's first write
+    grammar: MarkerGrammar | None = None  # the corpus's marker grammar (peftko.corpus.grammar), kept in peftko.json
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ def manifest(run: Run, s: Setup, results: Results) -> RunRecord:
         config=run.cfg.to_dict(),
         corpus=corpus_record(s.data),
         results=results,
+        grammar=run.grammar,
     )
 
 
