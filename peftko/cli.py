@@ -396,6 +396,10 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
               help="Sampling seed: the same seed repeats the same text on the same machine.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Continuations to write, each from the prompt.")
+@click.option("--structure", type=click.Choice(["strict", "free"]), default=None,
+              help="strict: markers only where the corpus's grammar allows them (pairs closed, the book end "
+                   "last, whole markers only); free: as the model likes  [default: strict where the run or "
+                   "merge recorded a grammar, else free]")
 @_inference_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
 @_progress_option

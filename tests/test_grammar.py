@@ -124,3 +124,11 @@ def test_markers_grammar_prints_the_rules(tmp_path):
     assert json.loads(as_json.output)["grammar"]["pairs"][DIALOGUE] == END_DIALOGUE
     plain = CliRunner().invoke(main, ["markers", str(tmp_path), "--json"])
     assert "grammar" not in json.loads(plain.output)  # unchanged without --grammar
+
+
+def test_a_prompt_that_starts_inside_a_book_is_taken_as_inside_the_usual_opener():
+    g = grammar_of(PLAIN, PLAIN)
+    for prompt in (f"{TITLE}달빛{END_TITLE}\n옛날 어느 마을에", "옛날 어느 마을에"):
+        state = follow(g, prompt, DEFAULT_MARKER_PATTERN)
+        assert state.stack == [BOOK] and state.allowed(SOUND) and state.allowed(END)
+    assert follow(g, f"{BOOK}\n", DEFAULT_MARKER_PATTERN).stack == [BOOK]

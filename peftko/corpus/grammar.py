@@ -250,11 +250,20 @@ def _closer(grammar: MarkerGrammar) -> str | None:
 
 
 def follow(grammar: MarkerGrammar, text: str, pattern: str, doc_end: str | None = None) -> GrammarState:
-    """The state after `text` (a prompt), markers and text taken as written."""
+    """The state after `text` (a prompt), markers and text taken as written.
+
+    A prompt that starts inside a document (text, or a marker the corpus never opens with, such
+    as `|START_OF_TITLE|>` in a corpus whose books open with `|START_OF_BOOK|>`) is taken as inside
+    the corpus's usual opener: its book can still be closed."""
     state = GrammarState(grammar, doc_end)
     rx = re.compile(with_literals(pattern, grammar.markers))
+    found = list(rx.finditer(text))
+    first = found[0].group() if found else None
+    if (first not in grammar.opens) and (found or text.strip()) and grammar.opens:
+        opener = max(grammar.opens.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        state.step(opener)
     last = 0
-    for m in rx.finditer(text):
+    for m in found:
         state.text(text[last:m.start()])
         state.step(m.group())
         last = m.end()

@@ -50,6 +50,7 @@ class ModelInfo:
     doc_end_marker: str | None = None  # the book-end marker, when it is a single token
     stop_ids: list[int] = field(default_factory=list)  # generation stops at any of these
     grammar: MarkerGrammar | None = None  # the markers' grammar the run or the merge recorded
+    guide: object = None  # strict generation's view of the grammar in this tokenizer (model.structure.Guide)
 
 
 def is_adapter_dir(path: Path) -> bool:

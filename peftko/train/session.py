@@ -283,6 +283,7 @@ def sampled_structure(run: Run, s: Setup) -> dict | None:
         return None
     info = adapter_info(run.output, run.model_path, cfg.quant, run.precision, run.markers, cfg.doc_end_marker)
     info.stop_ids = stop_ids(s.model, s.tokenizer, info.doc_end_marker)
+    info.grammar = run.grammar  # scored in both modes: free, and strict where the corpus has a grammar
     s.model.eval()  # no dropout in the samples; training is over
     score = structure_score(s.model, s.tokenizer, info, list(s.data.val_text["text"]), list(run.markers),
                             SampleOptions(cfg.samples, cfg.sample_tokens), cfg.doc_end_marker or DEFAULT_DOC_END,
