@@ -2,7 +2,11 @@
 
     python benchmarks/structure_modes.py MODEL [--samples 8] [--max-new-tokens 400] [--temperature 0.8]
 
-MODEL: a lora-train or merge output that records a marker grammar. For each mode: the share of
+MODEL: a lora-train or merge output that records a marker grammar. Three modes: free (the model as
+it is), forbid-markers (misplaced markers get no probability, renormalised over the rest, and nothing
+else: what a plain grammar does, as the issue's llama.cpp GBNF did) and strict (peftko's
+--structure strict: marker pieces forbidden too, the forbidden probability given to the open block's
+closer, closers forced at the token limit). For each mode: the share of
 well-formed books (START/END pairs closed, ends with the book end, whole markers only), each part
 alone, marker fragments per book, "marker words as text" per book (runs of the markers' letters
 and bars outside whole markers, such as `OF`, `ENDOF`, `|`: the escape route issue 33 measured in
@@ -17,13 +21,32 @@ import json
 import re
 import time
 
+import torch
 import transformers
 
 from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.corpus.lint import marker_fragments, marker_regex
 from peftko.evaluate.structure import structure_ok
+from peftko.model import generation
 from peftko.model.generation import GenerateOptions, sample
 from peftko.model.inference import load_for_inference
+from peftko.model.structure import StructureProcessor
+
+
+class ForbidMarkersOnly(StructureProcessor):
+    """Only misplaced markers are masked; no piece rule, no redirect, no forcing (a plain grammar)."""
+
+    def __init__(self, guide, prompt, prompt_tokens, budget):
+        super().__init__(guide, prompt, prompt_tokens, budget=10**9)
+
+    def forbidden(self, state, width, device):
+        mask = torch.zeros(width, dtype=torch.bool, device=device)
+        for marker, i in self.guide.marker_ids.items():
+            mask[i] = i < width and not state.allowed(marker)
+        return mask
+
+    def _redirect(self, logits, mask, need_id):
+        return super()._redirect(logits, mask, None)
 
 
 def marker_words(text: str, markers: list[str]) -> list[str]:
@@ -34,8 +57,10 @@ def marker_words(text: str, markers: list[str]) -> list[str]:
 
 
 def run_mode(model, tokenizer, info, mode: str, args) -> dict:
+    generation.StructureProcessor = ForbidMarkersOnly if mode == "forbid-markers" else StructureProcessor
     opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                           structure=mode, repetition_penalty=args.repetition_penalty)
+                           structure="free" if mode == "free" else "strict",
+                           repetition_penalty=args.repetition_penalty)
     transformers.set_seed(args.seed)
     end = info.doc_end_marker or DEFAULT_DOC_END
     rows = []
@@ -71,7 +96,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     args = p.parse_args()
     model, tokenizer, info = load_for_inference(args.model, device="cpu", dtype=args.dtype)
-    results = [run_mode(model, tokenizer, info, mode, args) for mode in ("free", "strict")]
+    results = [run_mode(model, tokenizer, info, mode, args) for mode in ("free", "forbid-markers", "strict")]
     print("| mode | well-formed | pairs closed | book ended | whole markers only | fragments/book "
           "| marker words as text/book | closers forced | tokens/book | s/book |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -18,7 +18,7 @@ from peftko.corpus.lint import marker_fragments, pair_role
 from peftko.evaluate.structure import structure_ok
 from peftko.model.structure import StructureProcessor, build_guide
 from peftko.run.records import RunRecord
-from tests.test_grammar import BOOK, DIALOGUE, END, END_DIALOGUE, END_TITLE, NESTED, PLAIN, SOUND, TITLE
+from tests.test_grammar import BOOK, DIALOGUE, END, END_DIALOGUE, END_TITLE, PLAIN, SOUND, TITLE
 
 MARKERS = [BOOK, END, TITLE, END_TITLE, DIALOGUE, END_DIALOGUE, SOUND]
 
