@@ -91,11 +91,23 @@ def build_guide(grammar: MarkerGrammar, tokenizer, stop_ids: list[int], doc_end:
             newlines[i] = True
         if not text.strip() and text:
             blanks.add(i)
-        if run is not None and any(r in pieces for r in run.findall(text)):
+        if run is not None and _core(text, alphabet) in pieces:
             fragments[i] = True
     end_id = marker_ids.get(doc_end) if doc_end else None
     ends = frozenset(i for i in stop_ids if i != end_id and i not in markers)
     return Guide(grammar, pattern, doc_end, marker_ids, fragments, newlines, frozenset(blanks), ends)
+
+
+def _core(text: str, alphabet: str) -> str:
+    """The token's text without whitespace and the punctuation around it (`"OF`, ` END)` -> OF, END),
+    when what is left is written only in the markers' characters; else "" (`Suits`, `Of`, `LOCK` are
+    words, not pieces of `|START_OF_TITLE|>`: a corpus's text is the model's, whatever its letters)."""
+    core = text.strip()
+    while core and core[0] not in alphabet and not core[0].isalnum():
+        core = core[1:]
+    while core and core[-1] not in alphabet and not core[-1].isalnum():
+        core = core[:-1]
+    return core if core and all(c in alphabet for c in core) else ""
 
 
 def check_structure(structure: str, grammar: MarkerGrammar | None, where: str) -> None:
