@@ -152,3 +152,16 @@ def test_strict_without_a_grammar_is_refused_and_free_is_the_default(tiny_bases)
     free = CliRunner().invoke(main, ["generate", base, "--prompt", "옛날", "--max-new-tokens", "3", "--json",
                                      "--device", "cpu"])
     assert free.exit_code == 0 and json.loads(free.stdout)["structure"] == "free"
+
+
+def test_the_merged_model_carries_the_grammar_and_generates_strict(tiny_run, tmp_path):
+    from peftko.run.records import MergeRecord
+
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged)]).exit_code == 0
+    assert MergeRecord.read(merged).grammar == RunRecord.read(tiny_run).grammar is not None
+    args = ["generate", str(merged), "--prompt", BOOK, "--max-new-tokens", "6", "--json", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["structure"] == "strict" and walk(BOOK + s["text"]) == [] and s["text"].endswith(END)
