@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 
 import torch
@@ -96,7 +97,10 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     args = p.parse_args()
     model, tokenizer, info = load_for_inference(args.model, device="cpu", dtype=args.dtype)
-    results = [run_mode(model, tokenizer, info, mode, args) for mode in ("free", "forbid-markers", "strict")]
+    results = []
+    for mode in ("free", "forbid-markers", "strict"):
+        results.append(run_mode(model, tokenizer, info, mode, args))
+        print(f"{mode}: {results[-1]['well_formed']}/{args.samples} well-formed", file=sys.stderr, flush=True)
     print("| mode | well-formed | pairs closed | book ended | whole markers only | fragments/book "
           "| marker words as text/book | closers forced | tokens/book | s/book |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
