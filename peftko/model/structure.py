@@ -75,6 +75,8 @@ def build_guide(grammar: MarkerGrammar, tokenizer, stop_ids: list[int], doc_end:
     pieces = {m[i:j] for m in whole for i in range(len(m)) for j in range(i + 1, len(m) + 1)} - set(grammar.text_pieces)
     alphabet = "".join(sorted({c for m in whole for c in m}))
     run = re.compile(f"[{re.escape(alphabet)}]+") if alphabet else None
+    bars = "".join(c for c in alphabet if not c.isalnum())  # the markers' punctuation: | > _
+    bar_run = re.compile(f"[{re.escape(bars)}]+") if bars else None
     fragments, newlines = torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)
     blanks = set()
     vocab = tokenizer.get_vocab()
@@ -91,7 +93,10 @@ def build_guide(grammar: MarkerGrammar, tokenizer, stop_ids: list[int], doc_end:
             newlines[i] = True
         if not text.strip() and text:
             blanks.add(i)
-        if run is not None and _core(text, alphabet) in pieces:
+        # A piece: the token is one (`OF`, ` END)`), or it carries the markers' punctuation (`x|`, `|>`)
+        # that the corpus never writes as text.
+        if run is not None and (_core(text, alphabet) in pieces
+                                or (bar_run is not None and any(r in pieces for r in bar_run.findall(text)))):
             fragments[i] = True
     end_id = marker_ids.get(doc_end) if doc_end else None
     ends = frozenset(i for i in stop_ids if i != end_id and i not in markers)
