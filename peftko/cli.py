@@ -295,15 +295,18 @@ def report(run_dir):
 @click.option("--model", help="Base model directory: show how its tokenizer splits each marker.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any problem is found.")
+@click.option("--grammar", is_flag=True, help="Also show the markers' grammar learned from the corpus: pairs, "
+              "nesting, document open and close, no back-to-back repeats (what generate --structure strict keeps).")
 @_marker_pattern_options
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
 @_progress_option
-def markers(paths, model, as_json, strict, marker_pattern, old_pattern, jsonl_field):
+def markers(paths, model, as_json, strict, grammar, marker_pattern, old_pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
     from peftko.commands.markers import run_markers_command
 
     sys.exit(run_markers_command(list(paths), model=model, as_json=as_json, strict=strict,
-                                 pattern=_one_pattern(marker_pattern, old_pattern), jsonl_field=jsonl_field))
+                                 pattern=_one_pattern(marker_pattern, old_pattern), jsonl_field=jsonl_field,
+                                 grammar=grammar))
 
 
 @main.command("eval")
@@ -394,6 +397,10 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
               help="Sampling seed: the same seed repeats the same text on the same machine.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Continuations to write, each from the prompt.")
+@click.option("--structure", type=click.Choice(["strict", "free"]), default=None,
+              help="strict: markers only where the corpus's grammar allows them (pairs closed, the book end "
+                   "last, whole markers only); free: as the model likes  [default: strict where the run or "
+                   "merge recorded a grammar, else free]")
 @_inference_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
 @_progress_option

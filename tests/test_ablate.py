@@ -89,10 +89,12 @@ def test_report_files_and_table(ablation):
         assert rows[v]["bpc"] > 0 and rows[v]["marker_top1"] is not None
         assert 0 <= rows[v]["structure"]["structure"] <= 1 and rows[v]["structure"]["samples"] >= 1
     assert rows["deleted"]["bpc"] is None and rows["deleted"]["structure"] is None
+    # Both modes where the markers are tokens: strict's closers fit in any 4 tokens; as text there is nothing to keep
+    assert rows["registered"]["structure"]["strict"]["structure"] == 1 and "strict" not in rows["as-text"]["structure"]
     assert rows["as-text"]["tokens_per_char"] > rows["registered"]["tokens_per_char"]
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "ablation.md").read_text()
-    assert md.count("\n| ") == 3 and "| as-text |" in md
+    assert md.count("\n| ") == 3 and "| as-text |" in md and "--structure strict" in md
     assert "| deleted |" in ablation["output"]
 
 

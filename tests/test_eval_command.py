@@ -177,12 +177,15 @@ def test_samples_add_a_structure_score_with_fragments(tiny_run, corpus):
     got = run_eval(tiny_run, corpus, "--samples", "1", "--sample-tokens", "8")
     s = got["structure"]
     assert s["samples"] == len(DOCS)
-    assert set(s) == {"samples", "balanced", "ends_with_marker", "whole_markers_only", "fragments_per_sample",
-                      "structure"}
+    keys = {"samples", "balanced", "ends_with_marker", "whole_markers_only", "fragments_per_sample", "structure"}
+    assert set(s) == keys | {"strict"} and set(s["strict"]) == keys  # the run records a grammar: both modes
     assert all(0 <= s[k] <= 1 for k in ("balanced", "ends_with_marker", "whole_markers_only", "structure"))
+    # 8 tokens are too few for the model's own book, not for strict's closers: every sample ends well-formed
+    assert s["strict"]["structure"] == 1 and s["strict"]["fragments_per_sample"] == 0
     assert s["fragments_per_sample"] >= 0 and (s["whole_markers_only"] == 1) == (s["fragments_per_sample"] == 0)
     assert len(got["per_document_bits_per_char_text"]) == len(DOCS)
     shown = CliRunner().invoke(main, ["eval", str(tiny_run), "--data", str(corpus), "--samples", "1",
                                       "--sample-tokens", "4"])
     assert shown.exit_code == 0 and f"structure of {len(DOCS)} sampled continuations" in shown.output, shown.output
+    assert f"with --structure strict: structure of {len(DOCS)} sampled continuations" in shown.output
     assert "structure" not in run_eval(tiny_run, corpus)  # sampling only when asked

@@ -66,7 +66,8 @@ def test_greedy_repeats_and_json_keys(tiny_run):
     samples = [json.loads(line) for line in first.stdout.splitlines()]
     assert len(samples) == 2
     assert set(samples[0]) == {"prompt", "text", "new_tokens", "stop_reason", "tokens_per_s", "marker_fragments",
-                               "fragments"}
+                               "fragments", "structure", "forced_closers"}
+    assert samples[0]["structure"] == "strict"  # the run recorded its corpus's grammar
     assert samples[0]["marker_fragments"] == len(samples[0]["fragments"])
     assert samples[0]["prompt"] == PROMPT
     assert samples[0]["stop_reason"] in ("marker", "eos", "length")

@@ -156,9 +156,13 @@ def test_modelfile_stops_at_the_book_end_marker(exported):
     lines = (exported["merged"] / "Modelfile").read_text(encoding="utf-8").splitlines()
     assert "FROM ./model-q8_0.gguf" in lines
     assert f'PARAMETER stop "{end}"' in lines
-    # Both are the merge's own: a later merge --force may replace the folder whole.
+    # The corpus's marker grammar for llama.cpp, beside them, and how to use it
+    grammar = (exported["merged"] / "markers.gbnf").read_text(encoding="utf-8")
+    assert "root ::= " in grammar and '"|END_OF_BOOK|>"' in grammar
+    assert "--grammar-file markers.gbnf" in exported["output"]
+    # All are the merge's own: a later merge --force may replace the folder whole.
     replaced = {e.name for e in entries_to_replace(exported["merged"], MERGE_KIND, True, "")}
-    assert {"model-q8_0.gguf", "Modelfile", "model.safetensors"} <= replaced
+    assert {"model-q8_0.gguf", "Modelfile", "markers.gbnf", "model.safetensors"} <= replaced
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 

@@ -185,16 +185,22 @@ def _f(x, spec=".3f") -> str:
 
 def render_table(rows: list[dict]) -> str:
     lines = ["| variant | held-out bpc, story text | held-out bpc, whole text | marker top-1 | structure "
-             "(balanced, ends with marker, whole markers only) | marker fragments per sample | tokens/char | vocab |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "(balanced, ends with marker, whole markers only) | marker fragments per sample | structure, "
+             "--structure strict | tokens/char | vocab |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["structure"]
-        structure = "n/a" if s is None else (f"{s['structure']:.2f} ({s['balanced']:.2f}, {s['ends_with_marker']:.2f}, "
-                                             f"{s['whole_markers_only']:.2f}; {s['samples']} samples)")
-        fragments = "n/a" if s is None else f"{s['fragments_per_sample']:.1f}"
+        strict = (s or {}).get("strict")
         lines.append(f"| {r['variant']} | {_f(r['bpc_text'])} | {_f(r['bpc'])} | {_f(r['marker_top1'], '.1%')} | "
-                     f"{structure} | {fragments} | {_f(r['tokens_per_char'])} | {r['vocab']} |")
+                     f"{_structure(s)} | {'n/a' if s is None else format(s['fragments_per_sample'], '.1f')} | "
+                     f"{_structure(strict)} | {_f(r['tokens_per_char'])} | {r['vocab']} |")
     return "\n".join(lines)
+
+
+def _structure(s: dict | None) -> str:
+    """A structure score's cell; strict's is n/a where the markers are not tokens (nothing to keep)."""
+    return "n/a" if s is None else (f"{s['structure']:.2f} ({s['balanced']:.2f}, {s['ends_with_marker']:.2f}, "
+                                    f"{s['whole_markers_only']:.2f}; {s['samples']} samples)")
 
 
 def write_chart(rows: list[dict], path: Path) -> Path | None:

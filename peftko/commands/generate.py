@@ -15,7 +15,7 @@ from transformers import TextStreamer
 
 from peftko.core.errors import UserError
 from peftko.core.progress import Tracker, phase, result, say
-from peftko.model.generation import GenerateOptions, context_length, room_for, sample
+from peftko.model.generation import GenerateOptions, context_length, room_for, sample, structure_mode
 from peftko.model.inference import load_for_inference
 
 
@@ -75,6 +75,7 @@ def sample_one(model, tokenizer, info, prompt: str, opts: GenerateOptions, name:
 def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: bool = False) -> int:
     model, tokenizer, info = load_for_inference(model_path, opts.quant, opts.device, opts.dtype)
     check_room(model, tokenizer, prompt, opts.max_new_tokens)
+    structure_mode(opts.structure, info)  # strict without a recorded grammar: refused before any text
     transformers.set_seed(opts.seed)  # once: the samples differ from each other, and repeat as a set
     for i in range(opts.num_samples):
         if not as_json and opts.num_samples > 1:
@@ -87,5 +88,6 @@ def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: b
             say(json.dumps(s.to_json(), ensure_ascii=False))
             continue
         pieces = f", {len(s.fragments)} marker fragments: {' '.join(s.fragments[:5])}" if s.fragments else ""
-        say(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}{pieces}]", err=True)
+        forced = f", {s.forced_closers} closers forced at the token limit" if s.forced_closers else ""
+        say(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, stop: {s.stop_reason}{pieces}{forced}]", err=True)
     return 0

@@ -62,7 +62,7 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
     check_safetensors(model_path)
     precision = pick_precision(cfg.device, cfg.dtype)
     if dry_run:
-        markers, _ = read_corpus_and_markers(cfg, strict)
+        markers, _, _ = read_corpus_and_markers(cfg, strict)
         for w in warnings:
             say(f"warning: {w}")
         echo_plan(cfg, model_path, precision, markers=markers, processes=processes)
@@ -77,8 +77,8 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
             replace, created = distributed.on_main(
                 lambda: claim_run_folder(output, model_path, cfg, resume, force, lock))
             check_disk_early(cfg, model_path, output)
-            markers, files = read_corpus_and_markers(cfg, strict)
-            run = Run(cfg, model_path, precision, output, markers, files, stopper, tuple(replace))
+            markers, files, grammar = read_corpus_and_markers(cfg, strict)
+            run = Run(cfg, model_path, precision, output, markers, files, stopper, tuple(replace), grammar)
             return run_training(run, resume=resume, force=force)
     finally:
         # A run refused or stopped before its first write leaves no folder it made (the lock is gone by now).
@@ -87,9 +87,10 @@ def _run_lora_train(cfg: TrainConfig, stopper, resume: bool, force: bool, dry_ru
 
 
 def read_corpus_and_markers(cfg: TrainConfig, strict: bool):
-    """The corpus summary and refusals, then the markers to register: (markers, readable files)."""
+    """The corpus summary and refusals, then the markers to register: (markers, readable files, the
+    markers' grammar learned in the same pass)."""
     report, files = read_corpus(cfg.corpus(), strict)
-    return choose_markers(cfg.corpus(), report), files
+    return choose_markers(cfg.corpus(), report), files, report.grammar
 
 
 def claim_run_folder(output: Path, model_path: Path, cfg: TrainConfig, resume: bool, force: bool,

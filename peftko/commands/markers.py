@@ -1,5 +1,6 @@
 """`peftko markers`: a corpus report (encodings, markers, marker mistakes with file and line), as
-tables or one JSON object; with --model, how that base's tokenizer splits each marker."""
+tables or one JSON object; with --model, how that base's tokenizer splits each marker; with
+--grammar, the markers' grammar learned from the corpus (peftko.corpus.grammar) as readable rules."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from peftko.core.config import DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.paths import resolve_data_paths
 from peftko.core.progress import Result, emit, say
+from peftko.corpus.grammar import render_rules
 from peftko.corpus.scan import scan_corpus
 
 
@@ -35,13 +37,19 @@ def run_markers_command(
     strict: bool = False,
     pattern: str = DEFAULT_MARKER_PATTERN,
     jsonl_field: str = "text",
+    grammar: bool = False,
 ) -> int:
     """Print the report; return 1 when `strict` and any problem was found, else 0."""
     tokenizer = tokenizer_for_markers(model) if model else None
     report = scan_corpus(resolve_data_paths(paths), pattern, jsonl_field=jsonl_field, tokenizer=tokenizer)
-    emit(Result("markers", report.to_json()))
+    data = report.to_json()
+    if grammar:  # only when asked: the JSON without --grammar stays as scripts know it
+        data["grammar"] = report.grammar.to_json() if report.grammar else None
+    emit(Result("markers", data))
     if as_json:
-        say(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
+        say(json.dumps(data, ensure_ascii=False, indent=2))
     else:
         say(report.render_table(), end="")
+        if grammar:
+            say("\n" + render_rules(report.grammar), end="")
     return 1 if strict and report.problems else 0

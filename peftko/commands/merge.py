@@ -48,7 +48,9 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
             gguf.preflight(base_path, out, gguf_options)
         tokenizer = merged_tokenizer(run_dir, record)
         check_manifest_facts(run_dir, base_path, record, tokenizer)
-        mark = MergeRecord(adapter=str(run_dir.resolve()), base_model=str(base_path.resolve()), dtype=dtype)
+        # The grammar travels with the merged model: generate --structure strict needs no run folder.
+        mark = MergeRecord(adapter=str(run_dir.resolve()), base_model=str(base_path.resolve()), dtype=dtype,
+                           grammar=record.grammar)
         writer = streaming_writer(run_dir, base_path, record, dtype, full_check)
         save_atomically(writer, tokenizer, out, mark, stopper, record)
         say(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")

@@ -21,7 +21,9 @@ from peftko.core.errors import UserError
 from peftko.core.progress import phase
 from peftko.corpus.documents import (MAX_DOC_CHARS, Document, FileScan, find_files, iter_located_documents,
                                      scan_file)
+from peftko.corpus.grammar import GrammarLearner
 from peftko.corpus.lint import Problem, lint_corpus
+from peftko.run.grammar_record import MarkerGrammar
 
 BAD_STATUSES = ("binary", "undecodable", "unreadable")
 # The lint needs whole documents (a BOOK pair may span one), so it cuts far later than training
@@ -42,6 +44,7 @@ class CorpusReport:
     problems: list[Problem]
     pieces: dict[str, int] | None  # with a tokenizer: marker -> pieces the base tokenizer makes now
     tokens_per_syllable: float | None  # with a tokenizer: corpus tokens / Hangul syllables
+    grammar: MarkerGrammar | None = None  # the markers' grammar (peftko.corpus.grammar); None without markers
 
     @property
     def bad_files(self) -> list[FileScan]:
@@ -97,10 +100,11 @@ def scan_corpus(
             scans.append(scan_file(p, jsonl_field))
             progress.advance()
     stats = _TokenStats(tokenizer)
-    docs = _documents(scans, jsonl_field, doc_end_marker, stats)
+    grammar = GrammarLearner(pattern, known)  # learned in the lint's pass: no second read of the corpus
+    docs = _documents(scans, jsonl_field, doc_end_marker, stats, grammar)
     lint = lint_corpus(docs, pattern, known)
     pieces = _pieces(tokenizer, lint.counts) if tokenizer is not None else None
-    return CorpusReport(scans, lint.counts, lint.files, lint.problems, pieces, stats.ratio())
+    return CorpusReport(scans, lint.counts, lint.files, lint.problems, pieces, stats.ratio(), grammar.finish())
 
 
 def _check_pattern(pattern: str) -> None:
@@ -113,7 +117,8 @@ def _check_pattern(pattern: str) -> None:
 
 
 def _documents(
-    scans: list[FileScan], jsonl_field: str, doc_end_marker: str, stats: _TokenStats
+    scans: list[FileScan], jsonl_field: str, doc_end_marker: str, stats: _TokenStats,
+    grammar: GrammarLearner | None = None,
 ) -> Iterator[tuple[str, Document]]:
     for scan in scans:
         if scan.status != "ok":
@@ -123,6 +128,8 @@ def _documents(
         try:
             for doc in docs:
                 stats.add(doc.text)
+                if grammar is not None:
+                    grammar.add(str(scan.path), doc)
                 yield str(scan.path), doc
         except OSError as e:  # readable a moment ago in scan_file
             raise UserError(f"cannot read {scan.path}: {e.strerror or e}; did it change?") from None

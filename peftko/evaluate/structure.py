@@ -4,6 +4,10 @@ the book?
 Continuations of the held-out documents' first three quarters are sampled; a sample counts when
 its START_/END_ pairs balance (peftko.corpus.lint), it ends with the book-end marker and it writes
 whole markers only: no pieces of one (`|>`, `|SOUND|`, `<|END_OF_BOOK|>`: corpus.lint.marker_fragments).
+
+Both generation modes are scored where the model records a marker grammar: "free" (the model as it
+is; the score kept under the keys it always had) and "strict" (peftko.model.structure, nested under
+"strict"), from the same prompts and seed, so the two read side by side.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import transformers
 from peftko.core.progress import phase
 from peftko.corpus.lint import lint_text, marker_fragments, with_literals
 from peftko.model.generation import GenerateOptions, sample
+from peftko.model.structure import single_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +47,21 @@ def prompt_of(doc: str, fraction: float) -> str:
 
 def structure_score(model, tokenizer, info, held_out: list[str], markers: list[str], opts: SampleOptions,
                     doc_end: str, pattern: str, seed: int) -> dict:
+    """The free mode's score, with the strict mode's under "strict" where the model records a grammar
+    whose markers are tokens here (not for markers left as text: nothing to keep)."""
+    score = score_mode(model, tokenizer, info, held_out, markers, opts, doc_end, pattern, seed, "free")
+    grammar = getattr(info, "grammar", None)
+    if grammar is not None and single_token_ids(tokenizer, grammar.markers):
+        score["strict"] = score_mode(model, tokenizer, info, held_out, markers, opts, doc_end, pattern, seed, "strict")
+    return score
+
+
+def score_mode(model, tokenizer, info, held_out: list[str], markers: list[str], opts: SampleOptions,
+               doc_end: str, pattern: str, seed: int, structure: str) -> dict:
     """Shares of the samples that balance their pairs, that end with `doc_end`, that write whole
     markers only, and that do all three; and the marker fragments written per sample."""
-    gen = GenerateOptions(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed)
+    gen = GenerateOptions(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=seed,
+                          structure=structure)
     transformers.set_seed(seed)
     balanced = ended = whole = good = fragments = n = 0
     with phase("sample", len(held_out) * opts.samples, "samples") as progress:
@@ -64,12 +81,14 @@ def structure_score(model, tokenizer, info, held_out: list[str], markers: list[s
             "fragments_per_sample": fragments / n, "structure": good / n}
 
 
-def describe(s: dict) -> str:
-    """One line for a structure score, as `eval --samples` and `lora-train` (samples) print it."""
+def describe(s: dict, mode: str = "") -> str:
+    """One line for a structure score, as `eval --samples` and `lora-train` (samples) print it; a second
+    for the strict mode's, when scored."""
     plural = "s" if s["samples"] != 1 else ""
-    return (f"structure of {s['samples']} sampled continuation{plural}: {s['balanced']:.0%} close their pairs, "
+    line = (f"{mode}structure of {s['samples']} sampled continuation{plural}: {s['balanced']:.0%} close their pairs, "
             f"{s['ends_with_marker']:.0%} end the book, {s['whole_markers_only']:.0%} write whole markers only "
             f"({s['fragments_per_sample']:.1f} marker fragments per sample); all three: {s['structure']:.0%}")
+    return line + ("\n" + describe(s["strict"], "with --structure strict: ") if "strict" in s else "")
 
 
 def overall_top1(markers: dict) -> float | None:

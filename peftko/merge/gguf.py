@@ -12,8 +12,9 @@ Two steps, so that a refusal costs seconds and not a merge:
 - export, once the merged model is published: convert into a staging folder beside the output,
   check the GGUF (each marker one USER_DEFINED token with its Hugging Face id; llama.cpp, where
   llama-cpp-python is installed, tokenizes Korean text with markers to the Hugging Face ids), and
-  only then move it in and write the Ollama Modelfile. Both names are recorded in
-  peftko-merge.json BEFORE they are written, so a later --force may replace them (ownership).
+  only then move it in and write the Ollama Modelfile and, where the run recorded a marker grammar,
+  markers.gbnf (peftko.merge.gbnf) for llama.cpp's grammar-constrained generation. Every name is
+  recorded in peftko-merge.json BEFORE it is written, so a later --force may replace it (ownership).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from peftko.core.atomic import move_into, publish, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.progress import phase, say
+from peftko.merge import gbnf
 from peftko.merge.merged_folder import MARK
 from peftko.run.records import MarkerEntry, MergeRecord, RunRecord
 
@@ -95,17 +97,22 @@ def export(merged: Path, record: RunRecord, options: GgufOptions, stopper) -> Pa
     stopper.unfinished = "after the merged model was written, before the GGUF was: no GGUF or Modelfile was written."
     converter = find_converter(options.llama_cpp)
     name = file_name(options.outtype)
+    files = [name, MODELFILE] + ([gbnf.FILE] if record.grammar else [])
     # "prepare" raises for a Ctrl-C already received during the merge's save: no conversion then.
     with stopper.during("prepare"):
-        _claim(merged, [name, MODELFILE])
+        _claim(merged, files)
         say(f"GGUF: converting {merged} to {options.outtype} with llama.cpp's {CONVERTER}")
         with staging_dir(merged.parent, f".{merged.name}.gguf-") as stage:
             _convert_and_check(converter, merged, stage / name, record, options.outtype)
             (stage / MODELFILE).write_text(modelfile(name, record), encoding="utf-8")
+            if record.grammar:
+                (stage / gbnf.FILE).write_text(gbnf.gbnf(record.grammar, record.doc_end_marker), encoding="utf-8")
             publish(stage)  # the converter's and tempfile's modes, made readable by a model server's user
             with stopper.during("save"):
-                move_into(stage, merged, [name, MODELFILE])
+                move_into(stage, merged, files)
     say(f"GGUF written to {merged / name}; for Ollama: cd {merged} && ollama create NAME -f {MODELFILE}")
+    if record.grammar:
+        say(gbnf.usage(merged / gbnf.FILE))
     return merged / name
 
 
@@ -216,6 +223,8 @@ def modelfile(gguf_name: str, record: RunRecord) -> str:
     ]
     if end is not None:
         lines.append(f"PARAMETER stop {_quoted(end.marker)}")
+    if record.grammar:  # Ollama takes no GBNF: the stop above is what it keeps of the structure
+        lines.append(f"# The markers' grammar for llama.cpp: {gbnf.FILE} (llama-cli --grammar-file {gbnf.FILE})")
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ from peftko.core.progress import say
 from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
 from peftko.run.layout import ADAPTER_FILES, MANIFEST
 from peftko.run.manifest import check_base, read_manifest
+from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.records import MergeRecord, RunRecord
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,6 +49,8 @@ class ModelInfo:
     markers: list[str] = field(default_factory=list)  # marker strings that are single tokens
     doc_end_marker: str | None = None  # the book-end marker, when it is a single token
     stop_ids: list[int] = field(default_factory=list)  # generation stops at any of these
+    grammar: MarkerGrammar | None = None  # the markers' grammar the run or the merge recorded
+    guide: object = None  # strict generation's view of the grammar in this tokenizer (model.structure.Guide)
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -80,6 +83,7 @@ def _load_adapter(run_dir: Path, quant: str | None, device: str, dtype: str | No
     precision = inference_precision(device, dtype, record.compute_dtype, "the run trained")
     model, tokenizer = load_with_adapter(run_dir, base, record, quant, precision, record.attn_implementation)
     info = adapter_info(run_dir, base, quant, precision, record.marker_names, record.doc_end_marker)
+    info.grammar = record.grammar
     return model, tokenizer, info
 
 
@@ -120,7 +124,7 @@ def _load_model(path: Path, quant: str | None, device: str, dtype: str | None):
     markers = added_markers(tokenizer)
     end = DEFAULT_DOC_END if DEFAULT_DOC_END in markers else None
     return model, tokenizer, ModelInfo("model", path, path, quant, str(precision.device), precision.dtype_name,
-                                       markers, end)
+                                       markers, end, grammar=mark.grammar if mark else None)
 
 
 def inference_precision(device: str, dtype: str | None, recorded, what: str) -> Precision:

@@ -175,6 +175,12 @@ def _scored(facts: dict, language: str) -> list[str]:
             f"- Structure of {s['samples']} sampled continuations of held-out documents: {share['balanced']} close "
             f"their pairs, {share['ends_with_marker']} end the book, {share['whole_markers_only']} write whole "
             f"markers only ({frag} marker fragments per sample)")
+    strict = s.get("strict") if isinstance(s, dict) else None
+    if isinstance(strict, dict) and strict.get("samples"):
+        lines.append(f"- `--structure strict` (코퍼스 마커 문법을 지키는 생성): 세 조건을 모두 지킴 {strict.get('structure', 0):.0%}"
+                     if language == "ko" else
+                     f"- With `--structure strict` (the corpus's marker grammar kept): all three in "
+                     f"{strict.get('structure', 0):.0%} of the samples")
     return lines
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from peftko.core.errors import UserError
+from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.layout import FORMAT_VERSION, MANIFEST, MERGE_MARK, RUN_FILE
 
 
@@ -227,7 +228,7 @@ MANIFEST_SHAPE = {"base_model": str, "base_fingerprint": dict, "markers": list, 
 # The rest, checked where present (a run saved by an older peftko may lack some).
 RUN_RULES = {"format": INTEGER, "peftko_version": TEXT, "base_terms": NAMES, "marker_piece_rows": INTEGERS,
              "tied_embeddings": FLAG, "quantization": TEXT, "compute_dtype": TEXT, "corpus": OBJECT,
-             "results": OBJECT, "files": NAMES}
+             "results": OBJECT, "files": NAMES, "grammar": OBJECT}
 
 
 def manifest_problems(data) -> list[str]:
@@ -258,7 +259,7 @@ def _part_problems(data: dict) -> list[str]:
                      for p in _check(m, MarkerEntry.RULES, f"markers[{i}].")]
     if isinstance(data.get("corpus"), dict):
         problems += CorpusRecord.problems(data["corpus"])
-    return problems
+    return problems + (MarkerGrammar.problems(data["grammar"]) if isinstance(data.get("grammar"), dict) else [])
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ class RunRecord:
     results: Results = field(default_factory=Results)
     files: list[str] | None = None  # what save_final wrote: what a later --force may replace
     adapter_sha256: str | None = None  # checked by every reader (runs saved before it was kept have none)
+    grammar: MarkerGrammar | None = None  # the corpus's marker grammar (runs saved before it was kept have none)
 
     # The fields kept as the file has them, under the same name.
     AS_WRITTEN: ClassVar[tuple[str, ...]] = ("peftko_version", "base_terms", "marker_piece_rows", "tied_embeddings",
@@ -295,6 +297,7 @@ class RunRecord:
             "quantization": self.quantization, "compute_dtype": self.compute_dtype, "config": self.config,
             "corpus": self.corpus.to_json() if self.corpus else None, "results": self.results.to_json(),
             "files": self.files, "adapter_sha256": self.adapter_sha256,
+            "grammar": self.grammar.to_json() if self.grammar else None,
         })
 
     @classmethod
@@ -310,6 +313,7 @@ class RunRecord:
             config=data["config"], version=data.get("format"),
             corpus=CorpusRecord.from_json(corpus) if corpus is not None else None,
             results=Results.from_json(data.get("results") or {}), **{k: data.get(k) for k in cls.AS_WRITTEN},
+            grammar=MarkerGrammar.from_json(data["grammar"]) if data.get("grammar") is not None else None,
         )
 
     @classmethod
@@ -461,12 +465,15 @@ class MergeRecord:
     dtype: str  # what the merged weights are in; `generate` and `eval` compute in it
     files: list[str] = field(default_factory=list)  # what a later --force may replace
     version: int | None = FORMAT_VERSION  # "format" on disk
+    grammar: MarkerGrammar | None = None  # the run's marker grammar, copied: `generate --structure strict` reads it
 
-    RULES: ClassVar[Rules] = {"format": INTEGER, "adapter": TEXT, "base_model": TEXT, "dtype": TEXT, "files": NAMES}
+    RULES: ClassVar[Rules] = {"format": INTEGER, "adapter": TEXT, "base_model": TEXT, "dtype": TEXT, "files": NAMES,
+                              "grammar": OBJECT}
 
     def to_json(self) -> dict:
         return _present({"format": self.version, "adapter": self.adapter, "base_model": self.base_model,
-                         "dtype": self.dtype, "files": self.files})
+                         "dtype": self.dtype, "files": self.files,
+                         "grammar": self.grammar.to_json() if self.grammar else None})
 
     @classmethod
     def from_json(cls, data, path: Path) -> MergeRecord:
@@ -475,10 +482,12 @@ class MergeRecord:
         else:
             problems = [f"'{k}' is missing" for k in ("adapter", "base_model", "dtype") if data.get(k) is None]
             problems += _check(data, cls.RULES)
+            problems += MarkerGrammar.problems(data["grammar"]) if isinstance(data.get("grammar"), dict) else []
         if problems:
             raise UserError(f"{path} is not a peftko merge mark: {'; '.join(problems)}. Restore it, "
                             "or merge again into a new --output.")
-        return cls(data["adapter"], data["base_model"], data["dtype"], data.get("files") or [], data.get("format"))
+        grammar = MarkerGrammar.from_json(data["grammar"]) if data.get("grammar") is not None else None
+        return cls(data["adapter"], data["base_model"], data["dtype"], data.get("files") or [], data.get("format"), grammar)
 
     @classmethod
     def read(cls, merged: Path) -> MergeRecord:

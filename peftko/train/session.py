@@ -34,6 +34,7 @@ from peftko.run.ownership import remove_entries
 from peftko.run.plot import write_report_or_warn
 from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Results, RunIdentity, RunIdentityRecord,
                                 RunRecord, Vocab)
+from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest, back_to_registered
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
@@ -60,6 +61,7 @@ class Run:
     files: list
     stopper: Stopper = field(default_factory=lambda: Stopper("before training began"))  # the command's handler
     replace: tuple[Path, ...] = ()  # what --force removes, at the run's first write
+    grammar: MarkerGrammar | None = None  # the corpus's marker grammar (peftko.corpus.grammar), kept in peftko.json
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,7 @@ def sampled_structure(run: Run, s: Setup) -> dict | None:
         return None
     info = adapter_info(run.output, run.model_path, cfg.quant, run.precision, run.markers, cfg.doc_end_marker)
     info.stop_ids = stop_ids(s.model, s.tokenizer, info.doc_end_marker)
+    info.grammar = run.grammar  # scored in both modes: free, and strict where the corpus has a grammar
     s.model.eval()  # no dropout in the samples; training is over
     score = structure_score(s.model, s.tokenizer, info, list(s.data.val_text["text"]), list(run.markers),
                             SampleOptions(cfg.samples, cfg.sample_tokens), cfg.doc_end_marker or DEFAULT_DOC_END,
@@ -326,6 +329,7 @@ def manifest(run: Run, s: Setup, results: Results) -> RunRecord:
         config=run.cfg.to_dict(),
         corpus=corpus_record(s.data),
         results=results,
+        grammar=run.grammar,
     )
 
 
