@@ -15,7 +15,6 @@ module from parsing the files by hand.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -23,40 +22,8 @@ from typing import ClassVar
 from peftko.core.errors import UserError
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.layout import FORMAT_VERSION, MANIFEST, MERGE_MARK, RUN_FILE
-
-
-# --- what a value must be
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_ints(x) -> bool:
-    return isinstance(x, list) and all(_is_int(i) for i in x)
-
-
-def _is_names(x) -> bool:
-    return isinstance(x, list) and all(isinstance(n, str) for n in x)
-
-
-INTEGER, NUMBER, TEXT = (_is_int, "an integer"), (_is_number, "a number"), (lambda x: isinstance(x, str), "a string")
-FLAG, OBJECT = (lambda x: isinstance(x, bool), "true or false"), (lambda x: isinstance(x, dict), "a dict")
-INTEGERS, NAMES = (_is_ints, "a list of integers"), (_is_names, "a list of names")
-Rules = dict[str, tuple[Callable[[object], bool], str]]
-
-
-def _check(data: dict, rules: Rules, prefix: str = "") -> list[str]:
-    """One problem for each key present whose value is not what it must be; null reads as not recorded."""
-    return [f"'{prefix}{k}' must be {what}" for k, (ok, what) in rules.items()
-            if data.get(k) is not None and not ok(data[k])]
-
-
-def _present(d: dict) -> dict:
-    """Without the keys a run did not record (older runs, optional parts), as the files have them."""
-    return {k: v for k, v in d.items() if v is not None}
+from peftko.run.record_rules import (FLAG, INTEGER, INTEGERS, NAMES, NUMBER, OBJECT, TEXT, Rules, check as _check,
+                                     is_int as _is_int, present as _present)
 
 
 def _read(path: Path):
