@@ -38,6 +38,9 @@ def build(name: str, tok, folder):
     return folder
 
 
+pytestmark = pytest.mark.slow  # a base of each architecture built, trained, merged and reloaded
+
+
 @pytest.fixture(scope="module")
 def tokenizer(base_texts):
     return train_tokenizer(base_texts)

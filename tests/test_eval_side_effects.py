@@ -91,7 +91,8 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("base", ["llama-untied", "qwen2-padded", "gpt-neox"])
+@pytest.mark.parametrize("base", ["llama-untied", pytest.param("qwen2-padded", marks=pytest.mark.slow),
+                                  pytest.param("gpt-neox", marks=pytest.mark.slow)])
 def test_4bit_gradients_do_not_depend_on_an_evaluation_before(tiny_bases, tmp_path, cpu_repack, base):
     """qwen2 and gpt-neox have biased linears: the inference-only kernel's `result += bias` fails there."""
     check_evaluation_changes_nothing(tiny_bases[base], "4bit", tmp_path)

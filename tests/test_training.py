@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import TrainerCallback
@@ -24,6 +25,7 @@ def losses(run_dir):
     return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
 
 
+@pytest.mark.slow  # whole lora-train runs; the setup()-level tests above and below stay fast
 def test_same_seed_same_losses(tiny_bases, small_corpus, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -100,6 +102,7 @@ def test_only_marker_rows_receive_gradient(tiny_bases, small_corpus, tmp_path):
     assert set(changed) & set(ids)  # the markers' own rows train
 
 
+@pytest.mark.slow  # whole lora-train runs; the setup()-level tests above and below stay fast
 def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, small_corpus, tmp_path):
     import shutil
 
@@ -116,6 +119,7 @@ def test_skip_bad_files_trains_on_the_rest_and_says_what_it_skipped(tiny_bases, 
     assert (out / "peftko.json").exists()
 
 
+@pytest.mark.slow  # whole lora-train runs; the setup()-level tests above and below stay fast
 def test_explicit_marker_list_is_used_as_given(tiny_bases, small_corpus, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, train_args(tiny_bases["llama-tied"], small_corpus, out, "--quant", "none",
