@@ -146,6 +146,7 @@ def test_merge_force_replaces_an_earlier_merge_but_not_a_file_added_to_it(finish
 
 
 # --- 2. one writer per output
+@pytest.mark.slow  # a real lora-train process; the fast check of a live lock is merge's, below
 def test_a_second_run_into_a_running_runs_output_is_refused(env, tmp_path):
     out = tmp_path / "run"
     first = Run(env, out)

@@ -19,11 +19,10 @@ from tests.conftest import BASES, train_args
 
 QUANTS = ["4bit", "8bit", "none"]
 COMBOS = [(b, q) for b in BASES for q in QUANTS]
-# The fast subset keeps two combinations that between them take every path (a tied base in 4-bit; a
-# base with padded embedding rows, unquantized); the rest, 8bit included (its loading path is also in
-# tests/test_eval_side_effects.py), run in the whole suite.
-FAST = {("llama-tied", "4bit"), ("qwen2-padded", "none")}
-PARAMS = [pytest.param((b, q), id=f"{b}-{q}", marks=[] if (b, q) in FAST else [pytest.mark.slow]) for b, q in COMBOS]
+# The fast subset trains each base once: 4bit on the tied and the padded ones (the demo's base is tied and
+# 4bit), none on the others. 8bit, which trains and merges like 4bit, and the other pairs are slow.
+FAST = {("llama-tied", "4bit"), ("llama-untied", "none"), ("qwen2-padded", "4bit"), ("gpt-neox", "none")}
+PARAMS = [pytest.param(c, id="-".join(c), marks=[] if c in FAST else [pytest.mark.slow]) for c in COMBOS]
 SAMPLE = '|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n|START_OF_DIALOGUE|>"안녕!"|END_OF_DIALOGUE|> |SOUND|>똑똑'
 
 
