@@ -90,6 +90,7 @@ def exported(llama_cpp, real_run, tmp_path_factory):
             "manifest": json.loads((run / "peftko.json").read_text(encoding="utf-8"))}
 
 
+@pytest.mark.slow  # llama.cpp's converter (the sdist)
 def test_the_export_reports_its_phases(exported):
     """merge, its self-check and the GGUF export each start, advance and finish, in that order."""
     events = exported["events"]
