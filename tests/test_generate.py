@@ -114,7 +114,7 @@ def test_merged_model_loads_with_its_markers_and_continues_like_the_adapter(tiny
     assert texts[0] == texts[1]
 
 
-# A process of its own each (some 7 s on 2 cores): Ctrl-C stays in the fast subset, SIGTERM is slow.
+# A process of its own each (some 6 s on 2 cores): Ctrl-C stays in the fast subset, SIGTERM is slow.
 @pytest.mark.parametrize("signum, code", [(2, 130), pytest.param(15, 143, marks=pytest.mark.slow)])
 def test_a_stop_mid_stream_is_one_line_and_130_or_143(tiny_run, signum, code):
     """Ctrl-C (or a scheduler's SIGTERM) while tokens stream: no traceback, no click 'Aborted!'."""

@@ -145,7 +145,6 @@ def test_many_passes_over_a_small_corpus_are_announced():
     assert passes_note(TrainConfig(max_steps=-1, epochs=5).steps(), 54) is None  # asked for in epochs: no surprise
 
 
-@pytest.mark.slow  # 5 steps of 1024-token blocks, 10-20 s on 2 cores
 def test_a_training_set_smaller_than_a_step_is_said_and_counted_as_trained(tiny_bases, small_corpus, tmp_path):
     """Fewer blocks than batch_size x grad_accum: every step trains the blocks there are, and the
     notes and peftko.json say so (the Trainer's own count of tokens is the check)."""
@@ -164,7 +163,6 @@ def test_a_training_set_smaller_than_a_step_is_said_and_counted_as_trained(tiny_
     assert results["tokens_seen"] == 5 * blocks * block_len
 
 
-@pytest.mark.slow  # a copy of the base: its first run measures everything anew, 10-24 s on 2 cores
 def test_a_relative_base_path_is_recorded_absolute(tiny_bases, small_corpus, tmp_path, monkeypatch):
     """adapter_config.json must not send peft to the Hub when loaded from another directory."""
     import json

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 pytestmark = [pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside python"),
-              pytest.mark.slow]  # each torchrun launch is some 30 s of imports on 2 cores
+              pytest.mark.slow]  # torchrun: three launches of two ranks, some 10 s each
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ def watched_run(tiny_bases, small_corpus, tmp_path_factory):
     return out, output
 
 
-@pytest.mark.slow  # `watched_run`: a real lora-train process, 25-30 s on 2 cores
+@pytest.mark.slow  # `watched_run`: a real lora-train process, some 10 s on 2 cores
 def test_tensorboard_events_are_written_inside_the_run_dir(watched_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

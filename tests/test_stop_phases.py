@@ -20,7 +20,7 @@ from peftko.run.checkpoints import latest_checkpoint
 from peftko.run.manifest import read_manifest
 from tests.test_resilience import REPO, args, env, invoke  # noqa: F401 - env is a fixture
 
-# Five real lora-train processes, started together: some 50 s of imports on 2 cores. A stop during a step
+# Five real lora-train processes, started together: some 20 s on a quiet 2-core machine. A stop during a step
 # stays in the fast subset (tests/test_resilience.py, a real SIGINT to the test process itself).
 pytestmark = pytest.mark.slow
 

@@ -190,8 +190,6 @@ def test_a_base_without_safetensors_is_not_streamed(tmp_path):
         base_files(tmp_path)
 
 
-@pytest.mark.slow  # an 8-layer base built, trained and merged with --full-check; the fast check of
-# --full-check is test_merge_command_streams_and_full_check_compares_logits
 def test_full_check_limit_follows_rounding_on_a_deep_base(small_corpus, tmp_path):
     """bf16 rounding grows with depth: on 8 layers of large random weights the merged model's logits
     differ from the unmerged adapter's by more than a fixed 3e-2 (a 16-layer 1B shape gave 3.2e-2 and

@@ -28,7 +28,7 @@ REAL_BASE, REAL_BASE_MODULE = "builtin:gemma-3-270m", "peftko.model.gemma_base"
 REAL_BASE_WHY = "real weights: built once per machine, then minutes a run on 2 cores"
 # What makes a whole module slow (a pattern in its code): it must carry `pytestmark` with pytest.mark.slow.
 HEAVY_MODULE_CODE = {  # what it uses: (pattern, why it is slow)
-    "torchrun": (r"torchrun", "each launch is some 30 s of imports on 2 cores"),
+    "torchrun": (r"torchrun", "a process of imports per rank, some 10 s a launch on 2 cores"),
     "lm_eval": (r"\blm_eval\b", "lm-eval's imports and task index take seconds a test"),
     "a script in benchmarks/": (r"['\"]benchmarks[/'\"]", "it runs in processes of its own"),
 }

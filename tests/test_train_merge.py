@@ -19,10 +19,8 @@ from tests.conftest import BASES, train_args
 
 QUANTS = ["4bit", "8bit", "none"]
 COMBOS = [(b, q) for b in BASES for q in QUANTS]
-# The fast subset trains each base once: 4bit on the tied and the padded ones (the demo's base is tied and
-# 4bit), none on the others. 8bit, which trains and merges like 4bit, and the other pairs are slow.
-FAST = {("llama-tied", "4bit"), ("llama-untied", "none"), ("qwen2-padded", "4bit"), ("gpt-neox", "none")}
-PARAMS = [pytest.param(c, id="-".join(c), marks=[] if c in FAST else [pytest.mark.slow]) for c in COMBOS]
+# 8bit trains and merges as 4bit does (its loading path is also in tests/test_eval_side_effects.py): slow only.
+PARAMS = [pytest.param(c, id="-".join(c), marks=[pytest.mark.slow] if c[1] == "8bit" else []) for c in COMBOS]
 SAMPLE = '|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n|START_OF_DIALOGUE|>"안녕!"|END_OF_DIALOGUE|> |SOUND|>똑똑'
 
 
