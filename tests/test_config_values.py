@@ -27,3 +27,13 @@ def test_a_non_finite_flag_is_one_line_and_exit_2(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--max-grad-norm: 'nan' must be a finite number" in r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--embedding-lr"])
+def test_a_rate_torch_cannot_hold_is_refused_before_training(tmp_path, flag):
+    # 1e38 is finite, yet AdamW's first step divides it by 0.1 and overflowed float32 with a traceback
+    r = CliRunner().invoke(main, ["lora-train", "--model", "builtin:tiny-llama", "--data", "builtin:sample",
+                                  "--output", str(tmp_path / "run"), flag, "1e38", "--dry-run"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"{flag.lstrip('-').replace('-', '_')}: must be positive and at most 1e+30" in r.output, r.output
+    assert not (tmp_path / "run").exists()

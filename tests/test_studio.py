@@ -198,6 +198,8 @@ def _wait(driver, what, timeout=120, every=0.3, message=""):
         except Exception as e:  # noqa: BLE001: an element not there yet
             last = e
         time.sleep(every)
+    if callable(message):  # what the page shows now
+        message = message(driver)
     raise AssertionError(f"timed out waiting: {message} (last: {last!r})")
 
 
@@ -262,11 +264,13 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         # Train: the command, the memory plan, then a run watched as it goes
         driver.find_element("css selector", "nav button[data-page=train]").click()
         assert driver.find_element("id", "preset").get_attribute("value") == "tiny-demo.yaml"
-        for field, value in (("data", "corpus"), ("output", "runs/demo"), ("max_steps", "40"),
-                             ("logging_steps", "2"), ("eval_steps", "20")):
+        # 400 steps: an idle CPU trains the tiny base at ~20 steps a second, so a shorter run can end
+        # before the Stop click lands (the page polls; the click is a request)
+        for field, value in (("data", "corpus"), ("output", "runs/demo"), ("max_steps", "400"),
+                             ("logging_steps", "5"), ("eval_steps", "100")):
             _set(driver, field, value)
-        _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 40 "
-                                                             "--logging-steps 2 --eval-steps 20"), 20, message="command")
+        _wait(driver, lambda d: _text(d, "#command").endswith("--data corpus --output runs/demo --max-steps 400 "
+                                                             "--logging-steps 5 --eval-steps 100"), 20, message="command")
         driver.find_element("id", "plan").click()
         _wait(driver, lambda d: "12 GiB: yes" in _text(d, "#plan-fit"), 480, 1,
               "the memory plan (the first one builds the tiny base)")
@@ -276,7 +280,8 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         _wait(driver, lambda d: _points(d) > seen, 120, 0.5, "the curve gaining points")
         assert _status(driver) == "running"
         driver.find_element("id", "stop").click()
-        _wait(driver, lambda d: _status(d) == "stopped", 120, 0.5, "the run stopped")
+        _wait(driver, lambda d: _status(d) == "stopped", 120, 0.5,
+              lambda d: f"the run stopped (now {_status(d)!r}; log ends {_text(d, '#log')[-600:]!r})")
         assert list((root / "runs" / "demo").glob("checkpoint-*")), "a stop writes a checkpoint"
         assert "--resume" in _text(driver, "#log")
         stopped_at = _points(driver)

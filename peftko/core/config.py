@@ -28,6 +28,7 @@ BUILTIN_DATA = "builtin:sample"
 DEFAULT_MARKER_PATTERN = r"\|[A-Z][A-Z0-9_]*\|>"
 DEFAULT_DOC_END = "|END_OF_BOOK|>"  # the marker that ends a book: documents split after it, generation stops at it
 MIN_SEQ_LEN = 2
+MAX_LR = 1e30  # lr and embedding_lr: above it AdamW's first step overflows float32 inside torch
 
 
 # --help groups, in the order `peftko lora-train --help` shows them (Korean first, then English).
@@ -376,8 +377,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"seq_len: must be at least {MIN_SEQ_LEN} (a block holds a token and the next one it "
                  f"predicts) or auto, got {cfg.seq_len}")
     for k in ("lr", "embedding_lr"):
-        if not getattr(cfg, k) > 0:
-            p.append(f"{k}: must be positive, got {getattr(cfg, k)}")
+        if not 0 < getattr(cfg, k) <= MAX_LR:
+            p.append(f"{k}: must be positive and at most {MAX_LR:g} (LoRA rates are about 1e-5 to 1e-2), "
+                     f"got {getattr(cfg, k)}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         p.append(f"max_steps: must be -1 (use epochs) or positive, got {cfg.max_steps}")
     if cfg.max_steps == -1 and not cfg.epochs > 0:

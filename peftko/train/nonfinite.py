@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -67,15 +68,22 @@ class NonFiniteGuard(TrainerCallback):
         )
 
 
-def check_finite_parameters(model, lr: float, embedding_lr: float) -> None:
+def check_finite_parameters(model, lr: float, embedding_lr: float, last_loss: float | None = None) -> None:
     """A run whose trainable parameters ended NaN or inf (a step that was finite itself but
-    overshot, e.g. lr inf) never exits 0 and never writes its adapter."""
+    overshot, e.g. lr 1e30) never exits 0 and never writes its adapter. Values can also end finite
+    yet so large that every forward overflows: `last_loss` is the loss the ended model gives on a
+    training block, measured when the run ended on skipped steps."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     bad = sum(int((~p.isfinite()).sum()) for p in trainable)
     if bad:
         total = sum(p.numel() for p in trainable)
-        raise TrainingDiverged(
-            f"training ended with {bad:,} of {total:,} trainable values NaN or inf, so no adapter was "
-            "written (a previous one in --output is untouched). The learning rate is likely too high "
-            f"(lr {lr:g}, embedding_lr {embedding_lr:g}): try a tenth of it, in a new --output."
-        )
+        what = f"{bad:,} of {total:,} trainable values NaN or inf"
+    elif last_loss is not None and not math.isfinite(last_loss):
+        what = f"a model whose loss on a training block is {last_loss} (NaN or inf)"
+    else:
+        return
+    raise TrainingDiverged(
+        f"training ended with {what}, so no adapter was written (a previous one in --output is "
+        f"untouched). The learning rate is likely too high (lr {lr:g}, embedding_lr {embedding_lr:g}): "
+        "try a tenth of it, in a new --output."
+    )

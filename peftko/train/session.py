@@ -242,6 +242,11 @@ def held_out_loss(run: Run, s: Setup) -> tuple[float, float]:
     return nll / max(count, 1), bits_per_char(nll, s.data.val_chars)
 
 
+def training_block_loss(run: Run, s: Setup) -> float:
+    nll, count = held_out_nll(s.model, s.data.train.select([0]), s.collator, 1, run.precision.device)
+    return nll / max(count, 1)
+
+
 # --- train
 def train(run: Run, s: Setup, checkpoint: Path | None, bpc_before: float | None) -> Trained:
     """trainer.train() with the stop-on-signal, non-finite and keep-best callbacks around it."""
@@ -255,7 +260,9 @@ def train(run: Run, s: Setup, checkpoint: Path | None, bpc_before: float | None)
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if guard.diverged:
         raise guard.diverged_error(cfg.lr, cfg.embedding_lr, run.output, latest_checkpoint(run.output))
-    check_finite_parameters(s.model, cfg.lr, cfg.embedding_lr)
+    # Skipped steps change nothing, unless the model itself now overflows: one training block decides
+    last_loss = training_block_loss(run, s) if guard.in_a_row else None
+    check_finite_parameters(s.model, cfg.lr, cfg.embedding_lr, last_loss)
     return Trained(trainer, keeper, result.training_loss, trainer.state.global_step,
                    int(trainer.state.num_input_tokens_seen or 0), guard.skipped)
 
