@@ -24,7 +24,7 @@ from peftko.run.records import RunRecord
 from tests.test_grammar import BOOK, DIALOGUE, END, END_DIALOGUE, END_TITLE, NESTED, PLAIN, SOUND, TITLE
 
 TOKEN = re.compile(r'\s*(?:(?P<lit>"(?:\\.|[^"\\])*")|(?P<cls>\[(?:\\.|[^\]\\])*\])|(?P<name>[a-z0-9-]+)'
-                   r'|(?P<op>[()|*]))')
+                   r'|(?P<op>[()|*+]))')
 
 
 def to_regex(text: str) -> re.Pattern:
@@ -78,6 +78,7 @@ def test_every_sample_book_and_the_rest_of_one_after_the_prompt_are_accepted(sam
     f"\n{DIALOGUE}\"이게 무슨 말이야?\"OF\"아, 저도요\"{END_DIALOGUE}\n{END}",  # marker words as text
     f"\n{DIALOGUE}\"비가 와요!\" {SOUND}후두둑{END_DIALOGUE}\n{END}",  # nesting the corpus never had
     f"\n{TITLE}달빛{END_TITLE}\n",  # no book end
+    f"\n{TITLE}{END_TITLE}\n{END}",  # an empty title: the corpus never has one
 ])
 def test_broken_structure_is_refused(sample_rx, broken):
     assert sample_rx.fullmatch(broken) is None
@@ -87,6 +88,13 @@ def test_nesting_is_accepted_where_the_corpus_has_it():
     rx = to_regex(gbnf(learn_grammar([NESTED, PLAIN], DEFAULT_MARKER_PATTERN), END))
     assert rx.fullmatch(f"\n{DIALOGUE}\"비가 와요!\" {SOUND}후두둑{END_DIALOGUE}\n{END}")
     assert rx.fullmatch(NESTED) and rx.fullmatch(PLAIN)
+
+
+def test_an_empty_block_is_accepted_only_where_the_corpus_has_one():
+    empty_title = f"\n{TITLE}{END_TITLE}\n{END}"
+    with_empty = PLAIN.replace(f"{TITLE}노란 우산{END_TITLE}", f"{TITLE}{END_TITLE}")
+    assert to_regex(gbnf(learn_grammar([PLAIN, with_empty], DEFAULT_MARKER_PATTERN), END)).fullmatch(empty_title)
+    assert not to_regex(gbnf(learn_grammar([PLAIN], DEFAULT_MARKER_PATTERN), END)).fullmatch(empty_title)
 
 
 def test_a_terminator_grammar_ends_with_the_terminator():

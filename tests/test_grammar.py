@@ -59,8 +59,11 @@ def test_the_state_allows_no_end_without_its_start_and_the_book_end_only_when_al
     state = GrammarState(g)
     assert [m for m in g.markers if state.allowed(m)] == [BOOK]  # the only opener
     state.step(BOOK)
-    assert not state.allowed(END_TITLE) and not state.allowed(END_DIALOGUE) and state.allowed(END)
+    assert not state.allowed(END_TITLE) and not state.allowed(END_DIALOGUE)  # no END without its START
+    assert not state.allowed(END)  # and no empty book: the corpus has none
     state.step(TITLE)
+    assert state.needed() is None and not any(state.allowed(m) for m in g.markers)  # a title needs words first
+    state.text("노란 우산")
     assert state.needed() == END_TITLE and state.to_close() == 2 and state.one_line_open()
     assert [m for m in g.markers if state.allowed(m)] == [END_TITLE]
     state.step(END_TITLE)
@@ -70,6 +73,21 @@ def test_the_state_allows_no_end_without_its_start_and_the_book_end_only_when_al
     assert state.allowed(SOUND) and state.needed() == END
     state.step(END)
     assert state.ended and not any(state.allowed(m) for m in g.markers)
+
+
+def test_a_block_the_corpus_never_leaves_empty_cannot_close_empty():
+    empty_title = PLAIN.replace(f"{TITLE}노란 우산{END_TITLE}", f"{TITLE} {END_TITLE}")
+    for docs, empty_ok in (((PLAIN,), False), ((PLAIN, empty_title), True)):
+        g = grammar_of(*docs)
+        assert g.empties[TITLE] == int(empty_ok) and g.never_empty(TITLE) is not empty_ok
+        state = follow(g, f"{BOOK}\n{TITLE} ", DEFAULT_MARKER_PATTERN)
+        assert state.allowed(END_TITLE) is empty_ok and (state.needed() == END_TITLE) is empty_ok
+        assert state.closer() == END_TITLE
+        state.text("노란")
+        assert state.allowed(END_TITLE) and state.needed() == END_TITLE
+    assert "never closed empty: |START_OF_BOOK|>, |START_OF_TITLE|>, |START_OF_DIALOGUE|>" in render_rules(grammar_of(PLAIN))
+    old = MarkerGrammar.from_json({k: v for k, v in grammar_of(PLAIN).to_json().items() if k != "empties"})
+    assert old.empties is None and not old.never_empty(TITLE)  # a record from before: no such rule
 
 
 def test_a_terminator_without_a_start_closes_the_document_when_nothing_is_open():

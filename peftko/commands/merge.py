@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftko.core.lock import hold
+from peftko.core.paths import shown
 from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.merge import gguf
@@ -62,7 +63,7 @@ def streaming_writer(run_dir: Path, base_path: Path, record: RunRecord, dtype: s
     """What writes the merged model into the staging folder: the streaming merge, or, where it does
     not apply, the whole-model merge."""
     def write(stage: Path) -> None:
-        say(f"merging {run_dir} into {base_path} in {dtype}, one tensor at a time")
+        say(f"merging {run_dir} into {shown(base_path)} in {dtype}, one tensor at a time")
         try:
             report = stream_merge(run_dir, base_path, record.vocab.rows_after, dtype, stage, record.trust_remote_code)
         except StreamingUnsupported as e:

@@ -14,6 +14,15 @@ def peftko_home() -> Path:
     return Path(os.environ.get("PEFTKO_HOME") or Path.home() / ".cache" / "peftko")
 
 
+def shown(path) -> str:
+    """A path as messages show it: under the home folder as `~/...`, so the same line reads the same on
+    every machine (the README quotes them) and a long home prefix does not hide the part that matters."""
+    text, home = str(path), str(Path.home())
+    if home not in ("", "/") and (text == home or text.startswith(home + os.sep)):
+        return "~" + text[len(home):]
+    return text
+
+
 def sample_corpus_dir() -> Path:
     """The bundled Korean sample corpus (builtin:sample)."""
     return Path(str(resources.files("peftko") / "sample_corpus"))

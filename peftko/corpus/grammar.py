@@ -3,7 +3,7 @@
 Learned, not assumed: which markers pair (START_X/END_X, peftko.corpus.lint.pair_role, where the
 corpus uses both forms), which markers were seen directly inside which open block, which open and
 close a document, which never follow themselves back to back (only whitespace between), which
-blocks never cross a line break, and which pieces of markers (`OF`, `|`, `END`) the corpus also
+blocks are never closed empty, which blocks never cross a line break, and which pieces of markers (`OF`, `|`, `END`) the corpus also
 writes as plain text. Every rule carries its count. A corpus without markers has no grammar; an
 unbalanced one gives a grammar and warnings (where the learner met what it could not pair), never
 an error: the user's corpus is the authority, and lint already reports its slips.
@@ -45,6 +45,7 @@ class GrammarLearner:
     opens: Counter = field(default_factory=Counter)
     closes: Counter = field(default_factory=Counter)
     repeats: Counter = field(default_factory=Counter)
+    empties: Counter = field(default_factory=Counter)  # START -> blocks closed with only whitespace inside
     spanning: set = field(default_factory=set)
     text_runs: set = field(default_factory=set)  # runs of marker characters in the plain text
     slips: Counter = field(default_factory=Counter)  # kind of slip -> times
@@ -104,7 +105,7 @@ class GrammarLearner:
                              {k: dict(sorted(v.items())) for k, v in sorted(self.inside.items())},
                              dict(self.opens), dict(self.closes),
                              {m: self.repeats.get(m, 0) for m in sorted(self.counts)}, sorted(self.spanning),
-                             text_pieces, warnings)
+                             text_pieces, warnings, {s: self.empties.get(s, 0) for s in sorted(pairs)})
 
     def _slip(self, kind: str, path: str, line: int, marker: str) -> None:
         self.slips[kind] += 1
@@ -119,6 +120,8 @@ class GrammarLearner:
         for line, marker, adjacent in events:
             if adjacent and previous == marker:
                 self.repeats[marker] += 1
+            if marker in ends and adjacent and previous == ends[marker]:
+                self.empties[ends[marker]] += 1
             previous = marker
             if marker in ends:
                 self._close(stack, marker, ends[marker], line, path)
@@ -170,7 +173,8 @@ class GrammarState:
       (or outside every block), and as a document's first marker only one the corpus opens with;
     - the document's closer (a marker the corpus ends documents with) only when no other block is
       open; nothing after it;
-    - never a marker the corpus never wrote twice back to back, right after itself.
+    - never a marker the corpus never wrote twice back to back, right after itself;
+    - never the END of a block with nothing written inside, where the corpus never closed it empty.
     """
 
     def __init__(self, grammar: MarkerGrammar, doc_end: str | None = None):
@@ -200,16 +204,24 @@ class GrammarState:
         if marker == self.doc_end and marker not in self.ends:  # a terminator: the whole book is closed
             return not self.stack and marker in self.g.closes
         if marker in self.ends:
-            return self.top == self.ends[marker]
+            return self.top == self.ends[marker] and not self.empty_top()
         return marker in self.g.allowed_in(self.top)
 
-    def needed(self) -> str | None:
-        """The marker the structure needs next: the innermost open block's END, else the closer."""
+    def empty_top(self) -> bool:
+        """The innermost block was just opened (only whitespace since) and the corpus never closed it empty."""
+        return bool(self.stack) and self.last == self.stack[-1] and self.g.never_empty(self.stack[-1])
+
+    def closer(self) -> str | None:
+        """The marker that closes what is open: the innermost open block's END, else the book end."""
         if self.ended:
             return None
         if self.stack:
             return self.g.end_of(self.stack[-1])
         return self.doc_end if self.started and self.doc_end not in self.ends else None
+
+    def needed(self) -> str | None:
+        """The marker the structure needs next: the closer, unless its block still needs text first."""
+        return None if self.empty_top() else self.closer()
 
     def to_close(self) -> int:
         """Markers still needed for a well-formed end: every open block's END, and the closer."""
@@ -290,6 +302,9 @@ def render_rules(g: MarkerGrammar | None) -> str:
     never = [m for m in g.markers if g.never_repeats(m) and m not in {e for e in g.pairs.values()}]
     if never:
         lines.append("  never back to back: " + ", ".join(never))
+    never_empty = [s for s in g.pairs if g.never_empty(s)]
+    if never_empty:
+        lines.append("  never closed empty: " + ", ".join(never_empty))
     repeated = [f"{m} ({n})" for m, n in g.repeats.items() if n]
     if repeated:
         lines.append("  back to back at times: " + ", ".join(repeated))

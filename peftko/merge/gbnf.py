@@ -11,7 +11,8 @@ the learned ones that a context-free grammar can say:
   (in a Korean corpus: `|`, `>`, `_`, and the capitals of START/OF/TITLE), so a marker cannot be
   spelled as loose words (`OF`, `ENDOF`) in place of the marker: the escape route the issue measured
   in llama.cpp with a grammar that only forbade misplaced markers;
-- no line break inside a block the corpus always closes on its own line (a title, a dialogue).
+- no line break inside a block the corpus always closes on its own line (a title, a dialogue);
+- a block the corpus never closed empty holds at least one item (a character or a block).
 What it cannot say: "never twice back to back" (peftko's own strict mode keeps it), and llama.cpp
 only forbids, so the probability of a forbidden marker is spread over what is left rather than
 given to the open block's closer as `peftko generate --structure strict` does.
@@ -60,7 +61,8 @@ def gbnf(grammar: MarkerGrammar, doc_end: str | None = None) -> str:
         one_line = context != OUTSIDE and grammar.one_line(context)
         choices = ["line-text" if one_line else "text"]
         choices += [f"block-{_name(m)}" if m in grammar.pairs else _literal(m) for m in sorted(items)]
-        lines.append(f"body-{_name(context) if context else 'outside'} ::= ( {' | '.join(choices)} )*")
+        repeat = "+" if context != OUTSIDE and grammar.never_empty(context) else "*"
+        lines.append(f"body-{_name(context) if context else 'outside'} ::= ( {' | '.join(choices)} ){repeat}")
         if context != OUTSIDE:
             lines.append(f"block-{_name(context)} ::= {_literal(context)} body-{_name(context)} "
                          f"{_literal(grammar.pairs[context])}")

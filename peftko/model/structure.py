@@ -5,7 +5,8 @@ every token written since) says which markers may come next. Forbidden, and so g
 probability:
 - a marker the grammar does not allow here (an END without its START, a block the corpus never
   had here, the book end while a block is open, a marker right after itself where the corpus never
-  repeats it);
+  repeats it, the END of a block with nothing inside where the corpus never leaves it empty: an
+  empty title is well-formed to a parser and useless to a reader);
 - a piece of a marker (`|`, `OF`, `END`, `TITLE`, `|>`) where the whole marker is one token, unless
   the corpus also writes that piece as plain text (MarkerGrammar.text_pieces): spelled in pieces, a
   marker is text to every reader downstream;
@@ -170,9 +171,11 @@ class StructureProcessor(LogitsProcessor):
             need_id = self.guide.marker_ids.get(need) if need else None
             left = self.budget - (input_ids.shape[1] - self.prompt_tokens)
             logits = scores[row].float()
-            if need_id is not None and left <= state.to_close():  # only the closers still fit
+            closer = state.closer()
+            closer_id = self.guide.marker_ids.get(closer) if closer else None
+            if closer_id is not None and left <= state.to_close():  # only the closers still fit, empty or not
                 mask = torch.ones_like(logits, dtype=torch.bool)
-                mask[need_id] = False
+                mask[closer_id] = False
                 self.forced += 1
             else:
                 mask = self.forbidden(state, logits.shape[0], logits.device)

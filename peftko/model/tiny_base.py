@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peftko.core.atomic import replace_dir, staging_dir
 from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
-from peftko.core.paths import peftko_home, sample_corpus_dir
+from peftko.core.paths import peftko_home, sample_corpus_dir, shown
 from peftko.core.progress import phase, say
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -132,7 +132,7 @@ def builtin_base() -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    say(f"building the built-in tiny base into {target} (once; about a minute on 2 CPU cores)")
+    say(f"building the built-in tiny base into {shown(target)} (once; about a minute on 2 CPU cores)")
     # Build beside the target and rename, so an interrupted build never looks complete.
     with staging_dir(target.parent, ".building-") as tmp, phase("build base", total=None, unit="steps"):
         build_tiny_base(tmp / "base", arch="llama", tie=True, pretrain_steps=BUILTIN_PRETRAIN_STEPS)

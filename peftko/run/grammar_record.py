@@ -36,6 +36,7 @@ _RULES = {
     "spanning": (_names, "a list of markers"),
     "text_pieces": (_names, "a list of strings"),
     "warnings": (_names, "a list of strings"),
+    "empties": (_counts, "a dict of marker counts"),
 }
 
 
@@ -53,6 +54,9 @@ class MarkerGrammar:
     spanning: list[str] = field(default_factory=list)  # STARTs whose block was seen to cross a line break
     text_pieces: list[str] = field(default_factory=list)  # pieces of markers the corpus also writes as plain text
     warnings: list[str] = field(default_factory=list)  # unbalanced markers met while learning
+    # START -> times its block was closed with only whitespace inside; None in a record written before
+    # peftko learned it (no rule then: an empty block stays allowed)
+    empties: dict[str, int] | None = None
 
     @property
     def markers(self) -> list[str]:
@@ -60,6 +64,10 @@ class MarkerGrammar:
 
     def never_repeats(self, marker: str) -> bool:
         return self.repeats.get(marker, 0) == 0
+
+    def never_empty(self, start: str) -> bool:
+        """A block the corpus never closed with nothing inside (a title, a dialogue, a book)."""
+        return self.empties is not None and start in self.pairs and self.empties.get(start, 0) == 0
 
     def end_of(self, start: str) -> str | None:
         return self.pairs.get(start)
@@ -78,7 +86,8 @@ class MarkerGrammar:
     def to_json(self) -> dict:
         return {"documents": self.documents, "counts": self.counts, "pairs": self.pairs, "inside": self.inside,
                 "opens": self.opens, "closes": self.closes, "repeats": self.repeats, "spanning": self.spanning,
-                "text_pieces": self.text_pieces, "warnings": self.warnings}
+                "text_pieces": self.text_pieces, "warnings": self.warnings,
+                **({} if self.empties is None else {"empties": self.empties})}
 
     @staticmethod
     def problems(data, prefix: str = "grammar.") -> list[str]:
@@ -94,4 +103,5 @@ class MarkerGrammar:
         return cls(data["documents"], dict(data["counts"]), dict(data["pairs"]),
                    {k: dict(v) for k, v in data["inside"].items()}, dict(data["opens"]), dict(data["closes"]),
                    dict(data["repeats"]), list(data.get("spanning") or []), list(data.get("text_pieces") or []),
-                   list(data.get("warnings") or []))
+                   list(data.get("warnings") or []),
+                   None if data.get("empties") is None else dict(data["empties"]))

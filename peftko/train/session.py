@@ -18,6 +18,7 @@ from peftko.core import distributed
 from peftko.core.config import DEFAULT_DOC_END, TrainConfig
 from peftko.core.errors import Interrupted
 from peftko.core.paths import peftko_home
+from peftko.core.paths import shown as shown_path
 from peftko.core.progress import say, warn
 from peftko.core.signals import Stopper
 from peftko.evaluate.heldout import bits_per_char, held_out_nll
@@ -186,7 +187,7 @@ def check_identity(run: Run, checkpoint: Path, identity: RunIdentity, tokenizer,
 def setup_model(run: Run, tokenizer, tokens, data: PackedData) -> tuple[float | None, TrainableModel]:
     """Load the base, measure it as loaded, then make it trainable."""
     cfg = run.cfg
-    say(f"loading {run.model_path} ({cfg.quant}, {run.precision.dtype_name}, {run.precision.device})")
+    say(f"loading {shown_path(run.model_path)} ({cfg.quant}, {run.precision.dtype_name}, {run.precision.device})")
     base = load(run.model_path, cfg.base_loading(), run.precision)
     bpc_base = base_bpc(run, base, data)
     built = make_trainable(base, tokenizer, tokens, cfg.lora(), run.precision, cfg.liger, cfg.seed)
