@@ -528,6 +528,15 @@ class FileSizeLimit(TrainerCallback):
             self._limit()
 
 
+def test_full_disk_at_the_first_checkpoint_never_advises_resume(env, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", lambda *a, **kw: enospc())
+    r = invoke(args(env, tmp_path / "run", "--max-steps", "2", "--save-steps", "2"))
+    refused(r, 2, "could not write checkpoint-2", "no earlier checkpoint exists", "nothing to resume", "--force")
+    assert "--resume" not in r.output, r.output
+
+
 def test_a_checkpoint_that_cannot_be_written_by_torch_save_is_a_clear_error(env, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # 60 kB: the adapter (40 kB) is written, the optimizer state (~100 kB, torch.save) is not.
