@@ -434,8 +434,11 @@ def generate(model, prompt, prompt_file, as_json, **options):
 @main.command("ablate", cls=_ConfigCommand)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), panel=RUN, help=CONFIG_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", panel=RUN, help=SET_HELP)
-@click.option("--force", is_flag=True, panel=RUN,
-              help="Run again into an --output that holds an ablation (variants are replaced).")
+@click.option("--resume", is_flag=True, panel=RUN,
+              help="Continue an interrupted ablate, as running it again does: finished variants are kept and the "
+                   "interrupted one resumes from its checkpoint.")
+@click.option("--force", is_flag=True, panel=RUN, help="Run again into an --output that holds an ablation "
+              "(variants are replaced).")
 @click.option("--samples", type=click.IntRange(min=1), default=None, metavar="INT", panel=RUN,
               help=f"Sampled continuations per held-out document for the structure score  [default: the "
                    f"config's samples when above 0, else {arguments.ABLATE_SAMPLES}]")
@@ -445,14 +448,14 @@ def generate(model, prompt, prompt_file, as_json, **options):
 @click.help_option("-h", "--help", panel=RUN)
 @functools.partial(_config_options, skip=("samples", "sample_tokens"))
 @_progress_option(panel=RUN)
-def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
+def ablate(config_file, sets, resume, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 
     Takes every lora-train option and needs --model and --data as it does; --output DIR, given on
     the command line, receives DIR/<variant>/, ablation.json, .md and .png.
     """
     _no_library_bars_in_files()
-    arguments.ablate_output(flags["output"])
+    arguments.ablate_output(flags["output"], resume, force)
     cfg = _load_config(config_file, sets, flags, "ablate")
     n, tokens = arguments.ablate_sampling(samples, sample_tokens, cfg.samples, cfg.sample_tokens)
     from peftko.commands.ablate import run_ablate
@@ -484,13 +487,11 @@ def studio(root, host, port, token):
 
 
 def _same_metavars(group: click.Group) -> None:
-    """One spelling across commands: INT and FLOAT, as lora-train's config flags write them (click
-    would write INTEGER, or INTEGER RANGE for a bounded one: the bounds follow the help)."""
+    """INT and FLOAT on every command, as lora-train's flags: not click's INTEGER (RANGE)."""
     for command in group.commands.values():
         for param in command.params:
             if isinstance(param, click.Option) and param.metavar is None and not param.is_flag:
-                kind = {int: "INT", float: "FLOAT"}.get(getattr(param.type, "_number_class", None))
-                param.metavar = kind or param.metavar
+                param.metavar = {int: "INT", float: "FLOAT"}.get(getattr(param.type, "_number_class", None))
 
 
 _same_metavars(main)

@@ -181,7 +181,8 @@ class _SigintAtStep:
 
 
 @pytest.mark.slow  # four short trainings and two evaluations
-def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(tiny_bases, small_corpus, tmp_path,
+@pytest.mark.parametrize("rerun", [[], ["--resume"]], ids=["plain", "resume"])
+def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(rerun, tiny_bases, small_corpus, tmp_path,
                                                                          monkeypatch):
     import peftko.train.session
 
@@ -197,7 +198,7 @@ def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(tiny_bas
     registered = (out / "registered" / "peftko.json").read_bytes()
     assert not (out / "as-text" / "peftko.json").exists() and not (out / "ablation.json").exists()
 
-    r = CliRunner().invoke(main, args)  # the same command, no --force
+    r = CliRunner().invoke(main, [*args, *rerun])  # the same command (or with --resume), no --force
     assert r.exit_code == 0, r.output
     assert f"kept: {out / 'registered'}" in r.output and "resuming from" in r.output
     assert (out / "registered" / "peftko.json").read_bytes() == registered  # kept, not trained again
@@ -218,3 +219,10 @@ def test_the_verdict_on_a_toy_base_says_it_is_about_the_toy(tiny_bases, tmp_path
         "model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 2048, "vocab_size": 262144}))
     assert toy_base_note(real) == ""
+
+
+def test_ablate_resume_and_force_together_are_refused_in_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["ablate", "--model", "builtin:tiny-llama", "--data", "builtin:sample",
+                                  "--output", str(tmp_path / "abl"), "--resume", "--force"])
+    assert r.exit_code == 2 and "--resume keeps what an interrupted ablate trained" in r.output, r.output
+    assert not (tmp_path / "abl").exists()
