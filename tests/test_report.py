@@ -285,18 +285,3 @@ def test_eval_steps_zero_still_evaluates_once_at_the_end_inside_the_trainer(tmp_
     args = training_arguments(cfg, pick_precision("cpu"), tmp_path, n_blocks=10, has_eval=True)
     assert args.eval_strategy == "steps" and args.eval_steps == 7
     assert training_arguments(cfg, pick_precision("cpu"), tmp_path, 10, has_eval=False).eval_strategy == "no"
-
-
-def test_a_run_in_progress_says_not_yet_not_no_held_out_documents(tmp_path):
-    """Its evaluations are logged (documents are held out), peftko.json is not written yet: the bits
-    per character panel waits for the end; it never claims there is nothing held out."""
-    from matplotlib.figure import Figure
-
-    from peftko.run.plot import NOT_MEASURED, NOT_YET, _plot_bpc
-
-    records = logged_run(steps=5)[:5] + [{"step": 5, "eval_loss": 3.9, "tokens_seen": 5080}]
-    history = read_history(fake_run(tmp_path / "run", records))
-    ax = Figure().add_subplot()
-    _plot_bpc(ax, history.results)
-    shown = [t.get_text() for t in ax.texts]
-    assert shown == [NOT_YET] and NOT_MEASURED not in shown
