@@ -21,7 +21,7 @@ from peftko.commands import arguments
 from peftko.commands.render import MODES as PROGRESS_MODES, Renderer
 from peftko.core import progress
 from peftko.core.aliases import flag_hint
-from peftko.core.config import FIELDS, GROUPS, REQUIRED, TrainConfig, load_config
+from peftko.core.config import FIELDS, GROUPS, MODEL, REQUIRED, TrainConfig, load_config
 from peftko.core.errors import Interrupted, UserError
 from peftko.core.libraries import keep_libraries_offline_and_quiet
 from peftko.core.signals import Stopper
@@ -31,6 +31,7 @@ keep_libraries_offline_and_quiet()  # before any command imports torch, peft or 
 
 
 RUN = "실행 (run)"
+OPTIONS = "옵션 (options)"
 CONFIG_HELP = ("YAML config; flags override it. Axolotl, LLaMA-Factory, TRL and Unsloth key names are read "
                "too (docs/en/coming-from-other-tools.md).")
 SET_HELP = "Override any config key (other tools' names too); repeatable."
@@ -88,6 +89,10 @@ HELP_LAYOUT = {
     "append_metavars_help_string": "{}",  # --dtype auto|float32|..., --lora-r INT
     # The metavar column showed an IntRange's bounds; with it gone they follow the help.
     "options_table_help_sections": ["help", "deprecated", "envvar", "default", "range", "required"],
+    # Every panel titled as lora-train's are, Korean first (RUN, config.GROUPS).
+    "options_panel_title": OPTIONS,
+    "commands_panel_title": "명령 (commands)",
+    "arguments_panel_title": "인자 (arguments)",
 }
 
 
@@ -253,14 +258,22 @@ def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
                        gguf_options=options))
 
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
 def _inference_options(func):
-    """--quant, --device and --dtype: how eval, bench and generate load a run, a merge or a model."""
-    func = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+    """--quant, --device and --dtype: how eval, bench and generate load a run, a merge or a model. In
+    lora-train's panel for them: a panel without --help's -h column, so --dtype and its choices stay
+    on one line at 80 columns."""
+    func = click.option("--dtype", type=click.Choice(DTYPES), default=None, metavar="|".join(DTYPES), panel=MODEL,
                         help="Compute dtype; auto: the device's fastest exact-enough one  [default: as recorded: "
                              "the dtype the run trained or the merge wrote in; auto for other folders]")(func)
-    func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
-    return click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), help="Override the quantization "
-                        "(default: as trained for an adapter, none for a model folder).")(func)
+    func = click.option("--device", default="auto", show_default=True, panel=MODEL,
+                        help="auto, cpu, cuda or cuda:N.")(func)
+    func = click.option("--quant", type=click.Choice(["4bit", "8bit", "none"]), panel=MODEL,
+                        help="Override the quantization (default: as trained for an adapter, none for a model "
+                             "folder).")(func)
+    return click.option_panel(OPTIONS)(click.option_panel(MODEL)(func))  # the command's own options first
 
 
 def _marker_pattern_options(func):
@@ -417,26 +430,32 @@ def generate(model, prompt, prompt_file, as_json, **options):
     sys.exit(run_generate(model, text, GenerateOptions(**options), as_json=as_json))
 
 
+# ablate's own options first, in the run panel, as lora-train's are.
 @main.command("ablate", cls=_ConfigCommand)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--force", is_flag=True, help="Run again into an --output that holds an ablation (variants are replaced).")
-@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), panel=RUN, help=CONFIG_HELP)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", panel=RUN, help=SET_HELP)
+@click.option("--resume", is_flag=True, panel=RUN,
+              help="Continue an interrupted ablate, as running it again does: finished variants are kept and the "
+                   "interrupted one resumes from its checkpoint.")
+@click.option("--force", is_flag=True, panel=RUN, help="Run again into an --output that holds an ablation "
+              "(variants are replaced).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, metavar="INT", panel=RUN,
               help=f"Sampled continuations per held-out document for the structure score  [default: the "
                    f"config's samples when above 0, else {arguments.ABLATE_SAMPLES}]")
-@click.option("--sample-tokens", type=click.IntRange(min=1), default=None, metavar="INT",
+@click.option("--sample-tokens", type=click.IntRange(min=1), default=None, metavar="INT", panel=RUN,
               help="Longest sampled continuation, in tokens  [default: the config's sample_tokens, 256]")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--json", "as_json", is_flag=True, panel=RUN, help="Print one JSON object instead of the table.")
+@click.help_option("-h", "--help", panel=RUN)
 @functools.partial(_config_options, skip=("samples", "sample_tokens"))
-@_progress_option
-def ablate(config_file, sets, force, samples, sample_tokens, as_json, **flags):
+@_progress_option(panel=RUN)
+def ablate(config_file, sets, resume, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 
     Takes every lora-train option and needs --model and --data as it does; --output DIR, given on
     the command line, receives DIR/<variant>/, ablation.json, .md and .png.
     """
     _no_library_bars_in_files()
-    arguments.ablate_output(flags["output"])
+    arguments.ablate_output(flags["output"], resume, force)
     cfg = _load_config(config_file, sets, flags, "ablate")
     n, tokens = arguments.ablate_sampling(samples, sample_tokens, cfg.samples, cfg.sample_tokens)
     from peftko.commands.ablate import run_ablate
@@ -466,6 +485,16 @@ def studio(root, host, port, token):
         raise UserError(f"peftko studio needs {e.name}: pip install 'peftko[studio]'") from None
     serve(root, host, port, token)
 
+
+def _same_metavars(group: click.Group) -> None:
+    """INT and FLOAT on every command, as lora-train's flags: not click's INTEGER (RANGE)."""
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.metavar is None and not param.is_flag:
+                param.metavar = {int: "INT", float: "FLOAT"}.get(getattr(param.type, "_number_class", None))
+
+
+_same_metavars(main)
 
 if __name__ == "__main__":
     main()

@@ -154,8 +154,8 @@ class _SigintAtStep:
     """A real SIGINT to this process as a training step begins (the as-text variant's step 2),
     as a Ctrl-C would arrive."""
 
-    def __init__(self, output_name: str, step: int):
-        self.output_name, self.step, self.sent = output_name, step, False
+    def __init__(self, output_name: str, step: int, signum: int = 2):
+        self.output_name, self.step, self.sent, self.signum = output_name, step, False, signum
 
     def __call__(self, real):
         import os
@@ -170,7 +170,7 @@ class _SigintAtStep:
                 if not outer.sent and state.global_step + 1 == outer.step and args.output_dir.endswith(
                         outer.output_name):
                     outer.sent = True
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.Signals(outer.signum))
 
         def make_trainer(*a, **kw):
             trainer = real(*a, **kw)
@@ -181,23 +181,25 @@ class _SigintAtStep:
 
 
 @pytest.mark.slow  # four short trainings and two evaluations
-def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(tiny_bases, small_corpus, tmp_path,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("signum, code, rerun", [(2, 130, []), (15, 143, ["--resume"])],
+                         ids=["SIGINT-plain", "SIGTERM-resume"])
+def test_an_interrupted_ablate_exits_130_and_a_plain_rerun_continues_it(signum, code, rerun, tiny_bases, small_corpus,
+                                                                         tmp_path, monkeypatch):
     import peftko.train.session
 
     out = tmp_path / "abl"
     args = ["ablate", *train_args(tiny_bases["llama-tied"], small_corpus, out, "--max-steps", "2",
                                   "--save-steps", "1")[1:], "--samples", "1", "--sample-tokens", "4"]
     monkeypatch.setattr(peftko.train.session, "make_trainer",
-                        _SigintAtStep("as-text", 2)(peftko.train.session.make_trainer))
+                        _SigintAtStep("as-text", 2, signum)(peftko.train.session.make_trainer))
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 130, r.output
+    assert r.exit_code == code, r.output
     assert "lora-train --resume" not in r.output  # ablate says how to continue itself
     assert "while training the as-text variant" in r.output and "Run the same ablate command again" in r.output
     registered = (out / "registered" / "peftko.json").read_bytes()
     assert not (out / "as-text" / "peftko.json").exists() and not (out / "ablation.json").exists()
 
-    r = CliRunner().invoke(main, args)  # the same command, no --force
+    r = CliRunner().invoke(main, [*args, *rerun])  # the same command (or with --resume), no --force
     assert r.exit_code == 0, r.output
     assert f"kept: {out / 'registered'}" in r.output and "resuming from" in r.output
     assert (out / "registered" / "peftko.json").read_bytes() == registered  # kept, not trained again
@@ -218,3 +220,10 @@ def test_the_verdict_on_a_toy_base_says_it_is_about_the_toy(tiny_bases, tmp_path
         "model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 256, "intermediate_size": 2048, "vocab_size": 262144}))
     assert toy_base_note(real) == ""
+
+
+def test_ablate_resume_and_force_together_are_refused_in_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["ablate", "--model", "builtin:tiny-llama", "--data", "builtin:sample",
+                                  "--output", str(tmp_path / "abl"), "--resume", "--force"])
+    assert r.exit_code == 2 and "--resume keeps what an interrupted ablate trained" in r.output, r.output
+    assert not (tmp_path / "abl").exists()

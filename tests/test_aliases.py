@@ -185,9 +185,10 @@ def test_switches_turned_off_say_what_they_leave(tmp_path, text, key, value):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("warmup_steps: 10\n", ["warmup_steps", "warmup_ratio"]),
+    ("optimizer: sgd\n", ["optimizer", "adamw", "paged_adamw_8bit"]),
     ("val_set_size: 200\n", ["val_set_size", "val_fraction"]),
-    ("datasets:\n  - path: tatsu-lab/alpaca\n    type: alpaca\n", ["datasets", "'alpaca'", "type: completion"]),
+    ("datasets:\n  - path: ./alpaca_data.json\n    type: alpaca\n", ["datasets", "'alpaca'", "type: completion"]),
+    ("datasets:\n  - path: tatsu-lab/alpaca\n    type: alpaca\n", ["datasets", "peftko reads local files; download it first"]),
     ("datasets: corpus/\n", ["datasets", "path: corpus/"]),
     ("datasets:\n  - path: c/\n    type: completion\n    split: train\n", ["datasets", "split"]),
     ("quantization_bit: 2\n", ["quantization_bit", "4 or 8"]),

@@ -79,3 +79,28 @@ def test_every_shown_option_says_what_it_does(path):
     silent = [p.name for p in command.params
               if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
     assert not silent, f"give these options of {' '.join(path) or 'peftko'} a help text: {silent}"
+
+
+PANEL_TITLE = re.compile(r"[╭]─ (.+?) ─")
+HANGUL = re.compile("[\uac00-\ud7a3]")
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p) or "peftko")
+def test_every_command_speaks_the_same_help_language(path):
+    """One spelling of an integer (INT, never click's INTEGER or INTEGER RANGE), panel titles as
+    lora-train's (Korean first, English in brackets), and --dtype beside its choices at 80 columns."""
+    text = _render(path, 80)
+    assert "INTEGER" not in text, text
+    titles = PANEL_TITLE.findall(text)
+    assert titles, text
+    odd = [t for t in titles if t != "LoRA" and not (HANGUL.search(t.split(" (")[0]) and t.endswith(")"))]
+    assert not odd, f"panel titles not as lora-train's: {odd}"
+    dtype = [line for line in text.splitlines() if "--dtype" in line]
+    assert all(re.search(r"--dtype (auto\|)?[a-z0-9|]*float", line) for line in dtype), dtype
+
+
+def test_ablate_lists_its_own_options_first():
+    text = _render(("ablate",), 80)
+    first_group = text.index("─ 데이터 (data) ─")
+    for flag in ("--config", "--set", "--force", "--samples", "--sample-tokens", "--json"):
+        assert text.index(f"{flag} ") < first_group, flag

@@ -195,3 +195,12 @@ def test_training_refuses_unreadable_files_unless_told_to_skip_them(clean_corpus
     assert f"{locked}: unreadable: Permission denied" in str(e.value) and "--skip-bad-files" in str(e.value)
     _, files = read_corpus(TrainConfig(data=[str(clean_corpus)], skip_bad_files=True).corpus())
     assert [f.path.name for f in files] == ["01.txt", "03.md"]
+
+
+def test_json_writes_hangul_as_utf8_not_escapes(tmp_path):
+    (tmp_path / "할머니의_부엌.txt").write_text("|START_OF_TITLE|>할머니의 부엌|END_OF_TITLE|>\n이야기\n",
+                                           encoding="utf-8")
+    result = run(str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    assert "할머니의_부엌" in result.output and "\\u" not in result.output
+    assert json.loads(result.output)["files"][0]["path"].endswith("할머니의_부엌.txt")

@@ -31,15 +31,40 @@ def test_axolotl_qlora_as_documented_is_refused_only_for_what_matters(tiny_bases
         load_config(path, required_by="lora-train")
     problems = [line for line in str(refused.value).splitlines()[1:]]
     keys = [line.split(": ")[1] for line in problems]
-    # a Hub dataset, an optimizer peftko lacks, a step count for a fraction, per-epoch cadences
-    assert keys == ["datasets", "optimizer", "warmup_steps", "evals_per_epoch", "saves_per_epoch"], problems
-    assert "Hugging Face Hub dataset" in problems[0]
+    # only the Hub dataset: peftko downloads nothing (its optimizer and cadences are read or ignored)
+    assert keys == ["datasets"], problems
+    assert problems[0].endswith("datasets: 'aaditya/alpaca_subset_1' is a Hugging Face Hub dataset: "
+                                "peftko reads local files; download it first"), problems
     assert "did you mean" not in str(refused.value) and "needs --data" not in str(refused.value)
     note = [line for line in capsys.readouterr().out.splitlines() if "ignored, as they change nothing" in line]
     assert len(note) == 1
     for key in ("strict", "tf32", "train_on_inputs", "group_by_length", "pad_to_sequence_len", "special_tokens",
-                "model_type", "tokenizer_type", "sample_packing", "lora_model_dir"):
+                "model_type", "tokenizer_type", "sample_packing", "lora_model_dir", "warmup_steps",
+                "evals_per_epoch", "saves_per_epoch"):
         assert f"{key} (" in note[0] or f" {key}," in note[0] or note[0].endswith(key), key
+
+
+@pytest.mark.parametrize("written, read", [("paged_adamw_32bit", "adamw"), ("adamw_torch", "adamw"),
+                                           ("paged_adamw_8bit", "paged_adamw_8bit"),
+                                           ("adamw_bnb_8bit", "paged_adamw_8bit")])
+def test_axolotl_optimizer_names_are_read_as_peftkos_and_the_dry_run_says_how(written, read, tiny_bases,
+                                                                               small_corpus, tmp_path):
+    path = config("axolotl_qlora.yaml", tmp_path, tiny_bases["llama-untied"], small_corpus)
+    path.write_text(path.read_text() + f"optimizer: {written}\n")
+    assert load_config(path).optimizer == read
+    if read == "adamw":  # the 8-bit optimizer needs CUDA: a CPU dry run refuses it
+        r = CliRunner().invoke(main, ["lora-train", "--config", str(path), "--dry-run", "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        assert f"{written} -> optimizer: adamw" in r.output.replace("  ", " "), r.output
+
+
+def test_axolotl_docs_config_with_a_local_corpus_reads(tiny_bases, small_corpus, tmp_path):
+    """The same docs config with its Hub dataset replaced by a local one: nothing else refused."""
+    path = config("axolotl_qlora_docs.yaml", tmp_path, tiny_bases["llama-untied"], small_corpus)
+    path.write_text(path.read_text().replace("aaditya/alpaca_subset_1", str(small_corpus))
+                    .replace("type: alpaca", "type: completion"))
+    cfg = load_config(path, required_by="lora-train")
+    assert (cfg.optimizer, cfg.markers, cfg.quant, cfg.warmup_ratio) == ("adamw", ["|SOUND|>"], "4bit", 0.05)
 
 
 def test_axolotl_lora_model_dir_given_is_refused(tiny_bases, small_corpus, tmp_path):

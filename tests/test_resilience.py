@@ -324,7 +324,12 @@ def test_non_finite_steps_are_skipped_then_training_stops(env, tmp_path, monkeyp
     probe = InfFromStep(first=4)
     add_callback(monkeypatch, probe)
     r = invoke(args(env, out, "--max-steps", "20", "--save-steps", "2", "--max-bad-steps", "3"))
-    refused(r, 3, "steps 4-6 (3 in a row)", "non-finite", "learning rate", "fp16", "--resume")
+    refused(r, 3, "steps 4-6 (3 in a row)", "non-finite", "learning rate", "fp16")
+    # the advice is a fresh run at a lower rate in a new folder: lr is no resumable setting, and --force
+    # would switch off the resume's check that config, corpus and base are unchanged
+    advice = r.output.split("Start again with a lower rate")[1]
+    assert "--force" not in advice and "--resume" not in advice, advice
+    assert f"--lr 0.0003 --embedding-lr 0.0003 --output {out}-lr0.0003" in advice, advice
     assert "Traceback" not in r.output
     assert r.output.count("step skipped") == 3
     good = probe.params[3]
@@ -337,6 +342,19 @@ def test_non_finite_steps_are_skipped_then_training_stops(env, tmp_path, monkeyp
     saved = load_file(ckpt / "adapter_model.safetensors")
     named = {k.replace(".default", ""): v for k, v in good.items()}
     assert all(torch.equal(saved[k], named[k]) for k in saved)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["lora-train", "--config", "c.yaml", "--lr=1e-3", "--force", "--resume", "--output", "runs/a"],
+     "peftko lora-train --config c.yaml --lr 1e-05 --output runs/a-lr1e-05"),
+    (["lora-train", "--lr", "1e-3", "--embedding-lr", "2e-3", "--output=runs/a", "--max-steps", "9"],
+     "peftko lora-train --embedding-lr 2e-3 --max-steps 9 --lr 1e-05 --output runs/a-lr1e-05"),
+    (["-m", "pytest"], "peftko lora-train <your config and flags> --lr 1e-05 --output runs/a-lr1e-05"),
+])
+def test_a_fresh_run_command_drops_resume_force_and_the_changed_flags(monkeypatch, argv, expected):
+    from peftko.train.rerun import fresh_run_command
+    monkeypatch.setattr(sys, "argv", ["peftko", *argv])
+    assert fresh_run_command(Path("runs/a"), Path("runs/a-lr1e-05"), {"--lr": "1e-05"}) == expected
 
 
 # --- 5. out of memory
@@ -508,6 +526,15 @@ class FileSizeLimit(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.at_train_end:
             self._limit()
+
+
+def test_full_disk_at_the_first_checkpoint_never_advises_resume(env, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", lambda *a, **kw: enospc())
+    r = invoke(args(env, tmp_path / "run", "--max-steps", "2", "--save-steps", "2"))
+    refused(r, 2, "could not write checkpoint-2", "no earlier checkpoint exists", "nothing to resume", "--force")
+    assert "--resume" not in r.output, r.output
 
 
 def test_a_checkpoint_that_cannot_be_written_by_torch_save_is_a_clear_error(env, tmp_path, monkeypatch):

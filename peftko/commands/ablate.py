@@ -111,8 +111,8 @@ def train_variant(name: str, vcfg: TrainConfig, force: bool) -> None:
     code = run_lora_train(vcfg, resume=resume, force=force or restart)
     if code in (130, 143):
         raise Interrupted(code - 128, f"while training the {name} variant; its checkpoint, if one was written, "
-                          f"is in {folder}. Run the same ablate command again to continue: finished variants "
-                          "are kept and this one resumes.")
+                          f"is in {folder}. Run the same ablate command again (or with --resume) to continue: "
+                          "finished variants are kept and this one resumes.")
     if code != 0:
         raise UserError(f"training the {name} variant stopped (exit {code}); nothing was compared")
 

@@ -25,9 +25,12 @@ def include_path(path: str | None) -> Path | None:
     return Path(path).expanduser() if path else None
 
 
-def ablate_output(output_flag: str | None) -> None:
+def ablate_output(output_flag: str | None, resume: bool = False, force: bool = False) -> None:
     """A config's output names a training run's folder (runs/demo): with three runs and a comparison
-    written beside its files, `lora-train --force` would refuse that folder from then on."""
+    written beside its files, `lora-train --force` would refuse that folder from then on. --resume
+    (what a plain rerun does too) and --force (replace the variants) ask for opposite things."""
+    if resume and force:
+        raise UserError("--resume keeps what an interrupted ablate trained and --force replaces it: pass one")
     if output_flag is None:
         raise UserError("ablate needs --output DIR (it writes three runs and the comparison there)")
 

@@ -57,6 +57,10 @@ def _paths(value: Any) -> Any:
     return value
 
 
+class Refusal(ValueError):
+    """A value refused in words that stand alone: the problem line does not repeat the value."""
+
+
 DATASETS_EXPECTED = ("peftko reads local text: give `- path: corpus/` with `type: completion` "
                      "(or peftko's own `data: [corpus/]`)")
 
@@ -72,8 +76,8 @@ def _axolotl_dataset(entry: Any) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         raise ValueError(f"has an entry without a path; {DATASETS_EXPECTED}")
     if _looks_like_hub_name(entry["path"]):
-        raise ValueError(f"path {entry['path']!r} is a Hugging Face Hub dataset, not a local file or folder; "
-                         f"{DATASETS_EXPECTED}")
+        raise Refusal(f"{entry['path']!r} is a Hugging Face Hub dataset: peftko reads local files; download it "
+                      "first")
     if entry.get("type") not in ("completion", "text"):
         raise ValueError(f"type {entry.get('type')!r} is an instruction or chat format; {DATASETS_EXPECTED}")
     if entry.get("field", "text") != "text":
@@ -129,12 +133,24 @@ def _unsloth_checkpointing(value: Any) -> bool:
     return True if value == "unsloth" else value
 
 
+# Peers' optimizer names -> peftko's. Paging only moves a full GPU's optimizer states to the CPU; the
+# update is the same AdamW, so paged_adamw_32bit is peftko's (32-bit) adamw.
+OPTIMIZERS_32BIT = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "paged_adamw_32bit", "paged_adamw")
+OPTIMIZERS_8BIT = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_bnb_8bit")
+
+
 def _optim(value: str) -> str:
-    if value in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"):
+    if value in OPTIMIZERS_32BIT:
         return "adamw"
-    if value in ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit"):
+    if value in OPTIMIZERS_8BIT:
         return "paged_adamw_8bit"  # bitsandbytes' 8-bit AdamW; paging only moves states out of a full GPU
-    raise ValueError("peftko has adamw and paged_adamw_8bit")
+    raise ValueError(f"is not an optimizer peftko has: adamw (also read from {', '.join(OPTIMIZERS_32BIT[1:])}) "
+                     f"or paged_adamw_8bit (also read from {', '.join(OPTIMIZERS_8BIT[1:])})")
+
+
+# peftko's own keys whose values a peer spells its own way (Axolotl's `optimizer: paged_adamw_32bit`):
+# the value is translated, and --dry-run shows how.
+PEER_VALUES: dict[str, Callable[[Any], Any]] = {"optimizer": _optim}
 
 
 _BOOL = bool
@@ -209,8 +225,9 @@ ALIASES: dict[str, Alias] = {
     "lr_scheduler_type": Alias("scheduler", (FACTORY, TRL), note=(
         "cosine, linear or constant", "cosine, linear, constant")),
     "optim": Alias("optimizer", (FACTORY, TRL, UNSLOTH), _optim, str, note=(
-        "adamw_torch (and _fused): adamw; adamw_8bit, paged_adamw_8bit: paged_adamw_8bit",
-        "adamw_torch(_fused): adamw; adamw_8bit, paged_adamw_8bit: paged_adamw_8bit")),
+        "adamw_torch (and _fused), paged_adamw_32bit: adamw; adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit: "
+        "paged_adamw_8bit", "adamw_torch(_fused), paged_adamw_32bit: adamw; adamw_8bit, adamw_bnb_8bit, "
+        "paged_adamw_8bit: paged_adamw_8bit")),
 }
 
 # Peers' keys that are peftko's own, meaning the same: nothing to translate.
@@ -222,15 +239,8 @@ SAME_NAMES = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_ste
 # Peers' keys that look like one of peftko's but mean something else, or that peftko has no use
 # for: refused, with what to write instead (English, Korean).
 REFUSED: dict[str, tuple[str, str]] = {
-    "warmup_steps": ("counts steps; peftko's warmup_ratio is a fraction of all steps "
-                     "(warmup_steps / total steps)",
-                     "스텝 수입니다; peftko의 warmup_ratio는 전체 스텝에 대한 비율입니다(warmup_steps / 전체 스텝)"),
     "dataset_name": ("names a Hugging Face Hub dataset; peftko reads local files and folders: data: [corpus/]",
                      "Hugging Face Hub 데이터셋 이름입니다; peftko는 로컬 파일과 폴더를 읽습니다: data: [corpus/]"),
-    "evals_per_epoch": ("peftko evaluates every eval_steps optimizer steps",
-                        "peftko는 eval_steps 스텝마다 평가합니다"),
-    "saves_per_epoch": ("peftko writes a checkpoint every save_steps optimizer steps",
-                        "peftko는 save_steps 스텝마다 체크포인트를 씁니다"),
     "max_samples": ("keeps part of the data; peftko trains on every document given (choose the files instead)",
                     "데이터 일부만 씀; peftko는 주어진 문서를 모두 학습(파일을 골라 주세요)"),
     "overwrite_output_dir": ("peftko replaces an output folder only with --force", "peftko는 --force로만 출력 폴더를 바꿈"),
@@ -259,6 +269,16 @@ IGNORED: dict[str, tuple[str, str]] = {
                         "peftko의 데이터 캐시는 파일과 토크나이저로 구분: 바뀌면 다시 만듦"),
     "dataset_prepared_path": ("peftko caches tokenized data under PEFTKO_HOME/datasets",
                               "peftko는 토큰화한 데이터를 PEFTKO_HOME/datasets에 캐시"),
+    # Counts where peftko takes a fraction or a step cadence: no exact translation before the steps are
+    # known, and each has a default that serves (a warning, not a refusal of the whole file).
+    "warmup_steps": ("peftko warms up over a fraction of all steps, warmup_ratio, 0.05 unless set; for the same "
+                     "warmup set warmup_ratio: warmup_steps / total steps",
+                     "peftko는 전체 스텝의 warmup_ratio(기본 0.05) 동안 워밍업; 같게 하려면 warmup_ratio: "
+                     "warmup_steps / 전체 스텝"),
+    "evals_per_epoch": ("peftko evaluates every eval_steps optimizer steps, 50 unless set, and at the end",
+                        "peftko는 eval_steps 스텝마다(기본 50), 그리고 끝에 평가"),
+    "saves_per_epoch": ("peftko writes a checkpoint every save_steps optimizer steps, none unless set, and the "
+                        "adapter at the end", "peftko는 save_steps 스텝마다(기본: 없음) 체크포인트, 끝에 어댑터를 씀"),
 }
 # Peers' keys whose one value is what peftko does anyway: ignored at that value, refused at another.
 # name -> (that value, English, Korean)
@@ -276,6 +296,7 @@ IGNORED_AT: dict[str, tuple[Any, str, str]] = {
 
 class Ignored(Exception):
     """A peer's key that changes nothing in peftko: a note, not a problem."""
+
 
 
 def _empty(raw: Any) -> bool:
@@ -303,6 +324,8 @@ def markdown_table(lang: str) -> str:
     head = ("| 다른 도구의 키 | 쓰는 도구 | peftko 키 | 설명 |" if ko else "| alias | used by | peftko key | note |")
     rows = [head, "|---|---|---|---|"]
     rows += [f"| `{name}` | {', '.join(a.tools)} | `{a.key}` | {a.note[ko]} |" for name, a in ALIASES.items()]
+    optim = (f"{', '.join(OPTIMIZERS_32BIT[1:])}: adamw; {', '.join(OPTIMIZERS_8BIT[1:])}: paged_adamw_8bit")
+    rows.append(f"| `optimizer` | {AXOLOTL} | `optimizer` | {'값' if ko else 'values'}: {optim} |")
     rows += [f"| `{name}` | | {'거절' if ko else 'refused'} | {text[ko]} |" for name, text in REFUSED.items()]
     rows += [f"| `{name}` | | {'무시(알림)' if ko else 'ignored (a note)'} | {text[ko]} |"
              for name, text in IGNORED.items()]
@@ -352,6 +375,10 @@ def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[
             reading.ignored.append((name, e.args[0]))
         except LookupError as e:
             problems.append(f"{prefix}{name}: {e.args[0]}")
+        except Refusal as e:
+            problems.append(f"{prefix}{name}: {e}")
+            if name in ALIASES:
+                reading.failed.add(ALIASES[name].key)
         except ValueError as e:
             problems.append(f"{prefix}{name}: {raw!r} {e}")
             if name in ALIASES:
@@ -359,7 +386,7 @@ def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[
         else:
             if key is not None:
                 found.setdefault(key, []).append((name, raw, value))
-                if name not in keys:
+                if name not in keys or (name in PEER_VALUES and value != raw):
                     reading.translated.append((name, raw, key, value))
     for key, entries in found.items():
         try:
@@ -375,6 +402,8 @@ def read_source(items: Iterable[tuple[Any, Any]], prefix: str, keys: Collection[
 def _read_one(name: str, raw: Any, keys: Collection[str], coerce: Coerce) -> tuple[str | None, Any]:
     """(peftko's key, the value read) for one key as written; LookupError: unknown or refused."""
     if name in keys:
+        if name in PEER_VALUES and isinstance(raw, str):
+            return name, coerce(name, PEER_VALUES[name](raw))
         return name, coerce(name, raw)
     if name in IGNORED:
         raise Ignored(IGNORED[name][0])

@@ -144,7 +144,7 @@ def _convert(converter: Path, model: Path, outfile: Path, extra: list[str], whos
         raise UserError(
             f"llama.cpp's converter refuses the tokenizer of {whose} (\"{PRE_TOKENIZER_REFUSED}\"): it "
             "takes a byte-level BPE tokenizer only when it is one of the published bases it lists (Llama-3, "
-            "Qwen2, EXAONE, ...), which a tokenizer trained locally, like the demo's, never is. Fine-tune "
+            "Qwen2, EXAONE, ...), which a tokenizer trained locally, like builtin:tiny-llama's, never is. Fine-tune "
             "such a base to get a GGUF, or merge without --gguf."
         )
     tail = [line for line in log.strip().splitlines() if line.strip()][-6:]

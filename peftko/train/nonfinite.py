@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from peftko.core.errors import TrainingDiverged
 from peftko.core.progress import warn
-from peftko.train.rerun import resume_command
+from peftko.train.rerun import fresh_run_command
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -64,8 +64,17 @@ class NonFiniteGuard(TrainerCallback):
             "try a tenth of it\n"
             "  - fp16 overflow (GPUs without bf16): a lower learning rate, or --max-grad-norm 1.0\n"
             "  - a corrupt or unusual document in the corpus (check `peftko markers` on it)\n"
-            f"Continue with a lower rate: {resume_command(output)} --force --lr {lr / 10:g}"
+            f"Start again with a lower rate, in a new folder (a resume keeps the rate its checkpoint was "
+            f"written with): {lower_rate_command(output, lr, embedding_lr)}"
         )
+
+
+def lower_rate_command(output: Path, lr: float, embedding_lr: float) -> str:
+    """A fresh run at a tenth of both rates into OUTPUT-lrX: lr is not a resumable setting, and --force on
+    a resume would switch off the check that config, corpus and base are unchanged."""
+    lower = f"{lr / 10:g}"
+    return fresh_run_command(output, output.with_name(f"{output.name}-lr{lower}"),
+                             {"--lr": lower, "--embedding-lr": f"{embedding_lr / 10:g}"})
 
 
 def check_finite_parameters(model, lr: float, embedding_lr: float, last_loss: float | None = None) -> None:

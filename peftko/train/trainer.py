@@ -261,9 +261,12 @@ class PeftkoTrainer(Trainer):
 
 def checkpoint_write_error(output: Path, step: int, e: Exception) -> UserError:
     previous = latest_checkpoint(output)
-    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    # --resume only when there is a checkpoint to resume from: without one it would be refused.
+    then = (f"the previous checkpoint {previous.name} is intact. Free space, then resume with --resume."
+            if previous else "no earlier checkpoint exists, so there is nothing to resume: free space and run the "
+            "same command again with --force, which replaces only what this run wrote.")
     return UserError(f"could not write checkpoint-{step} in {output}: {describe_write_failure(e)} "
-                     f"(disk full?); {kept}. Free space, then resume with --resume.")
+                     f"(disk full?); {then}")
 
 
 def final_eval_loss(trainer) -> float:
