@@ -4,7 +4,7 @@ A base's weight files are hashed whole (peftko.run.identity) while training load
 while the merge streams it: the hashing thread and the loader read the same pages (safetensors
 are memory-mapped), so the disk is read once, and hashlib and file reads release the GIL, so the
 hash runs on a core the loader leaves free. A file is hashed once per process: the built base's
-own check (peftko.model.gemma_base) and the run's fingerprint share one result. The memo is keyed
+own check (peftko.model.built_base) and the run's fingerprint share one result. The memo is keyed
 on the file's identity and modification time, so a file changed in between is read again.
 """
 
@@ -23,8 +23,8 @@ _lock = threading.Lock()
 
 
 def _key(path: Path) -> tuple:
-    st = os.stat(path)
-    return str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    st = os.stat(path)  # not the name: a file renamed into place keeps its hash
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def sha256_of(path: Path) -> str:
