@@ -85,6 +85,7 @@ def install(stage: Path, target: Path) -> None:
     hashes = hash_later([stage / n for n in names])
     files = {n: {"size": (stage / n).stat().st_size, "sha256": hashes[stage / n].result()} for n in names}
     if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage, target)
     else:
         old = recorded_files(target)

@@ -37,6 +37,7 @@ from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Resul
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest, back_to_registered
+from peftko.train.caches import token_cache_note
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.data.collate import PackedCollator
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
@@ -173,6 +174,9 @@ def setup_data(run: Run, tokenizer) -> PackedData:
     )
     if d.held_out:
         say(f"held out: {shown(d.held_out)}")
+    note = None if d.from_cache or not distributed.is_main() else token_cache_note(d.cache_dir)
+    if note:
+        say(note)
     processes = distributed.world_size()
     for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
                  passes_note(run.cfg.steps(), len(d.train), processes),
