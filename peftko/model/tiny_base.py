@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
 from peftko.core.paths import peftko_home, sample_corpus_dir
-from peftko.core.progress import phase, say
+from peftko.core.progress import phase
 from peftko.model.built_base import built_base
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
