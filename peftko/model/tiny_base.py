@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from peftko.core.atomic import replace_dir, staging_dir
 from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
-from peftko.core.paths import peftko_home, sample_corpus_dir, shown
-from peftko.core.progress import phase, say
+from peftko.core.paths import peftko_home, sample_corpus_dir
+from peftko.core.progress import phase
+from peftko.model.built_base import built_base
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 BUILTIN_PRETRAIN_STEPS = 120
@@ -127,14 +127,11 @@ def build_tiny_base(
 
 
 def builtin_base() -> Path:
-    """The built-in demo base, built once and reused (deterministic: same seed, same corpus)."""
-    target = peftko_home() / "bases" / BUILTIN_MODEL.split(":", 1)[1]
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    say(f"building the built-in tiny base into {shown(target)} (once; about a minute on 2 CPU cores)")
-    # Build beside the target and rename, so an interrupted build never looks complete.
-    with staging_dir(target.parent, ".building-") as tmp, phase("build base", total=None, unit="steps"):
-        build_tiny_base(tmp / "base", arch="llama", tie=True, pretrain_steps=BUILTIN_PRETRAIN_STEPS)
-        replace_dir(tmp / "base", target, ".building-")
-    return target
+    """The built-in demo base, built once and reused (deterministic: same seed, same corpus), verified
+    against its build record on each use (peftko.model.built_base)."""
+    def build(out: Path) -> None:
+        with phase("build base", total=None, unit="steps"):
+            build_tiny_base(out, arch="llama", tie=True, pretrain_steps=BUILTIN_PRETRAIN_STEPS)
+
+    return built_base(peftko_home() / "bases" / BUILTIN_MODEL.split(":", 1)[1], "the built-in tiny base", build,
+                      "about a minute on 2 CPU cores")

@@ -1,7 +1,7 @@
 """A run's identity: what it trains (config, corpus, tokenizer, base), as fingerprints.
 
 `--resume` compares them with the run record (peftko.run.resume) and `peftko merge` compares
-the base's with the adapter's manifest (peftko.run.manifest); the packed-data cache keys on the
+the base's with the adapter's manifest (peftko.run.manifest); a base is hashed whole; the packed-data cache keys on the
 tokenizer's.
 """
 
@@ -12,28 +12,70 @@ import json
 import os
 from pathlib import Path
 
+from peftko.core.errors import UserError
+from peftko.core.hashing import hash_later, sha256_of
 from peftko.run.records import BaseFingerprint, RunIdentity
 
 
-def fingerprint_base(path: Path) -> BaseFingerprint:
-    """Identify a base without reading every byte of a 16 GB checkpoint.
+FULL = "sha256"  # BaseFingerprint.scheme of a whole-file hash; runs before it recorded sampled hashes (None)
 
-    config.json is hashed whole; each weight file contributes its size, its header (tensor names,
-    shapes, dtypes) and 64 chunks sampled across its body, so two fine-tunes of one architecture,
-    which share every shape, still differ.
-    """
+
+def base_weight_files(path: Path) -> list[Path]:
     path = Path(path)
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    return BaseFingerprint(sha256_file(path / "config.json"), {w.name: _sampled_hash(w) for w in weights})
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+
+
+class PendingFingerprint:
+    """A base's fingerprint being computed in the background: config.json at once, each weight
+    file's SHA-256 (every byte) by peftko.core.hashing's thread, while the caller loads or merges."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config_sha256 = sha256_file(self.path / "config.json")
+        self.weights = base_weight_files(self.path)
+        self._futures = hash_later(self.weights)
+
+    @property
+    def names(self) -> set[str]:
+        return {w.name for w in self.weights}
+
+    def result(self) -> BaseFingerprint:
+        """The fingerprint, once every weight file is hashed (waits for the thread)."""
+        try:
+            weights = {w.name: self._futures[w].result() for w in self.weights}
+        except OSError as e:
+            raise UserError(f"cannot read the base's weights in {self.path}: {e}") from None
+        return BaseFingerprint(self.config_sha256, weights, FULL)
+
+
+def start_fingerprint(path: Path) -> PendingFingerprint:
+    return PendingFingerprint(path)
+
+
+def fingerprint_base(path: Path) -> BaseFingerprint:
+    """Identify a base by every byte: config.json and each weight file hashed whole, so any edit
+    of a weight, wherever it is, changes it (about 0.3 s a GB, in the background where possible)."""
+    return start_fingerprint(path).result()
+
+
+def sampled_fingerprint(path: Path) -> BaseFingerprint:
+    """The fingerprint runs recorded before whole-file hashing, to check a base against such a run:
+    size, header and 64 chunks sampled across each weight file (an edit between chunks passes)."""
+    path = Path(path)
+    return BaseFingerprint(sha256_file(path / "config.json"),
+                           {w.name: _sampled_hash(w) for w in base_weight_files(path)})
+
+
+def base_differences(recorded: BaseFingerprint, current: BaseFingerprint) -> list[str]:
+    """config.json and the weight files whose hashes differ, added or missing, by name."""
+    old, new = recorded.weights or {}, current.weights or {}
+    changed = ["config.json"] if recorded.config_sha256 != current.config_sha256 else []
+    return changed + sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def sha256_file(path: Path) -> str:
-    """Whole-file SHA-256, read in 1 MB chunks so a large file never sits in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """Whole-file SHA-256, read in large chunks so a large file never sits in memory."""
+    return sha256_of(path)
 
 
 def _sampled_hash(path: Path, chunks: int = 64, chunk_size: int = 1 << 16) -> str:

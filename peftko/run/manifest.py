@@ -11,9 +11,11 @@ from pathlib import Path
 
 from peftko.core.errors import UserError
 from peftko.run.checkpoints import PREFIX, step_of
-from peftko.run.identity import fingerprint_base, sha256_file
+from peftko.core.progress import say
+from peftko.run.identity import (FULL, PendingFingerprint, base_differences, sampled_fingerprint, sha256_file,
+                                   start_fingerprint)
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, RUN_FILE, TOKENIZER_FILES
-from peftko.run.records import RunRecord
+from peftko.run.records import BaseFingerprint, RunRecord
 
 
 def read_manifest(run_dir: Path) -> RunRecord:
@@ -53,12 +55,46 @@ def check_adapter_file(run_dir: Path, record: RunRecord) -> None:
 
 def check_base(record: RunRecord, base: str | None) -> Path:
     """The base the run was trained on (or `base`, when given), checked against its fingerprint."""
+    return start_base_check(record, base).confirm()
+
+
+def start_base_check(record: RunRecord, base: str | None) -> BaseCheck:
+    """Check at once what is cheap (the base is there, config.json and the weight files' names are
+    the recorded ones) and start hashing every weight byte in the background; `confirm()` waits
+    for it, so a merge refuses a changed base before it publishes anything."""
     path = Path(base or record.base_model).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(f"base model not found at {path}; pass its local folder with --base")
-    if fingerprint_base(path) != record.base_fingerprint:
-        raise UserError(
-            f"the base at {path} does not match the one this adapter was trained on "
-            f"({record.base_model}): its config or weights differ. Pass the original base with --base."
-        )
-    return path
+    recorded = record.base_fingerprint
+    if recorded.scheme != FULL:
+        say(f"note: this run recorded its base by sampled parts of each weight file (peftko before "
+            f"whole-file hashing), so only those parts of {path} can be checked; train again to have "
+            "every byte of the base checked.")
+        return BaseCheck(path, record, None)
+    pending = start_fingerprint(path)
+    cheap = BaseFingerprint(pending.config_sha256, {n: "" for n in pending.names})
+    early = base_differences(BaseFingerprint(recorded.config_sha256, {n: "" for n in recorded.weights or {}}), cheap)
+    if early:
+        raise _changed(path, record, early)
+    return BaseCheck(path, record, pending)
+
+
+class BaseCheck:
+    def __init__(self, path: Path, record: RunRecord, pending: PendingFingerprint | None):
+        self.path, self._record, self._pending = path, record, pending
+
+    def confirm(self) -> Path:
+        recorded = self._record.base_fingerprint
+        current = self._pending.result() if self._pending else sampled_fingerprint(self.path)
+        changed = base_differences(recorded, current)
+        if changed:
+            raise _changed(self.path, self._record, changed)
+        return self.path
+
+
+def _changed(path: Path, record: RunRecord, changed: list[str]) -> UserError:
+    return UserError(
+        f"the base at {path} does not match the one this adapter was trained on ({record.base_model}): "
+        f"the base changed since training: {', '.join(changed)} differ{'s' if len(changed) == 1 else ''}; "
+        "use the base the run was trained on (pass it with --base)."
+    )

@@ -36,19 +36,23 @@ def _read(path: Path):
 # --- peftko.json
 @dataclass(frozen=True)
 class BaseFingerprint:
-    """peftko.run.identity.fingerprint_base: config.json's SHA-256 and each weight file's sampled hash."""
+    """peftko.run.identity.fingerprint_base: config.json's SHA-256 and each weight file's SHA-256.
+
+    `scheme` "sha256": every byte hashed; absent: a run recorded before that, whose weight hashes
+    are sampled (peftko.run.identity.sampled_fingerprint checks a base against them)."""
 
     config_sha256: str | None = None
     weights: dict[str, str] | None = None
+    scheme: str | None = None
 
-    RULES: ClassVar[Rules] = {"config_sha256": TEXT, "weights": OBJECT}
+    RULES: ClassVar[Rules] = {"config_sha256": TEXT, "weights": OBJECT, "scheme": TEXT}
 
     def to_json(self) -> dict:
-        return _present({"config_sha256": self.config_sha256, "weights": self.weights})
+        return _present({"config_sha256": self.config_sha256, "weights": self.weights, "scheme": self.scheme})
 
     @classmethod
     def from_json(cls, data: dict) -> BaseFingerprint:
-        return cls(data.get("config_sha256"), data.get("weights"))
+        return cls(data.get("config_sha256"), data.get("weights"), data.get("scheme"))
 
 
 @dataclass(frozen=True)

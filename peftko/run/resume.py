@@ -80,6 +80,9 @@ def identity_changes(old: RunIdentity, new: RunIdentity) -> list[str]:
 
 
 def _base_change(old: BaseFingerprint, new: BaseFingerprint) -> str:
+    if old.scheme != new.scheme:
+        return ("base model: this run recorded it by sampled parts of each weight file (an older peftko), "
+                "which cannot be compared with a whole-file hash; if the base is unchanged, pass --force")
     old_weights, new_weights = old.weights or {}, new.weights or {}
     changed = sorted(k for k in set(old_weights) | set(new_weights) if old_weights.get(k) != new_weights.get(k))
     what = "config.json" if old.config_sha256 != new.config_sha256 else ""

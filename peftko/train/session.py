@@ -28,7 +28,7 @@ from peftko.model.builder import TrainableModel, load, make_trainable
 from peftko.model.inference import adapter_info, stop_ids
 from peftko.model.token_rows import register_markers, piece_rows, trained_rows
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
-from peftko.run.identity import fingerprint_base, run_identity
+from peftko.run.identity import run_identity, start_fingerprint
 from peftko.run.layout import MANIFEST, METRICS
 from peftko.run.run_folder import save_final
 from peftko.run.ownership import remove_entries
@@ -38,6 +38,7 @@ from peftko.run.records import (BaseFingerprint, CorpusPart, CorpusRecord, Resul
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.resume import check_adapter_shape, check_resume, resume_point, write_run_record
 from peftko.train.best import KeepBest, back_to_registered
+from peftko.train.caches import token_cache_note
 from peftko.train.callbacks import BeforeFirstStep, StopOnSignal
 from peftko.data.collate import PackedCollator
 from peftko.train.disk import check_disk_space, output_bytes_needed, tokenizer_bytes
@@ -132,14 +133,24 @@ def run_training(run: Run, resume: bool = False, force: bool = False) -> int:
 # --- setup
 def setup(run: Run, checkpoint: Path | None = None, force: bool = False) -> Setup:
     """Tokenizer, data, the run's identity (checked against --resume), then the model."""
+    # Every byte of the base is hashed in the background while the tokenizer, the data and the model
+    # load (one read of the disk: the loader finds the pages the hash read); a resume needs it first.
+    pending = start_fingerprint(run.model_path)
     tokenizer, vocab_before, tokens = setup_tokenizer(run)
     data = setup_data(run, tokenizer)
-    fingerprint = fingerprint_base(run.model_path)
-    # processes: data-parallel runs resume on another count only with the same global batch
-    identity = run_identity(run.cfg.to_dict(), run.files, tokenizer, fingerprint, distributed.world_size())
-    recorded = check_identity(run, checkpoint, identity, tokenizer, tokens, force) if checkpoint else None
+
+    def identity_of(fingerprint):
+        # processes: data-parallel runs resume on another count only with the same global batch
+        return run_identity(run.cfg.to_dict(), run.files, tokenizer, fingerprint, distributed.world_size())
+
+    identity = recorded = None
+    if checkpoint:
+        identity = identity_of(pending.result())
+        recorded = check_identity(run, checkpoint, identity, tokenizer, tokens, force)
     with translate_oom(run.cfg.memory_levers(), "loading the model"):
         bpc_base, built = setup_model(run, tokenizer, tokens, data)
+    fingerprint = pending.result()
+    identity = identity or identity_of(fingerprint)
     collator = PackedCollator.for_model(tokenizer, built.model.get_base_model(), run.precision.dtype)
     return Setup(tokenizer, vocab_before, tokens, data, fingerprint, identity, recorded, bpc_base, built, collator)
 
@@ -164,6 +175,9 @@ def setup_data(run: Run, tokenizer) -> PackedData:
     )
     if d.held_out:
         say(f"held out: {shown(d.held_out)}")
+    note = None if d.from_cache or not distributed.is_main() else token_cache_note(d.cache_dir)
+    if note:
+        say(note)
     processes = distributed.world_size()
     for note in (short_data_note(run.cfg.steps(), len(d.train), processes),
                  passes_note(run.cfg.steps(), len(d.train), processes),

@@ -1,0 +1,76 @@
+"""Whole-file SHA-256 of large files, read once per process and computed beside other work.
+
+A base's weight files are hashed whole (peftko.run.identity) while training loads the model and
+while the merge streams it: the hashing thread and the loader read the same pages (safetensors
+are memory-mapped), so the disk is read once, and hashlib and file reads release the GIL, so the
+hash runs on a core the loader leaves free. A file is hashed once per process: the built base's
+own check (peftko.model.built_base) and the run's fingerprint share one result. The memo is keyed
+on the file's identity and modification time, so a file changed in between is read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+CHUNK = 8 << 20  # large reads: fewer GIL round trips, and a large file never sits in memory
+
+_memo: dict[tuple, Future] = {}
+_lock = threading.Lock()
+
+
+def _key(path: Path) -> tuple:
+    st = os.stat(path)  # not the name: a file renamed into place keeps its hash
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read in large chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_later(paths: list[Path]) -> dict[Path, Future]:
+    """Futures of each file's SHA-256, computed in order by one background thread; a file this
+    process hashed (or is hashing) already is not read again. A file that cannot be read gives its
+    OSError from `.result()`."""
+    out: dict[Path, Future] = {}
+    todo: list[tuple[Path, Future]] = []
+    with _lock:
+        for p in paths:
+            try:
+                key = _key(p)
+            except OSError as e:
+                failed: Future = Future()
+                failed.set_exception(e)
+                out[p] = failed
+                continue
+            if key not in _memo:
+                _memo[key] = Future()
+                todo.append((p, _memo[key]))
+            out[p] = _memo[key]
+    if todo:
+        # A daemon thread: a run stopped early does not wait for the hash of a file it no longer needs.
+        threading.Thread(target=_work, args=(todo,), name="peftko-hash", daemon=True).start()
+    return out
+
+
+def _work(todo: list[tuple[Path, Future]]) -> None:
+    for path, future in todo:
+        try:
+            future.set_result(sha256_of(path))
+        except BaseException as e:  # handed to whoever waits for it
+            future.set_exception(e)
+            with _lock:
+                _memo.pop(next((k for k, f in _memo.items() if f is future), None), None)
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, reusing this process's earlier hash of the unchanged file."""
+    return hash_later([Path(path)])[Path(path)].result()
