@@ -65,7 +65,7 @@ def reseal(run_dir: Path) -> None:
     """What a careful forger does after editing a file: recompute its hash in peftko.json, so the
     seal matches and only the facts can tell."""
     data = manifest(run_dir)
-    data["seal"] = {name: sha256_file(run_dir / name) for name in data["seal"]}
+    data["seal"] = {name: sha256_file(run_dir / name) for name in data.get("seal", [WEIGHTS])}
     data["adapter_sha256"] = data["seal"][WEIGHTS]
     write_manifest(run_dir, data)
 
