@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftko.cli import main
+from peftko.run.identity import sha256_file
 
 END = "|END_OF_BOOK|>"
 PROMPT = "|START_OF_TITLE|>달빛 우체부|END_OF_TITLE|>\n옛날 어느 마을에"
@@ -143,6 +144,9 @@ def test_new_tokens_stop_at_what_the_model_can_attend_to(tiny_run, tmp_path):
     assert CliRunner().invoke(main, ["merge", str(tiny_run), "--output", str(merged)]).exit_code == 0
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     (merged / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}), encoding="utf-8")
+    mark = json.loads((merged / "peftko-merge.json").read_text(encoding="utf-8"))
+    mark["seal"]["config.json"] = sha256_file(merged / "config.json")  # sealed as if the merge wrote it so
+    (merged / "peftko-merge.json").write_text(json.dumps(mark), encoding="utf-8")
     prompt_tokens = len(AutoTokenizer.from_pretrained(merged)(PROMPT)["input_ids"])
     result = generate(merged, "--prompt", PROMPT, "--max-new-tokens", "1000000000", "--json")
     assert result.exit_code == 0, result.output

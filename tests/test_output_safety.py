@@ -225,14 +225,15 @@ def test_merge_refuses_an_adapter_file_that_is_not_the_one_training_wrote(run_co
             "adapter_model.safetensors", "SHA-256")
 
 
-def test_merge_refuses_a_truncated_adapter_of_a_run_saved_without_its_hash(run_copy, tmp_path):
+def test_merge_refuses_a_run_saved_without_its_seal(run_copy, tmp_path):
+    """An older peftko sealed nothing: its truncated adapter cannot be told from a whole one."""
     manifest = json.loads((run_copy / "peftko.json").read_text())
-    del manifest["adapter_sha256"]
+    del manifest["adapter_sha256"], manifest["seal"]
     (run_copy / "peftko.json").write_text(json.dumps(manifest))
     adapter = run_copy / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:1000])
     refused(invoke(["merge", str(run_copy), "--output", str(tmp_path / "m")]), 2,
-            "cannot read", "adapter_model.safetensors")
+            "older peftko", "peftko.json", "Train again")
 
 
 def test_merge_checks_that_the_output_is_writable_before_loading(finished, tmp_path, monkeypatch):

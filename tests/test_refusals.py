@@ -219,8 +219,9 @@ def test_merge_refuses_to_write_non_finite_marker_rows(trained, tmp_path):
     tensors[key][0, 0] = float("inf")
     save_file(tensors, adapter, metadata={"format": "pt"})
     manifest = json.loads((copy / "peftko.json").read_text(encoding="utf-8"))
-    manifest["adapter_sha256"] = sha256_file(adapter)  # the forger updates the hash too
+    manifest["adapter_sha256"] = sha256_file(adapter)  # the forger updates the hashes too
+    manifest["seal"]["adapter_model.safetensors"] = manifest["adapter_sha256"]
     (copy / "peftko.json").write_text(json.dumps(manifest), encoding="utf-8")
     out = tmp_path / "merged"
-    assert_refused(invoke("merge", str(copy), "--output", str(out)), "NaN or inf", "trained marker rows")
+    assert_refused(invoke("merge", str(copy), "--output", str(out)), "NaN or inf", key)
     assert not out.exists()

@@ -20,11 +20,11 @@ from peftko.core.paths import shown
 from peftko.core.progress import say
 from peftko.core.signals import Stopper
 from peftko.merge import gguf
-from peftko.merge.consistency import check_manifest_facts
 from peftko.merge.in_memory import compare_logits, merge_and_check
 from peftko.merge.model_files import merged_tokenizer, write_config
 from peftko.merge.merged_folder import check_output, claim_merged_folder, save_atomically
 from peftko.merge.streaming import StreamingUnsupported, stream_merge
+from peftko.model.run_facts import check_run_facts
 from peftko.run.manifest import read_manifest, start_base_check
 from peftko.run.records import MergeRecord, RunRecord
 
@@ -41,7 +41,7 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
 
 def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper: Stopper,
                   full_check: bool = False, gguf_options: gguf.GgufOptions | None = None) -> None:
-    record = read_manifest(run_dir)
+    record = read_manifest(run_dir)  # the run's seal checked
     base_check = start_base_check(record, base)  # every byte of the base hashed while the merge reads it
     base_path = base_check.path
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
@@ -50,7 +50,7 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
         if gguf_options:  # llama.cpp refuses some tokenizers: know it before the merge, not after
             gguf.preflight(base_path, out, gguf_options)
         tokenizer = merged_tokenizer(run_dir, record)
-        check_manifest_facts(run_dir, base_path, record, tokenizer)
+        check_run_facts(run_dir, base_path, record, tokenizer)
         # The grammar travels with the merged model: generate --structure strict needs no run folder.
         mark = MergeRecord(adapter=str(run_dir.resolve()), base_model=str(base_path.resolve()), dtype=dtype,
                            grammar=record.grammar)

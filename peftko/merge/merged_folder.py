@@ -18,6 +18,7 @@ from peftko.run.layout import MERGE_MARK as MARK
 from peftko.run.run_folder import keep_sentencepiece_files
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 from peftko.run.records import MergeRecord, RunRecord
+from peftko.run.seal import seal_files
 
 def _merge_files(output: Path):
     mark = MergeRecord.peek(output)  # None: a damaged mark, and then only the mark itself is ours
@@ -55,7 +56,7 @@ def save_atomically(write_model, tokenizer, output: Path, mark: MergeRecord, sto
     them. Beside them: the tokenizer, the base's SentencePiece model (the tokenizer's save leaves
     it out) and, given the adapter's manifest, a README.md model card. The mark (peftko-merge.json,
     listing the files) is written last into the staging folder; the swap is two renames that a
-    first Ctrl-C does not cut.
+    first Ctrl-C does not cut. The mark seals every file (peftko.run.seal): generate and eval check it.
     """
     output = output.resolve()
     with staging_dir(output.parent, f".{output.name}.merging-") as stage:
@@ -66,6 +67,6 @@ def save_atomically(write_model, tokenizer, output: Path, mark: MergeRecord, sto
             (stage / "README.md").write_text(merged_card(record, mark, output.name), encoding="utf-8")
         files = sorted(f.name for f in stage.iterdir())
         publish(stage)  # the stage becomes the output
-        write_json_atomic(stage / MARK, replace(mark, files=files).to_json())
+        write_json_atomic(stage / MARK, replace(mark, files=files, seal=seal_files(stage, files)).to_json())
         with stopper.during("save"):
             replace_dir(stage, output, f".{output.name}.old-")

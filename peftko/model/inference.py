@@ -28,10 +28,11 @@ from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.progress import say
 from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
-from peftko.run.layout import ADAPTER_FILES, MANIFEST
-from peftko.run.manifest import check_base, read_manifest
+from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
+from peftko.model.run_facts import check_run_facts, open_run
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.records import MergeRecord, RunRecord
+from peftko.run.seal import check_merge_seal
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -77,8 +78,7 @@ def load_for_inference(path: str | Path, quant: str | None = None, device: str =
 
 
 def _load_adapter(run_dir: Path, quant: str | None, device: str, dtype: str | None):
-    record = read_manifest(run_dir)
-    base = check_base(record, None)
+    record, base = open_run(run_dir)
     quant = quant or record.quantization or "none"
     precision = inference_precision(device, dtype, record.compute_dtype, "the run trained")
     model, tokenizer = load_with_adapter(run_dir, base, record, quant, precision, record.attn_implementation)
@@ -100,6 +100,7 @@ def load_with_adapter(run_dir: Path, base: Path, record: RunRecord, quant: str, 
     tokenizer: for inference and for `peftko merge`. Consent given at training time
     (--allow-pickle, --trust-remote-code) carries over; nothing more."""
     tokenizer = load_tokenizer(run_dir, record.trust_remote_code)
+    check_run_facts(run_dir, base, record, tokenizer)  # before the base is loaded: a refusal costs no load
     model = load_base(base, quant, precision, attn, record.trust_remote_code, record.allow_pickle)
     rows = record.vocab.rows_after
     if model.get_input_embeddings().weight.shape[0] < rows:
@@ -116,7 +117,11 @@ def load_with_adapter(run_dir: Path, base: Path, record: RunRecord, quant: str, 
 def _load_model(path: Path, quant: str | None, device: str, dtype: str | None):
     path = resolve_model_path(str(path))
     quant = quant or "none"
-    mark = MergeRecord.peek(path)  # None: a folder peftko did not write (or a damaged mark) records no dtype
+    # A folder peftko did not write records no dtype; one it wrote is used only as it wrote it
+    # (a mark that does not read is refused, naming it, rather than taken for no mark).
+    mark = MergeRecord.read(path) if (path / MERGE_MARK).is_file() else None
+    if mark is not None:
+        check_merge_seal(path, mark.seal)
     recorded = mark.dtype if mark else None
     precision = inference_precision(device, dtype, recorded, "the merge wrote")
     model = load_base(path, quant, precision)

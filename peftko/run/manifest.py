@@ -1,8 +1,8 @@
 """peftko.json: what a finished run records, read back only when it is whole and consistent.
 
 Every reader of a run folder (merge, eval, generate, ablate) goes through `read_manifest`, which
-reads the manifest as a RunRecord (peftko.run.records checks its shape) and checks the adapter
-file's hash, and `check_base`, which checks that the base on disk is the one the run was trained on.
+reads the manifest as a RunRecord (peftko.run.records checks its shape) and checks its seal (the
+SHA-256 of every file the run wrote, peftko.run.seal), and `check_base`, which checks that the base on disk is the one the run was trained on.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from peftko.run.identity import (FULL, PendingFingerprint, base_differences, sam
                                    start_fingerprint)
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, RUN_FILE, TOKENIZER_FILES
 from peftko.run.records import BaseFingerprint, RunRecord
+from peftko.run.seal import check_run_seal
 
 
 def read_manifest(run_dir: Path) -> RunRecord:
@@ -34,7 +35,7 @@ def read_manifest(run_dir: Path) -> RunRecord:
             f"Resume it with `peftko lora-train --output {run_dir} --resume`, or train again."
         )
     record = RunRecord.read(run_dir)
-    check_adapter_file(run_dir, record)
+    check_run_seal(run_dir, record.seal)
     return record
 
 

@@ -21,9 +21,16 @@ def is_names(x) -> bool:
     return isinstance(x, list) and all(isinstance(n, str) for n in x)
 
 
+def is_seal(x) -> bool:
+    """{file name: 64 hex digits of its SHA-256}."""
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                       for k, v in x.items())
+
+
 INTEGER, NUMBER, TEXT = (is_int, "an integer"), (is_number, "a number"), (lambda x: isinstance(x, str), "a string")
 FLAG, OBJECT = (lambda x: isinstance(x, bool), "true or false"), (lambda x: isinstance(x, dict), "a dict")
 INTEGERS, NAMES = (is_ints, "a list of integers"), (is_names, "a list of names")
+SEAL = (is_seal, "an object of file names and their SHA-256")
 Rules = dict[str, tuple[Callable[[object], bool], str]]
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 from peftko.core.errors import UserError
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.layout import FORMAT_VERSION, MANIFEST, MERGE_MARK, RUN_FILE
-from peftko.run.record_rules import (FLAG, INTEGER, INTEGERS, NAMES, NUMBER, OBJECT, TEXT, Rules, check as _check,
+from peftko.run.record_rules import (FLAG, INTEGER, INTEGERS, NAMES, NUMBER, OBJECT, SEAL, TEXT, Rules, check as _check,
                                      is_int as _is_int, present as _present)
 
 
@@ -199,7 +199,7 @@ MANIFEST_SHAPE = {"base_model": str, "base_fingerprint": dict, "markers": list, 
 # The rest, checked where present (a run saved by an older peftko may lack some).
 RUN_RULES = {"format": INTEGER, "peftko_version": TEXT, "base_terms": NAMES, "marker_piece_rows": INTEGERS,
              "tied_embeddings": FLAG, "quantization": TEXT, "compute_dtype": TEXT, "corpus": OBJECT,
-             "results": OBJECT, "files": NAMES, "grammar": OBJECT}
+             "results": OBJECT, "files": NAMES, "grammar": OBJECT, "seal": SEAL}
 
 
 def manifest_problems(data) -> list[str]:
@@ -254,10 +254,11 @@ class RunRecord:
     files: list[str] | None = None  # what save_final wrote: what a later --force may replace
     adapter_sha256: str | None = None  # checked by every reader (runs saved before it was kept have none)
     grammar: MarkerGrammar | None = None  # the corpus's marker grammar (runs saved before it was kept have none)
+    seal: dict[str, str] | None = None  # file -> SHA-256 of each file the run wrote (peftko.run.seal)
 
     # The fields kept as the file has them, under the same name.
     AS_WRITTEN: ClassVar[tuple[str, ...]] = ("peftko_version", "base_terms", "marker_piece_rows", "tied_embeddings",
-                                             "quantization", "compute_dtype", "files", "adapter_sha256")
+                                             "quantization", "compute_dtype", "files", "adapter_sha256", "seal")
 
     def to_json(self) -> dict:
         return _present({
@@ -268,7 +269,7 @@ class RunRecord:
             "quantization": self.quantization, "compute_dtype": self.compute_dtype, "config": self.config,
             "corpus": self.corpus.to_json() if self.corpus else None, "results": self.results.to_json(),
             "files": self.files, "adapter_sha256": self.adapter_sha256,
-            "grammar": self.grammar.to_json() if self.grammar else None,
+            "grammar": self.grammar.to_json() if self.grammar else None, "seal": self.seal,
         })
 
     @classmethod
@@ -437,14 +438,15 @@ class MergeRecord:
     files: list[str] = field(default_factory=list)  # what a later --force may replace
     version: int | None = FORMAT_VERSION  # "format" on disk
     grammar: MarkerGrammar | None = None  # the run's marker grammar, copied: `generate --structure strict` reads it
+    seal: dict[str, str] | None = None  # file -> SHA-256 of each file the merge wrote (peftko.run.seal)
 
     RULES: ClassVar[Rules] = {"format": INTEGER, "adapter": TEXT, "base_model": TEXT, "dtype": TEXT, "files": NAMES,
-                              "grammar": OBJECT}
+                              "grammar": OBJECT, "seal": SEAL}
 
     def to_json(self) -> dict:
         return _present({"format": self.version, "adapter": self.adapter, "base_model": self.base_model,
                          "dtype": self.dtype, "files": self.files,
-                         "grammar": self.grammar.to_json() if self.grammar else None})
+                         "grammar": self.grammar.to_json() if self.grammar else None, "seal": self.seal})
 
     @classmethod
     def from_json(cls, data, path: Path) -> MergeRecord:
@@ -458,7 +460,8 @@ class MergeRecord:
             raise UserError(f"{path} is not a peftko merge mark: {'; '.join(problems)}. Restore it, "
                             "or merge again into a new --output.")
         grammar = MarkerGrammar.from_json(data["grammar"]) if data.get("grammar") is not None else None
-        return cls(data["adapter"], data["base_model"], data["dtype"], data.get("files") or [], data.get("format"), grammar)
+        return cls(data["adapter"], data["base_model"], data["dtype"], data.get("files") or [], data.get("format"), grammar,
+                   data.get("seal"))
 
     @classmethod
     def read(cls, merged: Path) -> MergeRecord:

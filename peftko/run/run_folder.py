@@ -16,10 +16,10 @@ from peftko.core.atomic import (TRASH_PREFIX, WRITE_PROBE, check_writable, descr
 from peftko.core.errors import UserError
 from peftko.run.card import adapter_card
 from peftko.run.checkpoints import STAGE_PREFIX, latest_checkpoint, sealed_checkpoint
-from peftko.run.identity import sha256_file
 from peftko.run.layout import (ADAPTER_FILES, BENCH, FINAL_FILES, FINAL_STAGE, LOCK, LOG_DIRS, MANIFEST, METRICS,
                                REPORT, RUN_FILE, SENTENCEPIECE_FILES)
 from peftko.run.records import RunIdentityRecord, RunRecord
+from peftko.run.seal import RUN_EXTRA, seal_files
 from peftko.run.ownership import OutputKind, check_place, entries_to_replace
 
 
@@ -106,10 +106,11 @@ def save_final(output: Path, peft_model, tokenizer, record: RunRecord) -> None:
             (stage / "README.md").write_text(adapter_card(record, output.name), encoding="utf-8")
             files = sorted(f.name for f in stage.iterdir())
             publish(stage)
-            digest = sha256_file(stage / ADAPTER_FILES[0])
+            seal = {**seal_files(output, RUN_EXTRA), **seal_files(stage, files)}
             (output / MANIFEST).unlink(missing_ok=True)
             move_into(stage, output, files)
-        write_json_atomic(output / MANIFEST, replace(record, files=files, adapter_sha256=digest).to_json())
+        write_json_atomic(output / MANIFEST, replace(record, files=files, adapter_sha256=seal[ADAPTER_FILES[0]],
+                                                     seal=seal).to_json())
     except Exception as e:
         if not is_write_failure(e):
             raise
