@@ -18,86 +18,24 @@ import typing
 import rich_click as click
 
 from peftko.commands import arguments
-from peftko.commands.render import MODES as PROGRESS_MODES, Renderer
-from peftko.core import progress
+from peftko.commands.frame import HELP_LAYOUT, OPTIONS, RUN, Group, progress_option
 from peftko.core.aliases import flag_hint
 from peftko.core.config import FIELDS, GROUPS, MODEL, REQUIRED, TrainConfig, load_config
-from peftko.core.errors import Interrupted, UserError
+from peftko.core.errors import UserError
 from peftko.core.libraries import keep_libraries_offline_and_quiet
-from peftko.core.signals import Stopper
 from peftko.merge.gguf import DEFAULT_TYPE, GgufOptions, TYPES as GGUF_TYPES
 
 keep_libraries_offline_and_quiet()  # before any command imports torch, peft or bitsandbytes
 
 
-RUN = "실행 (run)"
-OPTIONS = "옵션 (options)"
 CONFIG_HELP = ("YAML config; flags override it. Axolotl, LLaMA-Factory, TRL and Unsloth key names are read "
                "too (docs/en/coming-from-other-tools.md).")
 SET_HELP = "Override any config key (other tools' names too); repeatable."
 
 
-class _Group(click.RichGroup):
-    """Turns UserError into one line on stderr and exit code 2 (or 3), and a stop by Ctrl-C or
-    SIGTERM into one line and 130 or 143 (peftko.core.signals): never a traceback."""
-
-    def invoke(self, ctx):
-        # The engine reports through events; this renderer prints them (a command's --progress
-        # switches it to JSON lines before the command runs).
-        renderer = ctx.meta[RENDERER] = Renderer()
-        with progress.reporting(renderer):
-            try:
-                # lora-train and merge install their own, by phase; every other command (eval, generate,
-                # report, ...) writes nothing half-done, so a stop there is one line and 130/143 too.
-                with Stopper("before the command finished.").installed():
-                    return super().invoke(ctx)
-            except UserError as e:
-                progress.emit(progress.Message(f"peftko: error: {e}", "error", err=True))
-                ctx.exit(e.exit_code)
-            except Interrupted as e:
-                progress.emit(progress.Message(f"peftko: {e}", "error", err=True))
-                ctx.exit(e.exit_code)
-
-
-RENDERER = "peftko.renderer"
-
-
-def _progress_option(func=None, panel: str | None = None):
-    """--progress on every command: how the engine's events are shown."""
-    if func is None:
-        return functools.partial(_progress_option, panel=panel)
-    extra = {"panel": panel} if panel else {}
-    return click.option("--progress", **extra, type=click.Choice(PROGRESS_MODES), default="text", show_default=True,
-                        expose_value=False, is_eager=True, callback=_set_progress,
-                        help="text: lines (and bars on a terminal); json: every event as one JSON object a line on "
-                             "stdout (docs/en/progress.md).")(func)
-
-
-def _set_progress(ctx, param, value) -> None:
-    renderer = ctx.meta.get(RENDERER)
-    if renderer is not None:
-        renderer.mode = value
-
-
-# How --help lays out an option, so that no flag name, metavar or choice is ever split across
-# lines (tests/test_help_layout.py). rich shrinks the widest columns of a table together when it
-# is too wide, folding inside words: so a flag and its metavar share one column (they wrap at the
-# space between them, never inside), and the slash of --x/--no-x gets spaces to wrap at.
-HELP_LAYOUT = {
-    "options_table_column_types": ["required", "opt_long_metavar", "opt_short", "help"],
-    "delimiter_slash": " / ",
-    "append_metavars_help_string": "{}",  # --dtype auto|float32|..., --lora-r INT
-    # The metavar column showed an IntRange's bounds; with it gone they follow the help.
-    "options_table_help_sections": ["help", "deprecated", "envvar", "default", "range", "required"],
-    # Every panel titled as lora-train's are, Korean first (RUN, config.GROUPS).
-    "options_panel_title": OPTIONS,
-    "commands_panel_title": "명령 (commands)",
-    "arguments_panel_title": "인자 (arguments)",
-}
-
 
 # The context setting, not the rich_config decorator, which imports rich: --help stays instant.
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "rich_help_config": HELP_LAYOUT})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "rich_help_config": HELP_LAYOUT})
 @click.version_option(package_name="peftko")
 def main():
     """peftko: LoRA fine-tuning for Korean text with structural markers.
@@ -190,7 +128,7 @@ def _metavar(f: dataclasses.Field, tp) -> str:
               help="With --dry-run: plan for N GPUs (torchrun --nproc_per_node N); a launched run uses the launcher's count.")
 @click.help_option("-h", "--help", panel=RUN)
 @_config_options
-@_progress_option(panel=RUN)
+@progress_option(panel=RUN)
 def lora_train(config_file, sets, resume, force, dry_run, strict, num_processes, **flags):
     """Train LoRA adapters plus the marker embedding rows on a (quantized) base.
 
@@ -244,7 +182,7 @@ def _no_library_bars_in_files() -> None:
               f"{', '.join(GGUF_TYPES)}; --gguf alone: {DEFAULT_TYPE}). Needs llama.cpp's converter.")
 @click.option("--llama-cpp", type=click.Path(), metavar="DIR",
               help="llama.cpp folder holding convert_hf_to_gguf.py  [default: $PEFTKO_LLAMA_CPP]")
-@_progress_option
+@progress_option
 def merge(adapter_dir, output, base, dtype, force, full_check, gguf, llama_cpp):
     """Merge an adapter into its full-precision base: a standalone Hugging Face model.
 
@@ -296,7 +234,7 @@ def _one_pattern(marker_pattern: str, old_pattern: str | None) -> str:
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path())
-@_progress_option
+@progress_option
 def report(run_dir):
     """Plot a run (loss, learning rate, gradient norm, bits per character) into RUN_DIR/report.png."""
     from peftko.commands.report import run_report
@@ -313,7 +251,7 @@ def report(run_dir):
               "nesting, document open and close, no back-to-back repeats (what generate --structure strict keeps).")
 @_marker_pattern_options
 @click.option("--jsonl-field", default="text", show_default=True, help="Text field of .jsonl files.")
-@_progress_option
+@progress_option
 def markers(paths, model, as_json, strict, grammar, marker_pattern, old_pattern, jsonl_field):
     """Inspect a corpus: encodings, markers, and marker mistakes with file and line."""
     from peftko.commands.markers import run_markers_command
@@ -336,7 +274,7 @@ def markers(paths, model, as_json, strict, grammar, marker_pattern, old_pattern,
 @click.option("--sample-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Longest sampled continuation, in tokens (with --samples).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_progress_option
+@progress_option
 def eval_(model, data, seq_len, batch_size, quant, device, dtype, marker_pattern, old_pattern, samples, sample_tokens,
           as_json):
     """Bits per character of a corpus, with and without the markers, and per marker.
@@ -375,7 +313,7 @@ KOREAN_TASKS = ("kobest (kobest_boolq, kobest_copa, kobest_hellaswag, kobest_sen
               help="Write the scores here  [default: RUN/bench.json for each run among MODELS]")
 @click.option("--download", is_flag=True,
               help="Let lm-eval fetch task data from the Hugging Face Hub (once; later runs read the cache offline).")
-@_progress_option
+@progress_option
 def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, quant, device, dtype, json_file,
           download):
     """Benchmarks from EleutherAI's lm-evaluation-harness, each MODEL side by side.
@@ -417,7 +355,7 @@ def bench(models, tasks, include_path, limit, num_fewshot, batch_size, no_base, 
                    "merge recorded a grammar, else free]")
 @_inference_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample instead of streaming.")
-@_progress_option
+@progress_option
 def generate(model, prompt, prompt_file, as_json, **options):
     """Continue a prompt, streaming token by token; markers are printed as written.
 
@@ -448,7 +386,7 @@ def generate(model, prompt, prompt_file, as_json, **options):
 @click.option("--json", "as_json", is_flag=True, panel=RUN, help="Print one JSON object instead of the table.")
 @click.help_option("-h", "--help", panel=RUN)
 @functools.partial(_config_options, skip=("samples", "sample_tokens"))
-@_progress_option(panel=RUN)
+@progress_option(panel=RUN)
 def ablate(config_file, sets, resume, force, samples, sample_tokens, as_json, **flags):
     """Train three variants (markers registered / left as text / deleted) and compare them held out.
 
@@ -469,7 +407,7 @@ def ablate(config_file, sets, resume, force, samples, sample_tokens, as_json, **
 @click.option("--clear", type=click.Choice(["tokens", "bases", "all"]), is_flag=False, flag_value="all", default=None,
               metavar="[WHAT]", help="Remove peftko's caches: tokens (packed token blocks), bases (built bases) "
               "or all (--clear alone). Prints each folder removed; asks nothing.")
-@_progress_option
+@progress_option
 def cache(clear):
     """List what peftko keeps in its cache ($PEFTKO_HOME, else ~/.cache/peftko), with sizes.
 
