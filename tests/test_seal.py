@@ -114,9 +114,8 @@ def _link(path: Path) -> None:
 
 
 def named(run_dir: Path, name: str, how: str) -> str:
-    """How the refusal names the file: a missing final file reads as an unfinished run's."""
-    return f"missing {name}" if how == "remove" and name in (WEIGHTS, CONFIG, "tokenizer_config.json") \
-        else f"{run_dir / name}"
+    """How the refusal names the file: by its path, a removed one too (peftko.json says the run finished)."""
+    return f"{run_dir / name}"
 
 
 FORGERIES = {"edit": _flip_byte, "truncate": _truncate, "remove": Path.unlink, "link": _link}
