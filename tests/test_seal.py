@@ -288,3 +288,21 @@ def test_a_merged_folder_whose_mark_does_not_read_is_refused(merged, small_corpu
     (copy / "peftko-merge.json").write_text("{", encoding="utf-8")
     for result in _merged_readers(copy, small_corpus):
         assert result.exit_code == 2 and "peftko-merge.json" in result.output, result.output
+
+
+# --- bench loads runs as generate and eval do
+def test_bench_refuses_a_forged_run(run, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the task YAML names its JSONL relative to the repository root
+    edit_config(run, lambda c: c.update(lora_alpha=c["lora_alpha"] * 10))
+    result = CliRunner().invoke(main, ["bench", str(run), "--no-base", "--tasks", "ko_copa_mini", "--include-path",
+                                       str(repo / "tests" / "fixtures" / "bench"), "--device", "cpu",
+                                       "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output + repr(result.exception)
+    assert "lora_alpha" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bench.json").exists() and not (run / "bench.json").exists()
