@@ -306,3 +306,45 @@ def test_bench_refuses_a_forged_run(run, tmp_path, monkeypatch):
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output + repr(result.exception)
     assert "lora_alpha" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "bench.json").exists() and not (run / "bench.json").exists()
+
+
+# --- a checkpoint: sealed by its checkpoint.json, checked by --resume
+def _checkpoint(output: Path, step: int = 2) -> Path:
+    from peftko.run.checkpoints import REQUIRED_FILES, staged_checkpoint
+
+    with staged_checkpoint(output, step, {}) as stage:
+        folder = stage / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in REQUIRED_FILES:
+            (folder / name).write_bytes(b"x" * 64 if name != "trainer_state.json" else b'{"global_step": 2}')
+    return output / f"checkpoint-{step}"
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_resume_refuses_a_forged_checkpoint(tmp_path, how):
+    from peftko.core.errors import UserError
+    from peftko.run.resume import resume_point
+
+    checkpoint = _checkpoint(tmp_path)
+    assert resume_point(tmp_path) == checkpoint  # as written
+    forged = checkpoint / ("optimizer.pt" if how != "edit" else "trainer_state.json")
+    if how == "edit":
+        forged.write_bytes(b'{"global_step": 3}')
+    else:
+        FORGERIES[how](forged)
+    if how == "remove":  # then it is not complete: none to resume from, said so
+        with pytest.raises(UserError, match="no complete checkpoint"):
+            resume_point(tmp_path)
+        return
+    with pytest.raises(UserError, match=f"{forged}.*Remove checkpoint-2"):
+        resume_point(tmp_path)
+
+
+def test_a_checkpoint_written_before_the_seal_is_resumed_from(tmp_path):
+    from peftko.run.resume import resume_point
+
+    checkpoint = _checkpoint(tmp_path)
+    done = json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))
+    del done["seal"]
+    (checkpoint / "checkpoint.json").write_text(json.dumps(done), encoding="utf-8")
+    assert resume_point(tmp_path) == checkpoint
