@@ -114,9 +114,8 @@ def _link(path: Path) -> None:
 
 
 def named(run_dir: Path, name: str, how: str) -> str:
-    """How the refusal names the file: a missing final file reads as an unfinished run's."""
-    return f"missing {name}" if how == "remove" and name in (WEIGHTS, CONFIG, "tokenizer_config.json") \
-        else f"{run_dir / name}"
+    """How the refusal names the file: by its path, a removed one too (peftko.json says the run finished)."""
+    return f"{run_dir / name}"
 
 
 FORGERIES = {"edit": _flip_byte, "truncate": _truncate, "remove": Path.unlink, "link": _link}
@@ -289,3 +288,63 @@ def test_a_merged_folder_whose_mark_does_not_read_is_refused(merged, small_corpu
     (copy / "peftko-merge.json").write_text("{", encoding="utf-8")
     for result in _merged_readers(copy, small_corpus):
         assert result.exit_code == 2 and "peftko-merge.json" in result.output, result.output
+
+
+# --- bench loads runs as generate and eval do
+def test_bench_refuses_a_forged_run(run, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the task YAML names its JSONL relative to the repository root
+    edit_config(run, lambda c: c.update(lora_alpha=c["lora_alpha"] * 10))
+    result = CliRunner().invoke(main, ["bench", str(run), "--no-base", "--tasks", "ko_copa_mini", "--include-path",
+                                       str(repo / "tests" / "fixtures" / "bench"), "--device", "cpu",
+                                       "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output + repr(result.exception)
+    assert "lora_alpha" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bench.json").exists() and not (run / "bench.json").exists()
+
+
+# --- a checkpoint: sealed by its checkpoint.json, checked by --resume
+def _checkpoint(output: Path, step: int = 2) -> Path:
+    from peftko.run.checkpoints import REQUIRED_FILES, staged_checkpoint
+
+    with staged_checkpoint(output, step, {}) as stage:
+        folder = stage / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in REQUIRED_FILES:
+            (folder / name).write_bytes(b"x" * 64 if name != "trainer_state.json" else b'{"global_step": 2}')
+    return output / f"checkpoint-{step}"
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_resume_refuses_a_forged_checkpoint(tmp_path, how):
+    from peftko.core.errors import UserError
+    from peftko.run.resume import resume_point
+
+    checkpoint = _checkpoint(tmp_path)
+    assert resume_point(tmp_path) == checkpoint  # as written
+    forged = checkpoint / ("optimizer.pt" if how != "edit" else "trainer_state.json")
+    if how == "edit":
+        forged.write_bytes(b'{"global_step": 3}')
+    else:
+        FORGERIES[how](forged)
+    if how == "remove":  # then it is not complete: none to resume from, said so
+        with pytest.raises(UserError, match="no complete checkpoint"):
+            resume_point(tmp_path)
+        return
+    with pytest.raises(UserError, match=f"{forged}.*Remove checkpoint-2"):
+        resume_point(tmp_path)
+
+
+def test_a_checkpoint_written_before_the_seal_is_resumed_from(tmp_path):
+    from peftko.run.resume import resume_point
+
+    checkpoint = _checkpoint(tmp_path)
+    done = json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))
+    del done["seal"]
+    (checkpoint / "checkpoint.json").write_text(json.dumps(done), encoding="utf-8")
+    assert resume_point(tmp_path) == checkpoint

@@ -5,7 +5,8 @@ A checkpoint is OUTPUT/checkpoint-N/ holding
   optimizer.pt, scheduler.pt, rng_state.pth         optimizer moments, LR schedule, RNG states
                                                     (rng_state_K.pth, one per rank, data-parallel)
   trainer_state.json                                the step, hence the position in the data
-  checkpoint.json                                   written last: the checkpoint is complete
+  checkpoint.json                                   written last: the checkpoint is complete; it
+                                                    seals the others (their SHA-256, checked by --resume)
 It is written into a hidden staging folder and renamed into place, and an old one is renamed
 away before it is deleted, so a crash, a full disk or a second Ctrl-C can leave a stray hidden
 folder but never a `checkpoint-N` that looks complete and is not.
@@ -22,6 +23,7 @@ from peftko.core import distributed
 from peftko.core.atomic import (TRASH_PREFIX, fsync_path, read_json_object, remove_dir, replace_dir,
                                 replaced_on_success, staging_dir, write_json_atomic)
 from peftko.run.layout import METRICS
+from peftko.run.seal import seal_files
 
 PREFIX = "checkpoint-"
 DONE_FILE = "checkpoint.json"
@@ -79,7 +81,9 @@ def staged_checkpoint(output: Path, step: int, info: dict):
 
 
 def _seal(written: Path, output: Path, step: int, info: dict) -> None:
-    write_json_atomic(written / DONE_FILE, {"step": step, **info})
+    # The SHA-256 of each file, checked when --resume takes the checkpoint (peftko.run.seal).
+    seal = seal_files(written, [f.name for f in written.iterdir() if f.name != DONE_FILE])
+    write_json_atomic(written / DONE_FILE, {"step": step, **info, "seal": seal})
     for f in written.iterdir():
         fsync_path(f)
     # The same step saved again (e.g. after a resume) replaces the old one, which is moved away first.
@@ -122,3 +126,9 @@ def _logged_step(line: str) -> float:
     return step if isinstance(step, (int, float)) else float("inf")
 
 
+
+
+def checkpoint_seal(path: Path) -> dict | None:
+    """The seal checkpoint.json records (None for a checkpoint written before peftko kept one)."""
+    seal = read_json_object(Path(path) / DONE_FILE).get("seal")
+    return seal if isinstance(seal, dict) else None

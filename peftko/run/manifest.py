@@ -29,13 +29,15 @@ def read_manifest(run_dir: Path) -> RunRecord:
     if missing and not _started(run_dir):
         raise UserError(f"{run_dir} is not a `peftko lora-train` output (it holds no {MANIFEST}): pass the "
                         "--output folder of a training run.")
-    if missing:
+    if MANIFEST in missing:  # peftko.json is written last: without it the run did not finish
         raise UserError(
             f"{run_dir} is incomplete (missing {', '.join(missing)}): the training run did not finish. "
             f"Resume it with `peftko lora-train --output {run_dir} --resume`, or train again."
         )
     record = RunRecord.read(run_dir)
-    check_run_seal(run_dir, record.seal)
+    check_run_seal(run_dir, record.seal)  # a file of a finished run removed since: named there
+    if missing:  # only without a seal that lists them (refused above) could these be left out
+        raise UserError(f"{run_dir} lacks {', '.join(missing)}, which a finished run holds: train again.")
     return record
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from peftko.core.atomic import write_json_atomic
 from peftko.core.config import LoraSettings, TrainConfig
 from peftko.core.errors import UserError
-from peftko.run.checkpoints import PREFIX, latest_checkpoint
+from peftko.run.checkpoints import PREFIX, checkpoint_seal, latest_checkpoint
 from peftko.run.layout import RUN_FILE
 from peftko.run.records import BaseFingerprint, RunIdentity, RunIdentityRecord
+from peftko.run.seal import check_checkpoint_seal
 
 # Keys that may change on --resume without --force. max_steps/epochs extend or shorten a run (the
 # LR schedule is recomputed for the new length from the resumed step on); the rest change how
@@ -110,6 +111,7 @@ def resume_point(output: Path) -> Path:
                " (checkpoints are written every --save-steps, and when training is interrupted)")
         raise UserError(f"--resume: {output} holds no complete checkpoint to resume from{why}. "
                         "Start again without --resume (add --force to replace the directory).")
+    check_checkpoint_seal(checkpoint, checkpoint_seal(checkpoint))
     return checkpoint
 
 

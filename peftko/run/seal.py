@@ -49,6 +49,16 @@ def check_merge_seal(merged: Path, seal: dict[str, str] | None) -> None:
     _check(Path(merged), seal, MERGE_MARK, "the merge", MERGE_AGAIN, _model_watched)
 
 
+def check_checkpoint_seal(checkpoint: Path, seal: dict[str, str] | None) -> None:
+    """A checkpoint's files are the ones training wrote. One written before checkpoints were sealed
+    is taken as it is: refusing it would throw away the training it holds, and a resume only
+    continues training (what it writes is sealed again)."""
+    if seal is not None:
+        checkpoint = Path(checkpoint)
+        _check(checkpoint, seal, "checkpoint.json", "training", f"Remove {checkpoint.name} to resume from an "
+               "earlier checkpoint, or start again without --resume.", lambda name: False)
+
+
 def _run_watched(name: str) -> bool:
     return name in FINAL_FILES
 
