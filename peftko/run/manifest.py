@@ -12,7 +12,7 @@ from pathlib import Path
 from peftko.core.errors import UserError
 from peftko.run.checkpoints import PREFIX, step_of
 from peftko.core.progress import say
-from peftko.run.identity import (FULL, PendingFingerprint, base_differences, sampled_fingerprint, sha256_file,
+from peftko.run.identity import (FULL, PendingFingerprint, base_differences, sampled_fingerprint,
                                    start_fingerprint)
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, RUN_FILE, TOKENIZER_FILES
 from peftko.run.records import BaseFingerprint, RunRecord
@@ -45,15 +45,6 @@ def _started(run_dir: Path) -> bool:
     """Whether a training run began here: its run record or a checkpoint of it is there."""
     return (run_dir / MANIFEST).is_file() or (run_dir / RUN_FILE).is_file() or any(
         step_of(p) is not None for p in run_dir.glob(f"{PREFIX}*") if p.is_dir())
-
-
-def check_adapter_file(run_dir: Path, record: RunRecord) -> None:
-    """The adapter file is the one training wrote (runs saved before the hash was kept pass)."""
-    expected = record.adapter_sha256
-    path = Path(run_dir) / ADAPTER_FILES[0]
-    if expected and sha256_file(path) != expected:
-        raise UserError(f"{path} is not the file training wrote (its SHA-256 differs from the one in "
-                        f"{MANIFEST}): it was cut short, damaged or replaced. Restore it, or train again.")
 
 
 def check_base(record: RunRecord, base: str | None) -> Path:
