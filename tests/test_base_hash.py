@@ -91,3 +91,13 @@ def test_a_run_with_the_old_sampled_fingerprint_is_checked_by_it_and_told_so(big
     (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()), "x": 1}))
     with pytest.raises(UserError, match="config.json differs"):
         check_base(fake, str(base))
+
+
+def test_resuming_a_run_recorded_with_the_sampled_fingerprint_says_why_it_differs(big_base):
+    from peftko.run.records import RunIdentity
+    from peftko.run.resume import identity_changes
+
+    old = RunIdentity({}, [], "t", sampled_fingerprint(big_base), 1)
+    new = RunIdentity({}, [], "t", fingerprint_base(big_base), 1)
+    changes = identity_changes(old, new)
+    assert len(changes) == 1 and "sampled parts" in changes[0] and "--force" in changes[0], changes

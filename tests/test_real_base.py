@@ -86,3 +86,15 @@ def test_real_weights_learn_short_books_merge_export_and_write_one_that_ends(rea
     assert book["marker_fragments"] == 0, text  # no `|`, `|>`, `|SOUND|` written as text
     story = re.sub(r"\|[A-Z_]+\|>|[\s\d.,!?\"'…·-]", "", text)
     assert story and len(HANGUL.findall(story)) >= 0.8 * len(story), text  # Korean, not the base's English
+
+
+@pytest.mark.slow  # the 270M base built once per machine; its check hashes 570 MB (about 1 s)
+def test_the_built_base_records_its_files_and_passes_its_own_check(real_home):
+    from peftko.model.built_base import damage, recorded_files
+    from peftko.model.gemma_base import gemma_base
+
+    target = gemma_base()
+    files = recorded_files(target)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "GEMMA_TERMS.html"} <= set(files)
+    assert files["model.safetensors"]["size"] == (target / "model.safetensors").stat().st_size
+    assert damage(target) is None

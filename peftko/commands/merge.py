@@ -7,8 +7,9 @@ the whole model never sits in memory. Where that mapping does not hold (no safet
 checkpoint keys, an adapter feature it does not handle) the whole model is loaded, merged by peft
 and saved (peftko.merge.in_memory), as --full-check also does to compare the merged model's
 logits with the unmerged adapter. Every byte of the base is hashed while the merge reads it and
-checked against the run's record before the merged folder is published. The output is locked (a sibling .NAME.peftko-lock) so two
-merges never write it at once; its place and ownership rules are in peftko.merge.merged_folder.
+checked against the run's record before the merged folder is published. The output is locked (a
+sibling .NAME.peftko-lock) so two merges never write it at once; its place and ownership rules are
+in peftko.merge.merged_folder.
 """
 
 from __future__ import annotations
