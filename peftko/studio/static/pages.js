@@ -165,6 +165,7 @@ $("generate").onclick = async () => {
 const AB_FIELDS = ["ab-preset", "ab-model", "ab-data", "ab-output", "ab-max_steps", "ab-samples", "ab-sample_tokens", "ab-quant"];
 function abForm() { const f = {}; for (const k of AB_FIELDS) f[k.slice(3)] = $(k).value.trim(); return f; }
 let abTimer = null, lastAblation = null, abJob = null;
+const VARIANTS = ["registered", "as-text", "deleted"];
 function abPreview() {
   clearTimeout(abTimer);
   abTimer = setTimeout(async () => {
@@ -175,8 +176,10 @@ function abPreview() {
 AB_FIELDS.forEach((k) => { $(k).addEventListener("input", abPreview); $(k).addEventListener("change", abPreview); });
 function drawAbJob(j) {
   abJob = j; $("ab-job").hidden = false;
+  // which of the three trainings: the last "=== ablate: NAME ===" line (the log is only its tail)
   const stages = j.log.filter((l) => l.startsWith("=== ablate: "));
-  const stage = stages.length ? ` · ${t("ablate.stage")} ${stages.length}/3 (${stages[stages.length - 1].slice(12, -4)})` : "";
+  const name = stages.length ? stages[stages.length - 1].slice(12, -4) : "";
+  const stage = name ? ` · ${t("ablate.stage")} ${VARIANTS.indexOf(name) + 1}/3 (${name})` : "";
   $("ab-status").replaceChildren(el("span", {class: "badge " + j.status, id: "ab-badge", "data-status": j.status, text: t("status." + j.status)}), stage);
   setBar($("ab-bar"), j);
   $("ab-log").textContent = j.log.slice(-14).join("\n");
