@@ -71,7 +71,10 @@ def main() -> None:
         pages = {"page /": "/", "app.js": "/static/app.js", "choices": "/api/choices",
                  "Corpus: report": "/api/corpus?path=corpus", "Corpus: book": "/api/book?corpus=corpus&file=01_moonlight_postman.txt",
                  "Train: job": f"/api/jobs/{job}", "Train: curves": "/api/metrics?run=runs/bench",
-                 "Train: last job": "/api/jobs?kind=train&limit=1", "Runs": "/api/runs"}
+                 "Train: last job": "/api/jobs?kind=train&limit=1", "Runs": "/api/runs",
+                 "Runs: two runs' curves": "/api/metrics?run=runs/bench", "pages.js": "/static/pages.js",
+                 "Try: models": "/api/runs", "Markers: last ablate": "/api/jobs?kind=ablate&limit=1",
+                 "Markers: ablation": "/api/ablation?dir=runs/ablate", "Ship: last merge": "/api/jobs?kind=merge&limit=1"}
         times = {name: [] for name in pages}
         for _ in range(args.rounds):
             for name, path in pages.items():

@@ -67,7 +67,8 @@ def test_greedy_repeats_and_json_keys(tiny_run):
     samples = [json.loads(line) for line in first.stdout.splitlines()]
     assert len(samples) == 2
     assert set(samples[0]) == {"prompt", "text", "new_tokens", "stop_reason", "tokens_per_s", "marker_fragments",
-                               "fragments", "structure", "forced_closers"}
+                               "fragments", "structure", "forced_closers", "pairs_closed", "book_ended",
+                               "whole_markers"}
     assert samples[0]["structure"] == "strict"  # the run recorded its corpus's grammar
     assert samples[0]["marker_fragments"] == len(samples[0]["fragments"])
     assert samples[0]["prompt"] == PROMPT
@@ -172,3 +173,18 @@ def test_a_model_with_its_cache_switched_off_still_generates_with_it(tiny_bases)
                      stop_ids=stop_ids(model, tok, None))
     s = sample(model, tok, info, PROMPT, GenerateOptions(max_new_tokens=6, temperature=0))
     assert s.new_tokens >= 2 and lengths[0] > 1 and lengths[1:] == [1] * (s.new_tokens - 1), lengths
+
+
+def test_json_says_whether_pairs_close_the_book_ends_and_markers_are_whole(ends_at_once):
+    """--json carries the structure score's three checks for the prompt and its continuation together."""
+    result = generate(ends_at_once, "--prompt", PROMPT, "--temperature", "0", "--json", "--max-new-tokens", "20")
+    assert result.exit_code == 0, result.output
+    sample = json.loads(result.stdout)
+    assert (sample["pairs_closed"], sample["book_ended"], sample["whole_markers"]) == (True, True, True)
+    # a title left open on a complete line of the prompt: one new token can never close it on that line
+    opened = PROMPT + "\n|START_OF_TITLE|>둘째\n"
+    result = generate(ends_at_once, "--prompt", opened, "--temperature", "0", "--json", "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.output
+    sample = json.loads(result.stdout)
+    assert sample["pairs_closed"] is False
+    assert sample["whole_markers"] is (sample["marker_fragments"] == 0)

@@ -164,6 +164,33 @@ def test_off_the_loopback_a_token_is_made_up_and_printed_once(root):
         stop_studio(studio)
 
 
+def test_a_job_runs_the_studios_peftko_and_its_children_may_import_beside_their_scripts(root, monkeypatch):
+    """The child runs with -P: a folder named peftko in the root (its cwd) cannot shadow peftko. And no
+    PYTHONSAFEPATH in its environment, which its own children (llama.cpp's converter, a script that
+    imports the modules beside it) would inherit."""
+    from peftko.studio.jobs import Jobs, child_argv, child_env
+
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")
+    assert "PYTHONSAFEPATH" not in child_env() and child_argv(["markers"])[1:4] == ["-P", "-m", "peftko"]
+    (root / "peftko").mkdir()
+    (root / "peftko" / "__init__.py").write_text("raise SystemExit('the root shadowed peftko')\n", encoding="utf-8")
+    (root / "peftko" / "__main__.py").write_text("raise SystemExit('the root shadowed peftko')\n", encoding="utf-8")
+    jobs = Jobs(root)
+    job = jobs.start("markers", ["markers", "corpus"])
+    deadline = time.time() + 60
+    while jobs.state(job.id)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    state = jobs.state(job.id)
+    assert state["status"] == "finished", state["stderr"]
+    assert "markers" in state["results"] and "shadowed" not in state["stderr"]
+    script = root / "tool" / "convert.py"  # what a grandchild script does: import a module beside it
+    script.parent.mkdir()
+    (script.parent / "helper.py").write_text("X = 1\n", encoding="utf-8")
+    script.write_text("import helper\nprint(helper.X)\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+
+
 # --- slow: the whole loop in a browser
 def _browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
@@ -206,8 +233,10 @@ def _wait(driver, what, timeout=120, every=0.3, message=""):
 def _shot(driver, name: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     driver.execute_script("window.scrollTo(0, 0)")
-    height = driver.execute_script("return Math.min(document.body.scrollHeight, 2200)")
-    driver.set_window_size(1280, max(800, height))
+    height = max(800, driver.execute_script("return Math.min(document.documentElement.scrollHeight, 2400)"))
+    driver.set_window_size(1280, height)
+    # the window's size includes the browser's own frame: grow it until the page fits in the viewport
+    driver.set_window_size(1280, height + height - driver.execute_script("return window.innerHeight"))
     driver.save_screenshot(str(folder / f"studio-{name}.png"))
     driver.set_window_size(1280, 1000)
 
@@ -300,7 +329,8 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
         driver.find_element("css selector", "nav button[data-page=train]").click()
         _wait(driver, lambda d: _status(d) in ("running", "finished"), 60, 0.5, "re-attached after a restart")
         _wait(driver, lambda d: _points(d) > stopped_at, 240, 0.5, "the resumed run's points")
-        _wait(driver, lambda d: _status(d) == "finished", 400, 1, "the run finishing")
+        # 400 steps: seconds on an idle 2-core CPU, ten minutes and more when other work shares it
+        _wait(driver, lambda d: _status(d) == "finished", 1500, 1, "the run finishing")
         _shot(driver, "train", shots)
         assert (root / "runs" / "demo" / "report.png").is_file()
         training_pid = None
@@ -315,10 +345,32 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
             "const i = document.querySelector('.run img'); return i && i.complete && i.naturalWidth > 0"), 30,
             message="report.png shown")
 
-        # Ship: merge the run from its card; the merged model then shows among the runs
-        card.find_element("css selector", "button.merge").click()
-        _wait(driver, lambda d: d.find_element("css selector", '.run[data-path="runs/demo-merged"]'), 240, 1,
-              "the merged model")
+        assert card.find_element("css selector", ".kept-step").text.isdigit()
+        # two runs' curves on one chart (one run here: it is both A and B)
+        _wait(driver, lambda d: int(d.find_element("id", "compare-svg").get_attribute("data-points") or 0) > 0, 30,
+              message="the comparison chart")
+
+        # Ship: merge the run; the bar fills, the self-check is shown, the merged model joins the runs
+        driver.find_element("css selector", "nav button[data-page=ship]").click()
+        _wait(driver, lambda d: "runs/demo" in [o.get_attribute("value") for o in
+                                                d.find_elements("css selector", "#ship-run option")], 30)
+        Select(driver.find_element("id", "ship-run")).select_by_value("runs/demo")
+        assert driver.find_element("id", "ship-output").get_attribute("value") == "runs/demo-merged"
+        if not os.environ.get("PEFTKO_LLAMA_CPP"):  # --gguf without llama.cpp's converter: the CLI's one line
+            driver.find_element("id", "ship-gguf").click()
+            driver.find_element("id", "merge").click()
+            _wait(driver, lambda d: "--gguf needs llama.cpp's convert_hf_to_gguf.py" in _text(d, "#ship-error") and d.find_element(
+                "id", "ship-badge").get_attribute("data-status") == "failed", 120, 1, "the GGUF refusal")  # exit 2
+            driver.find_element("id", "ship-gguf").click()
+        driver.find_element("id", "merge").click()
+        _wait(driver, lambda d: d.find_element("id", "ship-badge").get_attribute("data-status") == "finished", 240, 1,
+              lambda d: f"the merge finishing ({_text(d, '#ship-log')[-400:]!r})")
+        assert "tensors" in _text(driver, "#ship-check") and "LoRA targets" in _text(driver, "#ship-check")
+        assert driver.find_element("id", "ship-bar").get_attribute("data-fraction") == "1.000"
+        _shot(driver, "ship", shots)
+        driver.find_element("css selector", "nav button[data-page=runs]").click()
+        _wait(driver, lambda d: d.find_element("css selector", '.run[data-path="runs/demo-merged"]'), 60, 1,
+              "the merged model among the runs")
         _shot(driver, "runs", shots)
 
         # Try: generate from the run; the markers come back as chips, with the stop reason
@@ -332,6 +384,9 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
                        "a generated sample")
         assert reason in ("eos", "length", "marker")
         assert driver.find_elements("css selector", "#gen-out .chip")
+        structure = driver.find_element("id", "structure")
+        assert {structure.get_attribute(k) for k in ("data-pairs", "data-ended", "data-whole")} <= {"true", "false"}
+        assert driver.find_element("id", "gen-bar").get_attribute("data-fraction") == "1.000"
         _shot(driver, "try", shots)
 
         # A locked output: another peftko process holds it; the page shows the CLI's message
@@ -357,4 +412,47 @@ def test_the_whole_loop_in_a_browser(root, tmp_path):
                 os.kill(training_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        stop_studio(studio)
+
+
+@pytest.mark.slow  # three tiny trainings and their evaluations: a minute or two on 2 cores
+def test_markers_keep_or_delete_in_a_browser(root, tmp_path):
+    """`peftko ablate` from its page: the bar moves through the three variants, then the verdict in
+    plain Korean (the sign test's words kept), the table and ablation.png; English on the switch."""
+    driver = _browser()
+    shots = Path(os.environ.get("PEFTKO_SCREENSHOTS") or tmp_path / "screenshots")
+    port = free_port()
+    studio = start_studio(root, port)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/#ablate")
+        _wait(driver, lambda d: d.find_element("id", "ab-preset").get_attribute("value") == "tiny-demo.yaml", 30,
+              message="the presets")
+        for field, value in (("ab-data", "corpus"), ("ab-output", "runs/ablate"), ("ab-max_steps", "4"),
+                             ("ab-samples", "1"), ("ab-sample_tokens", "8")):
+            _set(driver, field, value)
+        _wait(driver, lambda d: _text(d, "#ab-command").startswith("peftko ablate --config ") and _text(
+            d, "#ab-command").endswith("--output runs/ablate --max-steps 4 --samples 1 --sample-tokens 8"), 20,
+            message="the ablate command")
+        driver.find_element("id", "ab-start").click()
+        _wait(driver, lambda d: d.find_element("id", "ab-badge").get_attribute("data-status") == "running", 30)
+        _wait(driver, lambda d: float(d.find_element("id", "ab-bar").get_attribute("data-fraction") or 0) > 0, 240, 0.5,
+              "the bar moving")
+        _wait(driver, lambda d: d.find_element("id", "ab-badge").get_attribute("data-status") != "running", 600, 1,
+              lambda d: f"ablate ending ({_text(d, '#ab-log')[-400:]!r})")
+        assert driver.find_element("id", "ab-badge").get_attribute("data-status") == "finished", _text(driver, "#ab-log")
+        verdict = _wait(driver, lambda d: _text(d, "#ab-verdict"), 30, message="the verdict")
+        assert verdict.startswith(("마커를", "여기서는")), verdict
+        assert "부호 검정" in verdict and "registered" in verdict
+        rows = driver.find_elements("css selector", "#ab-table tr")
+        assert [r.find_elements("css selector", "td")[0].text for r in rows[1:]] == ["registered", "as-text", "deleted"]
+        _wait(driver, lambda d: d.execute_script(
+            "const i = document.getElementById('ab-chart'); return i.complete && i.naturalWidth > 0"), 30,
+            message="ablation.png shown")
+        _shot(driver, "ablate", shots)
+        driver.find_element("id", "lang").click()
+        english = _text(driver, "#ab-verdict")
+        assert english == json.loads((root / "runs" / "ablate" / "ablation.json").read_text())["verdict"][len("verdict: "):]
+        driver.find_element("id", "lang").click()
+    finally:
+        driver.quit()
         stop_studio(studio)

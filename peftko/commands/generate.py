@@ -13,9 +13,17 @@ from pathlib import Path
 import transformers
 from transformers import TextStreamer
 
+from peftko.core.config import DEFAULT_DOC_END, DEFAULT_MARKER_PATTERN
 from peftko.core.errors import UserError
 from peftko.core.progress import Tracker, phase, result, say
-from peftko.model.generation import GenerateOptions, context_length, room_for, sample, structure_mode
+from peftko.evaluate.structure import structure_ok
+from peftko.model.generation import (
+    GenerateOptions,
+    context_length,
+    room_for,
+    sample,
+    structure_mode,
+)
 from peftko.model.inference import load_for_inference
 
 
@@ -63,6 +71,14 @@ class Streamer(TextStreamer):
             say(text, end="\n" if stream_end else "")
 
 
+def structure_of(prompt: str, s, info) -> dict:
+    """The structure score's three checks for one sample (prompt and continuation together, as the
+    score of `peftko ablate` judges them): START_/END_ pairs closed, the book ended, whole markers only."""
+    closed, ended = structure_ok(prompt + s.text, list(info.markers), info.doc_end_marker or DEFAULT_DOC_END,
+                                 DEFAULT_MARKER_PATTERN)
+    return {"pairs_closed": closed, "book_ended": ended, "whole_markers": not s.fragments}
+
+
 def sample_one(model, tokenizer, info, prompt: str, opts: GenerateOptions, name: str, as_json: bool):
     """One sample; streamed as text, or (--json) counted as a phase that a terminal shows as a bar."""
     if not as_json:
@@ -83,9 +99,10 @@ def run_generate(model_path: str, prompt: str, opts: GenerateOptions, as_json: b
         if not as_json:
             say(prompt, end="")
         s = sample_one(model, tokenizer, info, prompt, opts, f"sample {i + 1}/{opts.num_samples}", as_json)
-        result("sample", **s.to_json())
+        row = {**s.to_json(), **structure_of(prompt, s, info)}
+        result("sample", **row)
         if as_json:
-            say(json.dumps(s.to_json(), ensure_ascii=False))
+            say(json.dumps(row, ensure_ascii=False))
             continue
         pieces = f", {len(s.fragments)} marker fragments: {' '.join(s.fragments[:5])}" if s.fragments else ""
         forced = f", {s.forced_closers} closers forced at the token limit" if s.forced_closers else ""

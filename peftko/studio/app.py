@@ -19,7 +19,7 @@ from peftko.studio import views
 from peftko.studio.jobs import Jobs, command_line
 from peftko.studio.sandbox import Root
 
-STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
+STATIC = {"app.js": "text/javascript", "pages.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 COOKIE = "peftko_studio_token"
 # Flags the Train page sets, and what each must be.
@@ -62,7 +62,10 @@ class Studio:
                   Route("/api/jobs/{id}/resume", self.api(self.resume), methods=["POST"]),
                   Route("/api/train", self.api(self.train), methods=["POST"]),
                   Route("/api/generate", self.api(self.generate), methods=["POST"]),
-                  Route("/api/merge", self.api(self.merge), methods=["POST"])]
+                  Route("/api/merge", self.api(self.merge), methods=["POST"]),
+                  Route("/api/ablate", self.api(self.ablate), methods=["POST"]),
+                  Route("/api/ablation", self.api(lambda q: views.ablation(self.root, q.get("dir", "")))),
+                  Route("/api/ablation.png", self.ablation_chart)]
         app = Starlette(routes=routes)
 
         async def guarded(scope, receive, send):
@@ -115,6 +118,13 @@ class Studio:
         except UserError as e:
             return JSONResponse({"error": str(e)}, 400)
 
+    async def ablation_chart(self, request: Request) -> Response:
+        try:
+            return FileResponse(views.ablation_chart(self.root, request.query_params.get("dir", "")),
+                                media_type="image/png")
+        except UserError as e:
+            return JSONResponse({"error": str(e)}, 400)
+
     # --- the commands
     def job_list(self, q: dict) -> dict:
         kind = q.get("kind") or None
@@ -123,8 +133,8 @@ class Studio:
             raise UserError(f"limit: {limit!r} is not a count")
         return {"jobs": [self.jobs.state(i) for i in self.jobs.ids(kind)[:int(limit)]]}
 
-    def train_argv(self, q: dict) -> tuple[list[str], str]:
-        argv = ["lora-train"]
+    def train_argv(self, q: dict, command: str = "lora-train") -> tuple[list[str], str]:
+        argv = [command]
         if q.get("preset"):
             presets = {p["name"]: p["path"] for p in views.choices(self.root)["presets"]}
             if q["preset"] not in presets:
@@ -170,6 +180,22 @@ class Studio:
         if q.get("action") == "plan":
             return self.jobs.state(self.jobs.start("plan", [*argv, "--dry-run"], output).id)
         return self.jobs.state(self.jobs.start("train", argv, output).id)
+
+    def ablate(self, q: dict) -> dict:
+        """`peftko ablate` with the Train page's settings, and the structure score's sampling kept small
+        when the page asks (--samples, --sample-tokens)."""
+        argv, output = self.train_argv(q, "ablate")
+        for name in ("samples", "sample_tokens"):
+            value = q.get(name)
+            if value not in (None, ""):
+                if not str(value).isdigit() or int(value) < 1:
+                    raise UserError(f"{name}: {value!r} is not a count of 1 or more")
+                argv += ["--" + name.replace("_", "-"), str(int(value))]
+        if q.get("force"):
+            argv.append("--force")
+        if q.get("action") == "preview":
+            return {"command": command_line(argv)}
+        return self.jobs.state(self.jobs.start("ablate", argv, output).id)
 
     def resume(self, q: dict) -> dict:
         job = self.jobs.get(q["id"])

@@ -35,7 +35,7 @@ STOPPED = (130, 143)
 @dataclass
 class Job:
     id: str
-    kind: str  # "train", "plan" (lora-train --dry-run), "generate", "merge"
+    kind: str  # "train", "plan" (lora-train --dry-run), "ablate", "generate", "merge"
     argv: list[str]  # after `python -m peftko`
     output: str  # the folder the command writes ("" when none), as the page names it
     pid: int
@@ -52,6 +52,20 @@ def command_line(argv: list[str]) -> str:
     if argv[-2:] == ["--progress", "json"]:
         argv = argv[:-2]
     return shlex.join(["peftko", *argv])
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The child's command line: this Python, the cwd kept off sys.path (-P), peftko's ARGV."""
+    return [sys.executable, "-P", "-m", "peftko", *argv]
+
+
+def child_env() -> dict[str, str]:
+    """The studio's environment, unbuffered, with its own peftko first on PYTHONPATH, and without
+    PYTHONSAFEPATH (-P does its work for the child alone; see Jobs.start)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    env.pop("PYTHONSAFEPATH", None)
+    return env
 
 
 class Jobs:
@@ -71,13 +85,13 @@ class Jobs:
             folder = self.folder / f"{stamp}-{kind}-{n}"
             folder.mkdir()
         argv = [*argv, "--progress", "json"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PYTHONSAFEPATH="1")
         # The child runs the studio's own peftko, never a folder named peftko under the root (its
-        # working directory): PYTHONSAFEPATH keeps the cwd off sys.path (Python 3.11+).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+        # working directory): -P keeps the cwd off the child's sys.path (Python 3.11+). A flag, not
+        # PYTHONSAFEPATH in the environment: that would reach the child's own children too, and
+        # llama.cpp's converter (merge --gguf) imports the modules beside its script.
         with open(folder / "events.jsonl", "wb") as out, open(folder / "stderr.log", "wb") as err:
-            child = subprocess.Popen([sys.executable, "-m", "peftko", *argv], cwd=self.root, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=err, env=env, start_new_session=True)
+            child = subprocess.Popen(child_argv(argv), cwd=self.root, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=err, env=child_env(), start_new_session=True)
         job = Job(folder.name, kind, argv, output, child.pid, time.time())
         (folder / "job.json").write_text(json.dumps(asdict(job), ensure_ascii=False), encoding="utf-8")
         threading.Thread(target=self._wait, args=(child, folder), daemon=True).start()

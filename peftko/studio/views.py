@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -150,6 +151,33 @@ def _walk(top: Path, depth: int):
                     yield e
                     nxt.append(e)
         level = nxt
+
+
+# --- Markers: keep or delete? (what `peftko ablate` wrote)
+ABLATION, ABLATION_CHART = "ablation.json", "ablation.png"
+
+
+def ablation(root: Root, folder: str) -> dict:
+    """An ablate output folder's verdict and its rows (ablation.json); {"done": False} before it is written."""
+    path = root.inside(folder, must_exist=False) / ABLATION
+    if not path.is_file():
+        return {"done": False}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = [{k: r.get(k) for k in ("variant", "bpc_text", "bpc", "marker_top1", "tokens_per_char", "vocab",
+                                        "structure")} for r in data["variants"]]
+        return {"done": True, "verdict": str(data["verdict"]), "variants": rows, "markers": data.get("markers", []),
+                "held_out": len(data.get("held_out_documents", [])),
+                "chart": (path.parent / ABLATION_CHART).is_file()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{root.shown(path)}: not an ablation peftko ablate wrote ({e})") from None
+
+
+def ablation_chart(root: Root, folder: str) -> Path:
+    path = root.inside(folder) / ABLATION_CHART
+    if not path.is_file():
+        raise UserError(f"{folder}: no {ABLATION_CHART}")
+    return path
 
 
 def image(root: Root, run: str) -> Path:

@@ -30,7 +30,25 @@ const T = {
     "try.running": "생성 중… (모델을 불러오는 데 몇 초 걸립니다)", "try.stop": "멈춘 이유", "try.tokens": "새 토큰",
     "try.fragments": "마커 조각", "try.nomodel": "학습 결과가 없습니다",
     "stop.eos": "모델이 끝(eos)을 냈습니다", "stop.length": "최대 토큰 수에 닿았습니다", "stop.marker": "책 끝 마커를 썼습니다",
-    "plan.fits": "메모리", 
+    "plan.fits": "메모리",
+    "nav.ablate": "마커: 유지? 삭제?", "nav.ship": "내보내기",
+    "ablate.title": "마커를 유지할까, 지울까?", "ablate.hint": "peftko ablate: 같은 설정으로 세 번 학습합니다 (마커를 토큰으로 등록 / 평범한 글자로 / 지움). 검증 책의 본문을 가장 잘 예측한 쪽이 답입니다.",
+    "ablate.output": "결과 폴더", "ablate.samples": "책마다 샘플 수", "ablate.tokens": "샘플 최대 토큰", "ablate.start": "비교 시작",
+    "ablate.open": "결과 열기", "ablate.variant": "변형", "ablate.verdict": "결론", "ablate.bpc_text": "본문 문자당 비트",
+    "ablate.bpc": "전체 문자당 비트", "ablate.top1": "마커 적중률", "ablate.structure": "구조 점수",
+    "ablate.stage": "변형", "ablate.lower": "낮을수록 좋습니다.",
+    "verdict.registered": "마커를 유지하세요. 마커마다 토큰 하나로 등록하는 것이 가장 좋았습니다.",
+    "verdict.as-text": "마커를 유지하세요. 다만 여기서는 마커를 평범한 글자로 둔 것이 같거나 더 좋았습니다.",
+    "verdict.deleted": "여기서는 마커를 지운 쪽이 본문을 가장 잘 예측했습니다. 구조가 필요할 때만 마커를 유지하세요.",
+    "verdict.figures": "검증 책 본문의 문자당 비트", "verdict.sure": "확실함", "verdict.notsure": "확실하지 않음",
+    "verdict.test": "책별 부호 검정", "verdict.toy": "기본 모델이 무작위로 초기화된 작은 장난감 모델이라, 이 결론은 그 모델에 대한 것입니다. 실제로 학습할 기본 모델로 다시 비교하세요.",
+    "ship.title": "내보내기: 병합, GGUF, Ollama", "ship.hint": "학습 결과를 기본 모델에 합쳐 독립 모델을 만들고, 원하면 GGUF 파일과 Ollama Modelfile도 씁니다. 병합 후 자체 검사 결과를 보여 줍니다.",
+    "ship.run": "학습 결과", "ship.selfcheck": "자체 검사", "ship.files": "쓴 파일",
+    "compare.title": "두 실행의 곡선 비교", "compare.a": "실행 A", "compare.b": "실행 B",
+    "try.pairs": "짝 닫힘", "try.ended": "책 끝", "try.whole": "마커 온전", "yes": "예", "no": "아니오",
+    "phase.train": "학습", "phase.evaluate": "평가", "phase.read corpus": "말뭉치 읽기", "phase.tokenise": "토큰화",
+    "phase.build base": "기본 모델 만들기", "phase.sample": "샘플", "phase.merge": "병합", "phase.self-check": "자체 검사",
+    "phase.gguf": "GGUF 변환", "phase.done": "완료",
     "error": "오류", "lang": "English",
   },
   en: {
@@ -64,7 +82,18 @@ const T = {
     "try.running": "Generating… (loading the model takes a few seconds)", "try.stop": "stopped because",
     "try.tokens": "new tokens", "try.fragments": "marker fragments", "try.nomodel": "no runs yet",
     "stop.eos": "the model wrote its end (eos)", "stop.length": "reached the token limit", "stop.marker": "wrote the book-end marker",
-    "plan.fits": "memory", 
+    "plan.fits": "memory",
+    "nav.ablate": "Markers: keep or delete?", "nav.ship": "Ship",
+    "ablate.title": "Keep the markers, or delete them?", "ablate.hint": "peftko ablate: three trainings with the same settings (markers registered as tokens / left as plain text / deleted). The one that predicts the held-out books' story text best is the answer.",
+    "ablate.output": "output folder", "ablate.samples": "samples per book", "ablate.tokens": "sample max tokens", "ablate.start": "Compare",
+    "ablate.open": "Open results", "ablate.variant": "variant", "ablate.verdict": "Verdict", "ablate.bpc_text": "story text bpc",
+    "ablate.bpc": "whole text bpc", "ablate.top1": "marker top-1", "ablate.structure": "structure",
+    "ablate.stage": "variant", "ablate.lower": "Lower is better.",
+    "ship.title": "Ship: merge, GGUF, Ollama", "ship.hint": "Merge a run into its base as a standalone model, and optionally write a GGUF and an Ollama Modelfile. The merge's self-check is shown.",
+    "ship.run": "run", "ship.selfcheck": "self-check", "ship.files": "written",
+    "compare.title": "Two runs' curves", "compare.a": "run A", "compare.b": "run B",
+    "try.pairs": "pairs closed", "try.ended": "book ended", "try.whole": "whole markers only", "yes": "yes", "no": "no",
+    "phase.done": "done",
     "error": "error", "lang": "한국어",
   },
 };
@@ -95,6 +124,24 @@ function showError(id, err) {
   box.hidden = false; box.textContent = `${t("error")}: ${err.message || err}`;
 }
 
+// --- one progress bar for every long job (the last phase the command's --progress json reported)
+function barText(p) {
+  if (!p) return "";
+  const name = (lang === "ko" && T.ko["phase." + p.phase]) || p.phase;  // "sample 1/1" stays as it is
+  return `${name}: ${p.done}${p.total ? " / " + p.total : ""} ${p.unit || ""}`;
+}
+function barFraction(p, status) {
+  if (status === "finished") return 1;
+  return p && p.total ? Math.min(1, p.done / p.total) : 0;
+}
+function setBar(box, job) {
+  const p = job.progress; const frac = barFraction(p, job.status);
+  box.classList.add("bar"); box.dataset.phase = p ? p.phase : ""; box.dataset.fraction = frac.toFixed(3);
+  const fillEl = box.querySelector("div") || box.appendChild(el("div")); fillEl.style.width = (100 * frac).toFixed(1) + "%";
+  const label = box.querySelector("span") || box.appendChild(el("span"));
+  label.textContent = job.status === "finished" ? t("phase.done") + (p ? " · " + barText(p) : "") : barText(p);
+}
+
 // --- language and pages
 function applyLang() {
   document.documentElement.lang = lang;
@@ -110,9 +157,14 @@ function show(name) {
   history.replaceState(null, "", "#" + name);
   if (name === "runs") loadRuns();
   if (name === "try") loadTryModels();
+  if (name === "ship") loadShip();
+  if (name === "ablate") attachAblate();
 }
 document.querySelectorAll("nav button").forEach((b) => { b.onclick = () => show(b.dataset.page); });
-function rerender() { if (lastReport) drawReport(lastReport); if (lastJob) drawJob(lastJob); if (page === "runs") loadRuns(); }
+function rerender() {
+  if (lastReport) drawReport(lastReport); if (lastJob) drawJob(lastJob);
+  if (page === "runs") loadRuns(); if (page === "ship") loadShip(); if (page === "ablate" && lastAblation) drawAblation(lastAblation);
+}
 
 // --- markers as chips
 function hue(name) {
@@ -221,10 +273,7 @@ function drawJob(job) {
   const status = stopping && job.status === "running" ? "stopping" : job.status;
   $("train-status").replaceChildren(el("span", {class: "badge " + job.status, id: "train-badge", "data-status": job.status, text: t("status." + status)}));
   $("train-output").textContent = job.output;
-  const p = job.progress;
-  const frac = p && p.total ? Math.min(1, p.done / p.total) : 0;
-  $("bar").style.width = (100 * frac).toFixed(1) + "%";
-  $("bar-text").textContent = p ? `${p.phase}: ${p.done}${p.total ? " / " + p.total : ""} ${p.unit || ""}` : "";
+  setBar($("train-bar"), job);
   const logText = job.log.join("\n") + (job.status === "failed" && job.stderr && !job.errors.length ? "\n" + job.stderr : "");
   const log = $("log"); const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 20;
   log.textContent = logText; if (atEnd) log.scrollTop = log.scrollHeight;
@@ -329,116 +378,3 @@ function argvForm(argv) {
   return f;
 }
 
-// --- Runs
-const num = (x, d = 3) => (typeof x === "number" ? x.toFixed(d) : "–");
-async function loadRuns() {
-  showError("runs-error", null);
-  try {
-    const [{runs}, {jobs: merges}] = await Promise.all([api("/api/runs"), api("/api/jobs?kind=merge&limit=50")]);
-    const list = $("runs-list"); list.replaceChildren();
-    if (!runs.length) { list.append(el("p", {class: "hint", text: t("runs.none")})); return; }
-    const grid = el("div", {class: "runs-grid"}); list.append(grid);
-    for (const r of runs) {
-      const card = el("div", {class: "run", "data-path": r.path}, el("h3", {text: r.path}));
-      const dl = el("dl");
-      const row = (k, v) => { dl.append(el("dt", {text: t(k)})); const dd = el("dd"); dd.append(v); dl.append(dd); };
-      if (r.kind === "merged") { row("runs.merged", r.dtype); row("runs.from", r.adapter); card.append(dl); grid.append(card); continue; }
-      if (r.complete) {
-        row("runs.base", r.base);
-        const chips = el("span"); (r.markers || []).forEach((m) => chips.append(chip(m))); row("runs.markers", chips);
-        row("runs.steps", String(r.steps ?? "–") + (r.kept_step ? ` (${t("runs.kept")} ${r.kept_step})` : ""));
-        const bpc = el("span", {class: "bpc"});
-        bpc.append(`${t("runs.basebpc")} ${num(r.bpc_base)} · ${t("runs.before")} `, el("b", {class: "bpc-before", text: num(r.bpc_before)}),
-                   " → " + t("runs.after") + " ", el("b", {class: "bpc-after" + (r.bpc_after < r.bpc_before ? " better" : ""), text: num(r.bpc_after)}));
-        row("runs.bpc", bpc);
-      } else {
-        card.append(el("p", {class: "hint", text: r.problem || t("runs.incomplete")}));
-        if (r.checkpoints.length) row("runs.checkpoints", r.checkpoints.join(", "));
-      }
-      card.append(dl);
-      if (r.complete) card.append(shipBox(r, merges.find((j) => j.argv[1] === r.path)));
-      if (r.report) card.append(el("img", {src: "/api/report?run=" + encodeURIComponent(r.path) + "&t=" + Math.round(r.mtime), alt: "report.png"}));
-      grid.append(card);
-    }
-  } catch (e) { showError("runs-error", e); }
-}
-
-// --- Ship: merge a run (and --gguf), with the job's bar and log in the run's card
-function shipBox(run, job) {
-  const box = el("div", {class: "ship"});
-  const out = el("input", {class: "merge-output", value: run.path + "-merged", size: 28, title: t("ship.output")});
-  const gguf = el("input", {type: "checkbox", class: "merge-gguf"});
-  const button = el("button", {class: "merge", text: t("ship.merge")});
-  const state = el("div", {class: "merge-state"});
-  box.append(el("div", {class: "row"}, out, el("label", {}, gguf, " " + t("ship.gguf")), button), state);
-  const draw = (j) => {
-    const p = j.progress;
-    state.replaceChildren(el("span", {class: "badge " + j.status, "data-status": j.status, text: t("status." + j.status)}),
-      " " + (p ? `${p.phase}: ${p.done}${p.total ? " / " + p.total : ""} ${p.unit || ""}` : ""),
-      el("pre", {class: "log", text: (j.errors.length ? j.errors : j.log.slice(-6)).join("\n")}));
-    button.disabled = j.status === "running";
-  };
-  const poll = async (id) => {
-    try {
-      const j = await api("/api/jobs/" + id); draw(j);
-      if (j.status === "running") setTimeout(() => poll(id), 1000);
-      else if (j.status === "finished" && page === "runs") setTimeout(loadRuns, 300);
-    } catch (e) { state.replaceChildren(el("div", {class: "error", text: `${t("error")}: ${e.message}`})); }
-  };
-  if (job) { out.value = job.output; draw(job); if (job.status === "running") poll(job.id); }
-  button.onclick = async () => {
-    try { const j = await api("/api/merge", {run: run.path, output: out.value, gguf: gguf.checked}); draw(j); poll(j.id); }
-    catch (e) { state.replaceChildren(el("div", {class: "error", text: `${t("error")}: ${e.message}`})); }
-  };
-  return box;
-}
-
-// --- Try
-async function loadTryModels() {
-  try {
-    const {runs} = await api("/api/runs");
-    const sel = $("try-model"); const keep = sel.value; sel.replaceChildren();
-    runs.filter((r) => r.complete || r.kind === "merged").forEach((r) => sel.append(el("option", {value: r.path, text: r.path})));
-    if (!sel.options.length) sel.append(el("option", {value: "", text: t("try.nomodel")}));
-    if (keep) sel.value = keep;
-    if (!sel.value && sel.options.length) sel.selectedIndex = 0;
-  } catch (e) { showError("gen-error", e); }
-}
-$("generate").onclick = async () => {
-  showError("gen-error", null);
-  const out = $("gen-out"); out.replaceChildren(); $("gen-status").textContent = t("try.running");
-  $("generate").disabled = true;
-  try {
-    let job = await api("/api/generate", {model: $("try-model").value, prompt: $("prompt").value,
-      max_new_tokens: $("max_new_tokens").value, temperature: $("temperature").value, seed: $("seed").value});
-    while (job.status === "running") { await new Promise((r) => setTimeout(r, 800)); job = await api("/api/jobs/" + job.id); }
-    $("gen-status").textContent = "";
-    if (!job.samples.length) throw new Error(job.errors.join("\n").replace(/^peftko: (error: )?/gm, "") || job.stderr || job.status);
-    for (const s of job.samples) {
-      const text = el("div", {class: "line"}); const span = el("span", {class: "t"});
-      const given = el("span", {class: "prompt"}); renderParts(splitMarkers(s.prompt), given);
-      span.append(given); renderParts(splitMarkers(s.text), span); text.append(span); out.append(text);
-      $("gen-status").replaceChildren(el("span", {id: "stop-reason", "data-reason": s.stop_reason},
-        `${t("try.stop")}: ${t("stop." + s.stop_reason)} · ${t("try.tokens")}: ${s.new_tokens} · ${t("try.fragments")}: ${s.marker_fragments}`));
-    }
-  } catch (e) { $("gen-status").textContent = ""; showError("gen-error", e); }
-  finally { $("generate").disabled = false; }
-};
-
-// --- start
-async function init() {
-  applyLang();
-  try {
-    const c = await api("/api/choices");
-    const presets = $("preset"); presets.append(el("option", {value: "", text: t("train.none")}));
-    c.presets.forEach((p) => presets.append(el("option", {value: p.name, text: p.name})));
-    $("folders").replaceChildren(...[...c.corpora, ...c.folders].map((f) => el("option", {value: f})));
-    $("bases").replaceChildren(...[...c.bases, ...c.folders].map((f) => el("option", {value: f})));
-    if (c.presets.some((p) => p.name === "tiny-demo.yaml")) presets.value = "tiny-demo.yaml";
-  } catch (e) { showError("corpus-error", e); }
-  show((location.hash || "#corpus").slice(1).split("?")[0] || "corpus");
-  preview();
-  attachTrain();
-  if (page === "corpus") openCorpus();
-}
-init();
