@@ -201,3 +201,35 @@ def test_fsdp_launch_is_refused_with_the_reason(env, monkeypatch):
     r = CliRunner().invoke(main, args(env, env.root / "fsdp"))
     assert r.exit_code == 2 and "use_orig_params" in r.output and "accelerate launch --multi_gpu" in r.output
     assert not (env.root / "fsdp").exists()
+
+
+def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the launcher's workers (its children that carry RANK in their environment)."""
+    found = {}
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) != proc.pid:
+                continue
+            env = dict(e.split("=", 1) for e in (child / "environ").read_text().split("\0") if "=" in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(child.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_killed_rank_ends_the_others_without_a_traceback(env):
+    out = env.root / "killed"
+    proc = launch(env, out, "--max-steps", "100000", "--save-steps", "0", "--val-fraction", "0")
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(_rank_pids(proc)[1], signal.SIGKILL)  # as the OOM killer or a lost machine would
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    # The surviving rank says what happened in one line; no frame of peftko's own code is printed.
+    assert f"{REPO / 'peftko'}{os.sep}" not in stderr and "peftko rank" not in stderr, stderr
+    # rank 0 reads the lost peer first; the launcher's SIGTERM may beat it on a slow machine
+    assert "another process of this run ended" in stderr or "stopped by SIGTERM" in stderr, stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from peftko.core import distributed
 from peftko.core.config import TrainConfig
-from peftko.core.errors import UserError
+from peftko.core.errors import PeerLost, UserError
 from peftko.core.lock import hold
 from peftko.core.paths import resolve_data_paths
 from peftko.core.progress import say
@@ -25,6 +25,7 @@ from peftko.model.base import (check_base_config, check_safetensors, pick_precis
                                resolve_seq_len)
 from peftko.model.memory_plan import read_config, shape_from_config
 from peftko.model.dry_run import echo_plan
+from peftko.run.checkpoints import latest_checkpoint
 from peftko.run.layout import LOCK
 from peftko.run.run_folder import claim_run_dir, prepare_output, remove_if_empty
 from peftko.run.resume import resume_point
@@ -39,7 +40,20 @@ def run_lora_train(cfg: TrainConfig, resume: bool = False, force: bool = False, 
     stopper = Stopper("before training began; nothing in --output was changed. Run the same command "
                       "again to start.")
     with stopper.installed():
-        return _run_lora_train(cfg, stopper, resume, force, dry_run, strict, num_processes)
+        try:
+            return _run_lora_train(cfg, stopper, resume, force, dry_run, strict, num_processes)
+        except RuntimeError as e:
+            if not distributed.peer_lost(e):
+                raise
+            raise PeerLost(peer_lost_message(Path(cfg.output))) from None
+
+
+def peer_lost_message(output: Path) -> str:
+    checkpoint = latest_checkpoint(output)
+    then = (f"{checkpoint} is kept: launch the same command with --resume to continue" if checkpoint else
+            "no checkpoint was written yet: launch the same command again")
+    return (f"another process of this run ended, so rank {distributed.rank()} stopped too (the launcher's "
+            f"report names the process and why it ended); {then}.")
 
 
 def training_inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:

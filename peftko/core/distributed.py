@@ -69,6 +69,18 @@ def refuse_sharding() -> None:
                         "with torchrun --nproc_per_node N or accelerate launch --multi_gpu.")
 
 
+# What a collective call raises on a rank whose peer process is gone (gloo, NCCL, the TCP store).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` is this rank's view of another rank that ended (not a failure of its own)."""
+    if not active() or not isinstance(error, RuntimeError):
+        return False
+    kinds = {c.__name__ for c in type(error).__mro__}
+    return bool(kinds & {"DistNetworkError"}) or any(text in str(error) for text in _PEER_GONE)
+
+
 def quiet_other_ranks() -> None:
     """Ranks other than 0 print nothing: stdout and stderr go to /dev/null at the descriptor level
     (C libraries and handlers bound to the old streams included). A crash's traceback still goes

@@ -1,6 +1,8 @@
 """The exceptions a user sees: each ends the command with one line and its exit code, no traceback.
 
 Exit codes (docs/*/resuming-and-safety.md):
+  1    another process of a multi-process run (torchrun) ended under this one (PeerLost): its own
+       error is in the launcher's report; the last checkpoint stays for `--resume`
   2    bad input or environment, nothing more to do (UserError; includes CUDA out of memory and
        a full or unwritable output disk)
   3    training diverged: max_bad_steps non-finite steps in a row, or parameters that ended NaN
@@ -28,6 +30,14 @@ class TrainingDiverged(UserError):
     setting (exit 3, no traceback)."""
 
     exit_code = 3
+
+
+class PeerLost(UserError):
+    """Another rank of a torchrun / accelerate run ended (killed, out of memory, a lost machine): the
+    survivors' collective call fails with "Connection reset by peer". Their traceback says nothing the
+    launcher's report does not, so it is one line and exit 1, not a peftko bug."""
+
+    exit_code = 1
 
 
 class Interrupted(BaseException):

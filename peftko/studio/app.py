@@ -94,7 +94,7 @@ class Studio:
                 return JSONResponse(await run_in_threadpool(handler, fields))
             except UserError as e:
                 return JSONResponse({"error": str(e)}, 400)
-            except Exception as e:  # noqa: BLE001: the page shows one line; the studio's stderr has the rest
+            except Exception as e:  # noqa: BLE001 (the page shows one line; the studio's stderr has the rest)
                 traceback.print_exc()
                 return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
         return endpoint
