@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from peftko.cli import main
 from peftko.train.logs import format_log
 from peftko.train.trainer import lr_factor
+from peftko.run.identity import sha256_file
 from tests.conftest import train_args
 
 
@@ -65,6 +66,9 @@ def test_a_shortened_resume_counts_to_its_own_total(tiny_bases, small_corpus, tm
     # as if the run had planned 20 steps and stopped after its checkpoint at step 4
     state = out / "checkpoint-4" / "trainer_state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "max_steps": 20}))
+    sealed = out / "checkpoint-4" / "checkpoint.json"  # re-sealed, as a checkpoint of such a run would be
+    done = json.loads(sealed.read_text())
+    sealed.write_text(json.dumps({**done, "seal": {**done["seal"], state.name: sha256_file(state)}}))
     r = CliRunner().invoke(main, [*argv, "--resume", "--progress", "json"])
     assert r.exit_code == 0, r.output
     events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
