@@ -55,7 +55,8 @@ def test_nesting_is_allowed_only_where_the_corpus_shows_it():
 
 
 def test_the_state_allows_no_end_without_its_start_and_the_book_end_only_when_all_is_closed():
-    g = grammar_of(PLAIN, PLAIN)
+    two_sounds = PLAIN.replace(f"{SOUND}철벅철벅.", f"{SOUND}철벅철벅. {SOUND}쏴아.")
+    g = grammar_of(PLAIN, two_sounds)
     state = GrammarState(g)
     assert [m for m in g.markers if state.allowed(m)] == [BOOK]  # the only opener
     state.step(BOOK)
@@ -88,6 +89,22 @@ def test_a_block_the_corpus_never_leaves_empty_cannot_close_empty():
     assert "never closed empty: |START_OF_BOOK|>, |START_OF_TITLE|>, |START_OF_DIALOGUE|>" in render_rules(grammar_of(PLAIN))
     old = MarkerGrammar.from_json({k: v for k, v in grammar_of(PLAIN).to_json().items() if k != "empties"})
     assert old.empties is None and not old.never_empty(TITLE)  # a record from before: no such rule
+
+
+def test_a_marker_no_document_holds_twice_comes_once_a_document():
+    g = grammar_of(PLAIN, NESTED)
+    assert g.per_document[TITLE] == 1 and g.per_document[SOUND] == 2
+    assert g.once_per_document(TITLE) and not g.once_per_document(SOUND)
+    state = follow(g, f"{BOOK}\n{TITLE}노란 우산{END_TITLE}\n", DEFAULT_MARKER_PATTERN)
+    assert not state.allowed(TITLE)  # a second title: no book of the corpus has one
+    assert state.allowed(DIALOGUE) and state.copy().used == state.used
+    rule = next(ln for ln in render_rules(g).splitlines() if "at most once a document:" in ln)
+    assert TITLE in rule and SOUND not in rule
+    twice = PLAIN.replace(f"{END_TITLE}\n", f"{END_TITLE}\n{TITLE}둘째 제목{END_TITLE}\n", 1)
+    assert not grammar_of(PLAIN, twice).once_per_document(TITLE)  # the corpus's word, not an assumption
+    assert not grammar_of(PLAIN).once_per_document(TITLE)  # one document proves nothing
+    old = MarkerGrammar.from_json({k: v for k, v in g.to_json().items() if k != "per_document"})
+    assert old.per_document is None and not old.once_per_document(TITLE)
 
 
 def test_a_terminator_without_a_start_closes_the_document_when_nothing_is_open():

@@ -3,7 +3,7 @@
 Learned, not assumed: which markers pair (START_X/END_X, peftko.corpus.lint.pair_role, where the
 corpus uses both forms), which markers were seen directly inside which open block, which open and
 close a document, which never follow themselves back to back (only whitespace between), which
-blocks are never closed empty, which blocks never cross a line break, and which pieces of markers (`OF`, `|`, `END`) the corpus also
+blocks are never closed empty, which markers no document holds twice, which blocks never cross a line break, and which pieces of markers (`OF`, `|`, `END`) the corpus also
 writes as plain text. Every rule carries its count. A corpus without markers has no grammar; an
 unbalanced one gives a grammar and warnings (where the learner met what it could not pair), never
 an error: the user's corpus is the authority, and lint already reports its slips.
@@ -46,6 +46,7 @@ class GrammarLearner:
     closes: Counter = field(default_factory=Counter)
     repeats: Counter = field(default_factory=Counter)
     empties: Counter = field(default_factory=Counter)  # START -> blocks closed with only whitespace inside
+    per_document: Counter = field(default_factory=Counter)  # marker -> the most times one document held it
     spanning: set = field(default_factory=set)
     text_runs: set = field(default_factory=set)  # runs of marker characters in the plain text
     slips: Counter = field(default_factory=Counter)  # kind of slip -> times
@@ -64,6 +65,8 @@ class GrammarLearner:
             return
         self.documents += 1
         self.counts.update(marker for _, _, marker in found)
+        for marker, n in Counter(marker for _, _, marker in found).items():
+            self.per_document[marker] = max(self.per_document[marker], n)
         # Pairs are known only once every document was read: keep each marker's place, not the text.
         events, line, pos, previous_end = [], first_line, 0, None
         for start, end, marker in found:
@@ -105,7 +108,8 @@ class GrammarLearner:
                              {k: dict(sorted(v.items())) for k, v in sorted(self.inside.items())},
                              dict(self.opens), dict(self.closes),
                              {m: self.repeats.get(m, 0) for m in sorted(self.counts)}, sorted(self.spanning),
-                             text_pieces, warnings, {s: self.empties.get(s, 0) for s in sorted(pairs)})
+                             text_pieces, warnings, {s: self.empties.get(s, 0) for s in sorted(pairs)},
+                             dict(sorted(self.per_document.items())))
 
     def _slip(self, kind: str, path: str, line: int, marker: str) -> None:
         self.slips[kind] += 1
@@ -174,7 +178,8 @@ class GrammarState:
     - the document's closer (a marker the corpus ends documents with) only when no other block is
       open; nothing after it;
     - never a marker the corpus never wrote twice back to back, right after itself;
-    - never the END of a block with nothing written inside, where the corpus never closed it empty.
+    - never the END of a block with nothing written inside, where the corpus never closed it empty;
+    - never a second time in a document a marker no document of the corpus held twice (a title).
     """
 
     def __init__(self, grammar: MarkerGrammar, doc_end: str | None = None):
@@ -182,12 +187,13 @@ class GrammarState:
         self.ends = {e: s for s, e in grammar.pairs.items()}
         self.doc_end = doc_end if doc_end in grammar.counts else _closer(grammar)
         self.stack: list[str] = []
+        self.used: set[str] = set()  # markers written so far in this document
         self.last: str | None = None  # the last marker, while only whitespace followed it
         self.started = self.ended = False
 
     def copy(self) -> GrammarState:
         new = GrammarState.__new__(GrammarState)
-        new.__dict__ = {**self.__dict__, "stack": list(self.stack)}
+        new.__dict__ = {**self.__dict__, "stack": list(self.stack), "used": set(self.used)}
         return new
 
     @property
@@ -198,6 +204,8 @@ class GrammarState:
         if self.ended or marker not in self.g.counts:
             return False
         if self.last == marker and self.g.never_repeats(marker):
+            return False
+        if marker in self.used and self.g.once_per_document(marker):
             return False
         if not self.started and marker not in self.g.opens:
             return False
@@ -237,6 +245,7 @@ class GrammarState:
     def step(self, marker: str) -> None:
         """Take one marker as written (allowed or not: a prompt is followed as it is)."""
         self.started = True
+        self.used.add(marker)
         if marker in self.ends:
             start = self.ends[marker]
             if start in self.stack:
@@ -302,6 +311,9 @@ def render_rules(g: MarkerGrammar | None) -> str:
     never = [m for m in g.markers if g.never_repeats(m) and m not in {e for e in g.pairs.values()}]
     if never:
         lines.append("  never back to back: " + ", ".join(never))
+    once = [m for m in g.markers if g.once_per_document(m)]
+    if once:
+        lines.append("  at most once a document: " + ", ".join(once))
     never_empty = [s for s in g.pairs if g.never_empty(s)]
     if never_empty:
         lines.append("  never closed empty: " + ", ".join(never_empty))

@@ -13,7 +13,8 @@ the learned ones that a context-free grammar can say:
   in llama.cpp with a grammar that only forbade misplaced markers;
 - no line break inside a block the corpus always closes on its own line (a title, a dialogue);
 - a block the corpus never closed empty holds at least one item (a character or a block).
-What it cannot say: "never twice back to back" (peftko's own strict mode keeps it), and llama.cpp
+What it cannot say: "never twice back to back" and "at most once a document" (peftko's own strict
+mode keeps both), and llama.cpp
 only forbids, so the probability of a forbidden marker is spread over what is left rather than
 given to the open block's closer as `peftko generate --structure strict` does.
 """

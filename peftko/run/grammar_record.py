@@ -37,6 +37,7 @@ _RULES = {
     "text_pieces": (_names, "a list of strings"),
     "warnings": (_names, "a list of strings"),
     "empties": (_counts, "a dict of marker counts"),
+    "per_document": (_counts, "a dict of marker counts"),
 }
 
 
@@ -57,6 +58,8 @@ class MarkerGrammar:
     # START -> times its block was closed with only whitespace inside; None in a record written before
     # peftko learned it (no rule then: an empty block stays allowed)
     empties: dict[str, int] | None = None
+    # marker -> the most times one document held it; None in a record written before peftko kept it
+    per_document: dict[str, int] | None = None
 
     @property
     def markers(self) -> list[str]:
@@ -68,6 +71,10 @@ class MarkerGrammar:
     def never_empty(self, start: str) -> bool:
         """A block the corpus never closed with nothing inside (a title, a dialogue, a book)."""
         return self.empties is not None and start in self.pairs and self.empties.get(start, 0) == 0
+
+    def once_per_document(self, marker: str) -> bool:
+        """A marker no document held twice (a book's title, its start), in a corpus of several documents."""
+        return self.per_document is not None and self.documents > 1 and self.per_document.get(marker) == 1
 
     def end_of(self, start: str) -> str | None:
         return self.pairs.get(start)
@@ -87,7 +94,8 @@ class MarkerGrammar:
         return {"documents": self.documents, "counts": self.counts, "pairs": self.pairs, "inside": self.inside,
                 "opens": self.opens, "closes": self.closes, "repeats": self.repeats, "spanning": self.spanning,
                 "text_pieces": self.text_pieces, "warnings": self.warnings,
-                **({} if self.empties is None else {"empties": self.empties})}
+                **({} if self.empties is None else {"empties": self.empties}),
+                **({} if self.per_document is None else {"per_document": self.per_document})}
 
     @staticmethod
     def problems(data, prefix: str = "grammar.") -> list[str]:
@@ -104,4 +112,5 @@ class MarkerGrammar:
                    {k: dict(v) for k, v in data["inside"].items()}, dict(data["opens"]), dict(data["closes"]),
                    dict(data["repeats"]), list(data.get("spanning") or []), list(data.get("text_pieces") or []),
                    list(data.get("warnings") or []),
-                   None if data.get("empties") is None else dict(data["empties"]))
+                   None if data.get("empties") is None else dict(data["empties"]),
+                   None if data.get("per_document") is None else dict(data["per_document"]))
