@@ -160,8 +160,9 @@ def _no_library_bars_in_files() -> None:
 
     A bar redraws itself with carriage returns, which `> train.log 2>&1` keeps as clutter; the
     switches are environment variables read when those libraries load, so set them first.
-    TQDM_DISABLE covers the bars that call tqdm directly (transformers' GGUF loader, which builds
-    builtin:gemma-3-270m).
+    TQDM_DISABLE reaches a library's bare tqdm bars only where tqdm is imported after it (tqdm reads
+    it at import, and the renderer imports tqdm first): the GGUF loader's bar, drawn while
+    builtin:gemma-3-270m is built, is switched off where it is called (peftko.model.gemma_base).
     """
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
         for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):

