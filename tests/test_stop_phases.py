@@ -115,3 +115,34 @@ def test_a_stop_after_the_adapter_was_written_says_the_run_is_complete(stopped):
     assert "before training began" not in r["text"] and "nothing in --output was changed" not in r["text"]
     assert f"after the adapter was written: the run in {r['output']} is complete" in r["text"], r["text"]
     read_manifest(r["output"])  # and it is: a finished run merge accepts
+
+
+@pytest.mark.parametrize("phase", ["prepare", "train", "save"])
+def test_a_forked_worker_ends_on_sigterm_whatever_the_commands_phase(phase):
+    """A tokenising pool's workers are forked from the command and inherit its handler; Pool.terminate
+    SIGTERMs them, and one that took 'finish this step' instead would hang the command for ever."""
+    import signal
+
+    from peftko.core.signals import Stopper
+
+    stopper = Stopper("before the command finished.")
+    with stopper.installed():
+        stopper.phase = phase
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: waits on its queue, as a pool's worker does
+            os.close(write)
+            os.read(read, 1)
+            os._exit(0)
+        os.close(read)
+        os.kill(child, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not (done := os.waitpid(child, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not done[0]:  # it took the command's handler and kept waiting: what hung Pool.terminate
+            os.kill(child, signal.SIGKILL)
+            done = os.waitpid(child, 0)
+        status = done[1]
+        os.close(write)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+    assert stopper.signum is None  # the command itself was not stopped

@@ -37,6 +37,7 @@ class Stopper:
         self.signum: int | None = None
         self.phase = "prepare"
         self.unfinished = unfinished  # the line printed for a stop in the prepare phase
+        self.pid = os.getpid()
 
     @property
     def exit_code(self) -> int:
@@ -88,6 +89,8 @@ class Stopper:
             self.phase = before
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            _default(signum)
         if self.signum is not None:
             self._exit_now(signum, frame)
         self.signum = signum
@@ -96,10 +99,20 @@ class Stopper:
         _say(f"\npeftko: {self.name} received: {DEFERRED[self.phase]} (send it again to stop at once)\n")
 
     def _exit_now(self, signum, frame):
+        if os.getpid() != self.pid:
+            _default(signum)
         _say(f"\npeftko: {signal.Signals(signum).name} again: stopping at once; every complete "
              "checkpoint and output is intact.\n")
         release_all()
         os._exit(128 + signum)
+
+
+def _default(signum: int) -> None:
+    """In a process forked from the command (a tokenising pool's worker), the signal does what it
+    does by default: the worker ends when its pool terminates it, instead of taking the command's
+    "finish this step" handler and waiting forever on its task queue (a hung `Pool.terminate`)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _say(text: str) -> None:
