@@ -62,6 +62,16 @@ def launch(env, output: Path, *extra: str) -> subprocess.Popen:
                             env=environment, cwd=REPO)
 
 
+def launch_until_a_step(env, output: Path) -> subprocess.Popen:
+    """A long 2-rank run, returned once its first step is logged."""
+    proc = launch(env, output, "--max-steps", "100000", "--save-steps", "0", "--val-fraction", "0")
+    deadline = time.monotonic() + 300
+    while not ((output / "metrics.jsonl").is_file() and '"loss"' in (output / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
 Done = namedtuple("Done", "code stdout stderr")
 
 
@@ -169,11 +179,7 @@ def test_resume_on_another_count_needs_the_same_global_batch(env, two):
 
 def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(env):
     out = env.root / "signalled"
-    proc = launch(env, out, "--max-steps", "100000", "--save-steps", "0", "--val-fraction", "0")
-    deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = launch_until_a_step(env, out)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
     stdout, stderr = proc.communicate(timeout=120)
     done = complete_checkpoints(out)
@@ -221,11 +227,7 @@ def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
 def test_a_killed_rank_ends_the_others_without_a_traceback(env):
     out = env.root / "killed"
-    proc = launch(env, out, "--max-steps", "100000", "--save-steps", "0", "--val-fraction", "0")
-    deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = launch_until_a_step(env, out)
     os.kill(_rank_pids(proc)[1], signal.SIGKILL)  # as the OOM killer or a lost machine would
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode != 0
