@@ -129,12 +129,19 @@ def test_a_forked_worker_ends_on_sigterm_whatever_the_commands_phase(phase):
     with stopper.installed():
         stopper.phase = phase
         read, write = os.pipe()
+        ready_read, ready_write = os.pipe()
         child = os.fork()
         if child == 0:  # the worker: waits on its queue, as a pool's worker does
             os.close(write)
+            os.write(ready_write, b"r")
             os.read(read, 1)
             os._exit(0)
         os.close(read)
+        # A signal that reaches the child before Python's after-fork reset is dropped with it, as it
+        # would be in any forked Python: signal once the child is running, as Pool.terminate does.
+        os.read(ready_read, 1)
+        os.close(ready_read)
+        os.close(ready_write)
         os.kill(child, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while not (done := os.waitpid(child, os.WNOHANG))[0] and time.monotonic() < deadline:
