@@ -7,9 +7,10 @@ The base is builtin:gemma-3-270m (built into $PEFTKO_HOME first if needed: about
 process, alternating, each repetition times:
   load, sampled     what training did before: the sampled fingerprint (64 chunks of 64 KB a weight
                     file), then the base loaded as lora-train loads it (peftko.model.builder.load).
-  load, whole       what it does now: the built base checked against its record (every file
-                    hashed, peftko.model.built_base), the run's fingerprint started (reusing those
-                    hashes), the base loaded, the fingerprint awaited.
+  load, whole       what it does now: the built base checked against its record at once (sizes,
+                    headers) and every file hashed in the background (peftko.model.built_base), the
+                    run's fingerprint started (reusing those hashes), the base loaded, the hashes
+                    compared with the record (confirm), the fingerprint awaited.
   load, whole, local the same for a base that is a plain folder (no build record): the hash runs
                     in the background while the base loads.
   merge, sampled    `peftko merge` of a one-step adapter with the old base check (sampled).
@@ -66,6 +67,7 @@ def main() -> None:
     from peftko.model import gemma_base
     from peftko.model.base import pick_precision
     from peftko.model.builder import load
+    from peftko.model.built_base import confirm
     from peftko.run import manifest
     from peftko.run.identity import sampled_fingerprint, start_fingerprint
 
@@ -88,6 +90,7 @@ def main() -> None:
         path = gemma_base.gemma_base()
         pending = start_fingerprint(path)
         load(path, loading, precision)
+        confirm(path)
         pending.result()
 
     def load_local():

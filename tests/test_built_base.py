@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from peftko.cli import main
 from peftko.model import gemma_base as gemma
-from peftko.model.built_base import RECORD, damage, recorded_files
+from peftko.model.built_base import RECORD, Rebuilt, confirm, damage, recorded_files
 from tests.conftest import train_args
 
 
@@ -56,17 +56,48 @@ def test_a_build_records_every_file_it_wrote_last(home):
 
 def test_changed_bytes_are_built_again_and_only_peftkos_files_replaced(home, capsys):
     target = gemma.gemma_base()
+    confirm(target)
     weights = target / "model.safetensors"
     good = weights.read_bytes()
     flip(weights, len(good) // 2)
     (target / "my-notes.txt").write_text("mine", encoding="utf-8")
     capsys.readouterr()
-    assert gemma.gemma_base() == target and len(home.builds) == 2
+    assert gemma.gemma_base() == target and len(home.builds) == 1  # handed out while its bytes are hashed
+    with pytest.raises(Rebuilt):
+        confirm(target)  # before the weights are used
+    assert len(home.builds) == 2
     said = capsys.readouterr()
     line = f"the built base in {target} was damaged (model.safetensors differs from what was built); building it again"
     assert line in said.out + said.err, said
     assert weights.read_bytes() == good and damage(target) is None
     assert (target / "my-notes.txt").read_text(encoding="utf-8") == "mine"
+    confirm(target)  # confirmed once: nothing left to compare
+
+
+def test_the_hash_runs_while_the_caller_loads(home, monkeypatch):
+    """gemma_base() returns before every byte is hashed; confirm() waits for the hash. A check that
+    hashed first would hang here, since the hash cannot finish before the test lets it."""
+    import threading
+
+    from peftko.core import hashing
+
+    target = gemma.gemma_base()
+    with hashing._lock:
+        hashing._memo.clear()
+    release, real = threading.Event(), hashing.sha256_of
+
+    def held(path):
+        assert release.wait(30), "the hash was never let go"
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_of", held)
+    loaded = []
+    timer = threading.Timer(0.5, lambda: (loaded.append(len(home.builds)), release.set()))
+    timer.start()
+    assert gemma.gemma_base() == target and not release.is_set()  # returned while the hash was held
+    confirm(target)
+    assert release.is_set() and loaded == [1] and len(home.builds) == 1
+    timer.join()
 
 
 @pytest.mark.parametrize("harm", ["header", "truncated", "no record", "missing file"])
@@ -89,9 +120,12 @@ def test_each_kind_of_damage_is_built_again(home, harm, capsys):
 
 
 @pytest.mark.slow  # a training run (about 8 s on a quiet 2-core machine)
-def test_lora_train_never_trains_on_a_damaged_built_base(home, small_corpus, tmp_path):
+@pytest.mark.parametrize("where", ["header", "middle"])
+def test_lora_train_never_trains_on_a_damaged_built_base(home, small_corpus, tmp_path, where):
     target = gemma.gemma_base()
-    flip(target / "model.safetensors", 8, 64)  # a corrupted header
+    weights = target / "model.safetensors"
+    # a corrupted header is seen at once; bytes in the middle once hashed, after the load
+    flip(weights, 8, 64) if where == "header" else flip(weights, weights.stat().st_size // 2)
     result = CliRunner().invoke(main, train_args(gemma.NAME, small_corpus, tmp_path / "run", "--quant", "none",
                                                  "--max-steps", "1"))
     assert result.exit_code == 0, result.output
@@ -100,3 +134,16 @@ def test_lora_train_never_trains_on_a_damaged_built_base(home, small_corpus, tmp
     record = json.loads((tmp_path / "run" / "peftko.json").read_text(encoding="utf-8"))
     built = recorded_files(target)["model.safetensors"]["sha256"]
     assert record["base_fingerprint"]["weights"]["model.safetensors"] == built  # one hash serves both
+
+
+def test_generate_on_a_damaged_built_base_builds_it_again_first(home, capsys):
+    target = gemma.gemma_base()
+    confirm(target)
+    weights = target / "model.safetensors"
+    good = weights.read_bytes()
+    flip(weights, len(good) // 2)
+    result = CliRunner().invoke(main, ["generate", gemma.NAME, "--prompt", "달빛", "--max-new-tokens", "3",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "was damaged (model.safetensors differs from what was built)" in result.output
+    assert len(home.builds) == 2 and weights.read_bytes() == good

@@ -22,9 +22,11 @@ def tokenizer_for_markers(model: str):
     # Imported here, not at the top: torch and transformers load only when --model asks for a
     # tokenizer, so the lint alone answers in a fraction of a second.
     from peftko.model.base import load_tokenizer, resolve_model_path
+    from peftko.model.built_base import load_confirmed
 
     if model.startswith("builtin:"):
-        return load_tokenizer(resolve_model_path(model))
+        path = resolve_model_path(model)
+        return load_confirmed(path, lambda: load_tokenizer(path))
     if not Path(model).is_dir():  # a tokenizer folder is enough here; no config.json needed
         raise UserError(f"--model {model}: not a local model directory")
     return load_tokenizer(Path(model))

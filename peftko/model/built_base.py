@@ -1,27 +1,52 @@
 """The bases peftko builds into its cache (builtin:gemma-3-270m, builtin:tiny-llama), verified on use.
 
 A build ends by writing peftko-built.json (atomically, last) with each file's size and SHA-256.
-Every later use checks the folder against it before anything reads the weights: a file missing,
-of another size or with other bytes (a damaged disk, an edit, a build cut short, which has no
-record) makes peftko build the base again, with a line saying so, rather than train on it. The
-hashes are computed once per process (peftko.core.hashing), so the run's own base fingerprint
-reuses them instead of reading the weights twice. A rebuild replaces only the files peftko's
-records name: whatever else is in the folder stays.
+Every later use checks the folder against it in two steps. At once, before anything reads the
+weights: the record is there, each file it names is there with its size, each safetensors header
+reads (a build cut short, a truncated or a corrupted file). Then every byte is hashed on a
+background thread while the command loads the base (the loader reads the pages the hash read), and
+`confirm` compares the hashes before the weights are used: a file with other bytes (a damaged disk,
+an edit) makes peftko build the base again, with a line saying so, and the caller load it again,
+rather than train on it. The hashes are computed once per process (peftko.core.hashing), so the
+run's own base fingerprint reuses them instead of reading the weights twice. A rebuild replaces only
+the files peftko's records name: whatever else is in the folder stays.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from peftko.core.atomic import publish, read_json_object, staging_dir, write_json_atomic
+from peftko.core.errors import UserError
 from peftko.core.hashing import hash_later
 from peftko.core.paths import shown
 from peftko.core.progress import say
+from peftko.model.header import read_safetensors_header
 
 RECORD = "peftko-built.json"
 FORMAT = 1
+T = TypeVar("T")
+
+
+class Rebuilt(Exception):
+    """A built base was found damaged after it was handed out, and has been built again: load it again."""
+
+
+@dataclass(frozen=True)
+class _Builder:
+    what: str
+    build: Callable[[Path], None]
+    takes: str
+    can_build: Callable[[], None]
+
+
+_unconfirmed: dict[Path, _Builder] = {}  # built bases handed out whose hashes are not compared yet
+_lock = threading.Lock()
 
 
 def recorded_files(folder: Path) -> dict[str, dict]:
@@ -36,7 +61,13 @@ def recorded_files(folder: Path) -> dict[str, dict]:
 
 
 def damage(folder: Path) -> str | None:
-    """What is wrong with a built base (the first file that differs from its record), or None."""
+    """What is wrong with a built base (the first file that differs from its record), or None:
+    both steps, waiting for the hashes."""
+    return quick_damage(folder) or _hash_damage(folder)
+
+
+def quick_damage(folder: Path) -> str | None:
+    """What the record, the files' sizes and the safetensors headers show at once, or None."""
     files = recorded_files(folder)
     if not files:
         return f"no {RECORD}: its build did not finish, or an older peftko built it"
@@ -46,7 +77,18 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != entry["size"]:
             return f"{name} has {path.stat().st_size:,} bytes, not {entry['size']:,}"
-    hashes = hash_later([folder / n for n in sorted(files)])
+        if name.endswith(".safetensors"):
+            try:
+                read_safetensors_header(path)
+            except UserError:
+                return f"{name}'s header is damaged"
+    hash_later([folder / n for n in sorted(files)])  # every byte, from now, on the hashing thread
+    return None
+
+
+def _hash_damage(folder: Path) -> str | None:
+    files = recorded_files(folder)
+    hashes = hash_later([folder / n for n in sorted(files)])  # the ones quick_damage started
     for name in sorted(files):
         try:
             if hashes[folder / name].result() != files[name]["sha256"]:
@@ -58,25 +100,58 @@ def damage(folder: Path) -> str | None:
 
 def built_base(target: Path, what: str, build: Callable[[Path], None], takes: str,
                can_build: Callable[[], None] = lambda: None) -> Path:
-    """`target`, verified against its record; built (again) by `build(folder)` when it is absent,
-    unrecorded or damaged. `can_build()` refuses first, before anything is written, what the
-    build would lack; `takes` says how long a build takes."""
-    if target.exists():
-        problem = damage(target)
-        if problem is None:
-            return target
-        can_build()
-        say(f"the built base in {shown(target)} was damaged ({problem}); building it again")
-    else:
+    """`target`, built (again) by `build(folder)` when it is absent, unrecorded or visibly damaged;
+    otherwise handed out at once while its bytes are hashed, for `confirm` to compare before the
+    weights are used. `can_build()` refuses first, before anything is written, what the build would
+    lack; `takes` says how long a build takes."""
+    builder = _Builder(what, build, takes, can_build)
+    if not target.exists():
         can_build()
         say(f"building {what} into {shown(target)} (once; {takes})")
+        _build(target, builder)
+    elif problem := quick_damage(target):
+        _rebuild(target, builder, problem)
+    else:
+        with _lock:
+            _unconfirmed[target] = builder
+    return target
+
+
+def confirm(path: Path) -> None:
+    """Before the weights of `path` are used: when it is a built base handed out unconfirmed, wait
+    for its hashes; bytes other than the build's are built again and Rebuilt raised, so the caller
+    loads the new files. Any other folder: nothing."""
+    with _lock:
+        builder = _unconfirmed.pop(Path(path), None)
+    if builder is not None and (problem := _hash_damage(Path(path))):
+        _rebuild(Path(path), builder, problem)
+        raise Rebuilt(problem)
+
+
+def load_confirmed(path: Path, load: Callable[[], T]) -> T:
+    """`load()`, with the built base's hashes compared before the result is used (they run while it
+    loads); a damaged base is built again and loaded again."""
+    result = load()
+    try:
+        confirm(path)
+    except Rebuilt:
+        return load()
+    return result
+
+
+def _rebuild(target: Path, builder: _Builder, problem: str) -> None:
+    builder.can_build()
+    say(f"the built base in {shown(target)} was damaged ({problem}); building it again")
+    _build(target, builder)
+
+
+def _build(target: Path, builder: _Builder) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with staging_dir(target.parent, ".building-") as tmp:
         stage = tmp / "base"
-        build(stage)
+        builder.build(stage)
         publish(stage)
         install(stage, target)
-    return target
 
 
 def install(stage: Path, target: Path) -> None:

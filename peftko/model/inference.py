@@ -29,6 +29,7 @@ from peftko.core.errors import UserError
 from peftko.core.progress import say
 from peftko.model.base import BUILTIN_BASES, Precision, load_base, load_tokenizer, pick_precision, resolve_model_path
 from peftko.run.layout import ADAPTER_FILES, MANIFEST, MERGE_MARK
+from peftko.model.built_base import load_confirmed
 from peftko.model.run_facts import check_run_facts, open_run
 from peftko.run.grammar_record import MarkerGrammar
 from peftko.run.records import MergeRecord, RunRecord
@@ -70,8 +71,8 @@ def load_for_inference(path: str | Path, quant: str | None = None, device: str =
                         f"output, a local Hugging Face model folder or one of {', '.join(BUILTIN_BASES)})")
     if path.is_dir() and is_adapter_dir(path):
         model, tokenizer, info = _load_adapter(path, quant, device, dtype)
-    else:
-        model, tokenizer, info = _load_model(path, quant, device, dtype)
+    else:  # a built base's bytes are compared once it has loaded (peftko.model.built_base)
+        model, tokenizer, info = load_confirmed(path, lambda: _load_model(path, quant, device, dtype))
     model.eval()
     info.stop_ids = stop_ids(model, tokenizer, info.doc_end_marker)
     return model, tokenizer, info

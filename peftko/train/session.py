@@ -25,6 +25,7 @@ from peftko.evaluate.heldout import bits_per_char, held_out_nll
 from peftko.evaluate.structure import SampleOptions, describe, structure_score
 from peftko.model.base import Precision, load_tokenizer, terms_files
 from peftko.model.builder import TrainableModel, load, make_trainable
+from peftko.model.built_base import Rebuilt, confirm
 from peftko.model.inference import adapter_info, stop_ids
 from peftko.model.token_rows import register_markers, piece_rows, trained_rows
 from peftko.run.checkpoints import clean_leftovers, latest_checkpoint, step_of, trim_metrics
@@ -133,6 +134,13 @@ def run_training(run: Run, resume: bool = False, force: bool = False) -> int:
 # --- setup
 def setup(run: Run, checkpoint: Path | None = None, force: bool = False) -> Setup:
     """Tokenizer, data, the run's identity (checked against --resume), then the model."""
+    try:
+        return _setup(run, checkpoint, force)
+    except Rebuilt:  # a built base found damaged is built again: all that was read from it, again
+        return _setup(run, checkpoint, force)
+
+
+def _setup(run: Run, checkpoint: Path | None, force: bool) -> Setup:
     # Every byte of the base is hashed in the background while the tokenizer, the data and the model
     # load (one read of the disk: the loader finds the pages the hash read); a resume needs it first.
     pending = start_fingerprint(run.model_path)
@@ -145,6 +153,7 @@ def setup(run: Run, checkpoint: Path | None = None, force: bool = False) -> Setu
 
     identity = recorded = None
     if checkpoint:
+        confirm(run.model_path)
         identity = identity_of(pending.result())
         recorded = check_identity(run, checkpoint, identity, tokenizer, tokens, force)
     with translate_oom(run.cfg.memory_levers(), "loading the model"):
@@ -203,6 +212,7 @@ def setup_model(run: Run, tokenizer, tokens, data: PackedData) -> tuple[float | 
     cfg = run.cfg
     say(f"loading {shown_path(run.model_path)} ({cfg.quant}, {run.precision.dtype_name}, {run.precision.device})")
     base = load(run.model_path, cfg.base_loading(), run.precision)
+    confirm(run.model_path)  # a built base's bytes, hashed while it loaded, before any use
     bpc_base = base_bpc(run, base, data)
     built = make_trainable(base, tokenizer, tokens, cfg.lora(), run.precision, cfg.liger, cfg.seed)
     if built.kernels:
