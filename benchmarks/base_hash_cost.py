@@ -13,6 +13,11 @@ process, alternating, each repetition times:
                     compared with the record (confirm), the fingerprint awaited.
   load, whole, local the same for a base that is a plain folder (no build record): the hash runs
                     in the background while the base loads.
+  until step 1, sampled / whole
+                    `peftko lora-train` from the command's start until its first training step (the
+                    base checked, the corpus read, tokenizer, data, the base loaded and measured, the
+                    markers' bits per character): training's whole load phase, with the old sampled
+                    fingerprint and no built-base hash, and as it is now.
   merge, sampled    `peftko merge` of a one-step adapter with the old base check (sampled).
   merge, whole      `peftko merge` as it is now: every byte hashed while the merge streams.
 The per-process hash memo is cleared before each timing, so each one hashes afresh. Every file is
@@ -99,9 +104,9 @@ def main() -> None:
         pending.result()
 
     run = work / "run"
+    corpus = ROOT / "tests" / "fixtures" / "short_books"
     if not (run / "peftko.json").is_file():
         shutil.rmtree(run, ignore_errors=True)
-        corpus = ROOT / "tests" / "fixtures" / "short_books"
         r = CliRunner().invoke(cli, ["lora-train", "--model", "builtin:gemma-3-270m", "--data", str(corpus),
                                      "--output", str(run), "--seq-len", "64", "--batch-size", "1", "--max-steps",
                                      "1", "--eval-steps", "0", "--device", "cpu", "--quant", args.quant])
@@ -128,12 +133,46 @@ def main() -> None:
             manifest.start_fingerprint = real_start
             shutil.rmtree(out, ignore_errors=True)
 
+    from peftko.model import built_base
+    from peftko.train import session
+
+    class ReachedStep(Exception):
+        pass
+
+    class SampledPending:  # the fingerprint before whole hashing, computed when asked for
+        def __init__(self, path):
+            self._fingerprint = sampled_fingerprint(path)
+
+        def result(self):
+            return self._fingerprint
+
+    def until_first_step(mode):
+        patches = [(session, "train", lambda *a, **k: (_ for _ in ()).throw(ReachedStep()))]
+        if mode == "sampled":  # no built-base hash, the sampled fingerprint
+            patches += [(session, "start_fingerprint", SampledPending),
+                        (built_base, "quick_damage", lambda folder: None if built_base.recorded_files(folder) else "?"),
+                        (built_base, "_hash_damage", lambda folder: None)]
+        saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+        for m, n, v in patches:
+            setattr(m, n, v)
+        try:
+            r = CliRunner().invoke(cli, ["lora-train", "--model", "builtin:gemma-3-270m", "--data", str(corpus),
+                                         "--output", str(work / "until-step"), "--seq-len", "64", "--batch-size",
+                                         "1", "--max-steps", "1", "--eval-steps", "0", "--device", "cpu", "--quant",
+                                         args.quant, "--force"])
+            assert isinstance(r.exception, ReachedStep), r.output
+        finally:
+            for m, n, v in saved:
+                setattr(m, n, v)
+
     def hash_alone():
         pending = start_fingerprint(base)
         pending.result()
 
     cases = {"hash alone (every weight byte)": hash_alone, "load, sampled": load_sampled, "load, whole (built base)": load_whole,
              "load, whole (local folder)": load_local,
+             "until step 1, sampled": lambda: until_first_step("sampled"),
+             "until step 1, whole": lambda: until_first_step("whole"),
              "merge, sampled": lambda: merge("sampled"), "merge, whole": lambda: merge("whole")}
     times = {k: [] for k in cases}
     for k, fn in cases.items():  # one warm-up each, not counted
@@ -151,7 +190,7 @@ def main() -> None:
         print(f"| {k} | {statistics.median(wall):.2f} | {min(wall):.2f} | {', '.join(f'{x:.2f}' for x in wall)} "
               f"| {statistics.median(cpu):.2f} |")
     for a, b in (("load, sampled", "load, whole (built base)"), ("load, sampled", "load, whole (local folder)"),
-                 ("merge, sampled", "merge, whole")):
+                 ("until step 1, sampled", "until step 1, whole"), ("merge, sampled", "merge, whole")):
         for i, what in ((0, "wall"), (1, "CPU")):
             ma, mb = (statistics.median(x[i] for x in times[k]) for k in (a, b))
             na, nb = (min(x[i] for x in times[k]) for k in (a, b))

@@ -78,6 +78,32 @@ def test_a_forbidden_marker_s_probability_goes_to_the_closer_not_to_marker_piece
     assert processor.redirected == pytest.approx(float(before[forbidden].sum()), rel=1e-4)
 
 
+def greedy_pick(guide, tok, prompt: str, logits: torch.Tensor, greedy: bool) -> int:
+    processor = StructureProcessor(guide, prompt, len(tok(prompt)["input_ids"]), budget=100, greedy=greedy)
+    return int(processor(tok(prompt, return_tensors="pt")["input_ids"], logits[None].clone())[0].argmax())
+
+
+def test_under_greedy_pooled_minor_shares_do_not_close_a_block_but_a_majority_does(guided):
+    """The demo's case: inside a title, many forbidden tokens hold a little each (in all less than half),
+    and the best text token more than any one of them. Sampling gives the closer their sum; greedy keeps
+    writing the title. When the forbidden tokens hold most of the probability, greedy closes."""
+    tok, guide = guided
+    prompt = f"{BOOK}\n{TITLE}\""
+    closer, word = token(tok, END_TITLE), tok("달", add_special_tokens=False)["input_ids"][-1]
+    minor = torch.full((len(tok),), -30.0)
+    forbidden = [token(tok, m) for m in (DIALOGUE, END, SOUND, END_DIALOGUE)] + [token(tok, "\n")]
+    minor[forbidden] = 0.0  # 5 x e^0 against the word's e^0.6 and the rest of the text below
+    minor[word], minor[closer] = 0.6, -2.0
+    others = set(tok("엄마와 아빠가 함께 바다에 갔다", add_special_tokens=False)["input_ids"]) - {word}
+    assert len(others) >= 8
+    minor[sorted(others)] = 0.5  # other text: the text holds most of the probability, none more than the word
+    assert greedy_pick(guide, tok, prompt, minor, greedy=False) == closer  # argmax of the pooled share
+    assert greedy_pick(guide, tok, prompt, minor, greedy=True) == word
+    major = minor.clone()
+    major[forbidden] = 3.0  # now the forbidden tokens hold most of it: leaving the title is what the model wants
+    assert greedy_pick(guide, tok, prompt, major, greedy=True) == closer
+
+
 def test_near_the_token_limit_only_the_closers_fit(guided):
     tok, guide = guided
     prompt = f"{BOOK}\n{DIALOGUE}\"엄마"

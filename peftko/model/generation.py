@@ -84,7 +84,8 @@ def sample(model, tokenizer, info, prompt: str, opts: GenerateOptions, streamer=
     if room == 0:  # the prompt fills the context: nothing can follow it
         return Sample(prompt, "", 0, "length", 0.0, [])
     mode = structure_mode(opts.structure, info)
-    processor = structure_processor(model, tokenizer, info, prompt, enc["input_ids"].shape[1], room, mode)
+    processor = structure_processor(model, tokenizer, info, prompt, enc["input_ids"].shape[1], room, mode,
+                                    greedy=opts.temperature == 0)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, **generation_kwargs(replace(opts, max_new_tokens=room), info.stop_ids, pad),
@@ -106,7 +107,8 @@ def structure_mode(asked: str | None, info) -> str:
     return asked
 
 
-def structure_processor(model, tokenizer, info, prompt: str, prompt_tokens: int, room: int, mode: str):
+def structure_processor(model, tokenizer, info, prompt: str, prompt_tokens: int, room: int, mode: str,
+                        greedy: bool = False):
     """Strict mode's logits processor; the tokenizer's guide is built once per loaded model (seconds)."""
     if mode != "strict":
         return None
@@ -115,7 +117,7 @@ def structure_processor(model, tokenizer, info, prompt: str, prompt_tokens: int,
         rows = model.get_output_embeddings().weight.shape[0]
         guide = build_guide(info.grammar, tokenizer, info.stop_ids, info.doc_end_marker, max(rows, len(tokenizer)))
         info.guide = guide
-    return StructureProcessor(guide, prompt, prompt_tokens, room)
+    return StructureProcessor(guide, prompt, prompt_tokens, room, greedy=greedy)
 
 
 def stop_reason(new: list[int], info, tokenizer, max_new_tokens: int) -> str:

@@ -20,6 +20,14 @@ llama.cpp. So the probability taken from forbidden tokens goes to what the struc
 closer of the innermost open block, or the book end once all is closed), and only where nothing is
 needed is it spread over the rest as plain renormalisation does. Near the token limit the closers
 are forced, one per token left, so a strict sample always ends as a well-formed book.
+
+Greedy decoding (temperature 0) picks one token, and a sum of many small forbidden shares given to
+one closer outvotes every single text token even where text holds most of the probability: the
+demo's model, one quotation mark into a title, gave the forbidden tokens 12.5 % (no one over 4.5 %)
+and its best Korean token 4.0 %, and greedy closed every block after one character. So under greedy
+the pooled share closes a block only when it is the majority (over half of the probability);
+otherwise the closer competes with its own probability, as every other token does. Sampling keeps
+the pooled share: there the probabilities are drawn from, not compared.
 """
 
 from __future__ import annotations
@@ -126,8 +134,8 @@ def check_structure(structure: str, grammar: MarkerGrammar | None, where: str) -
 class StructureProcessor(LogitsProcessor):
     """One generate() call's processor (one state per row; the prompt is the same for each row)."""
 
-    def __init__(self, guide: Guide, prompt: str, prompt_tokens: int, budget: int):
-        self.guide, self.prompt_tokens, self.budget = guide, prompt_tokens, budget
+    def __init__(self, guide: Guide, prompt: str, prompt_tokens: int, budget: int, greedy: bool = False):
+        self.guide, self.prompt_tokens, self.budget, self.greedy = guide, prompt_tokens, budget, greedy
         self.start = follow(guide.grammar, prompt, guide.pattern, guide.doc_end)
         self.states: list[GrammarState] = []
         self.seen: list[int] = []
@@ -191,7 +199,7 @@ class StructureProcessor(LogitsProcessor):
         probs = torch.exp(logits - total)
         moved = probs[mask].sum()
         out = logits.masked_fill(mask, float("-inf"))
-        if need_id is not None and moved > 0:
+        if need_id is not None and moved > 0 and not (self.greedy and probs[need_id] + moved <= 0.5):
             # The same normaliser as before: the closer gets its own share plus all that was forbidden.
             out[need_id] = total + torch.log(probs[need_id] + moved)
             self.redirected += float(moved)
