@@ -178,9 +178,13 @@ def run_recipe(args) -> dict:
     from peftko.model.base import resolve_model_path
 
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # only this script's own folders reach here: --out of --recipe, or the driver's
-    out.mkdir(parents=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "log.txt").is_file():  # not a folder of this script's: never removed
+            print(f"--out {out}: not empty and not an earlier output of this script (no log.txt); "
+                  "choose a new folder", file=sys.stderr)
+            raise SystemExit(2)
+        shutil.rmtree(out)  # an earlier run of this recipe, written here
+    out.mkdir(parents=True, exist_ok=True)
     base = Path(resolve_model_path(args.model))
     started = time.perf_counter()
     adapter, merged, step_s, peak_kib = train_and_merge(args, out, base)
