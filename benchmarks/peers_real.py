@@ -175,8 +175,6 @@ def measure(args, merged: Path) -> dict:
 
 
 def run_recipe(args) -> dict:
-    from peftko.model.base import resolve_model_path
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if not (out / "log.txt").is_file():  # not a folder of this script's: never removed
@@ -185,6 +183,8 @@ def run_recipe(args) -> dict:
             raise SystemExit(2)
         shutil.rmtree(out)  # an earlier run of this recipe, written here
     out.mkdir(parents=True, exist_ok=True)
+    from peftko.model.base import resolve_model_path  # after the check: a refusal costs no torch import
+
     base = Path(resolve_model_path(args.model))
     started = time.perf_counter()
     adapter, merged, step_s, peak_kib = train_and_merge(args, out, base)

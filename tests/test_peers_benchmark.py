@@ -102,3 +102,12 @@ def test_a_row_per_recipe_measured_alike(tiny_run):
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| recipe | held-out bpc, whole | story text | structure |") and len(table) == 5  # the header and a row per recipe
     assert json.loads(stdout.splitlines()[-1])["steps"] == 3
+
+
+def test_a_folder_it_did_not_write_is_refused_not_removed(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("keep me")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--recipe", "as-text", "--out", str(tmp_path)],
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not an earlier output" in proc.stderr and "Traceback" not in proc.stderr
+    assert mine.read_text() == "keep me"
