@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark scripts, in processes of their own (tests/test_suite_markers.py)
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCH / "peers_real.py"
 PEERS = BENCH / "peer_recipes.py"
@@ -82,7 +84,6 @@ def tiny_run(tmp_path_factory) -> tuple[str, Path]:
     return proc.stdout, out
 
 
-@pytest.mark.slow
 def test_a_row_per_recipe_measured_alike(tiny_run):
     stdout, out = tiny_run
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"recipe"')]
