@@ -37,8 +37,8 @@ from peftko.model.structure import StructureProcessor
 class ForbidMarkersOnly(StructureProcessor):
     """Only misplaced markers are masked; no piece rule, no redirect, no forcing (a plain grammar)."""
 
-    def __init__(self, guide, prompt, prompt_tokens, budget):
-        super().__init__(guide, prompt, prompt_tokens, budget=10**9)
+    def __init__(self, guide, prompt, prompt_tokens, budget, greedy=False):
+        super().__init__(guide, prompt, prompt_tokens, budget=10**9, greedy=greedy)
 
     def forbidden(self, state, width, device):
         mask = torch.zeros(width, dtype=torch.bool, device=device)
