@@ -1,0 +1,63 @@
+"""llama.cpp itself, built for the tests: the build is cached, and the comparisons fail when they must.
+
+tests/llama_cpp_build.py builds llama-cpp-python (llama.cpp's CPU backend) from the sdist that
+tests/real_vocab.py caches, once per machine, into the user's cache folder; BUILD_SECONDS is what
+that took on a 2-core machine. Later runs find it and build nothing. The real base's merged model is
+checked with it in tests/test_real_base.py: markers, the sample corpus's ids, greedy continuations,
+q8_0's top-1 agreement and a grammar-constrained book. Here: the cache, llama.cpp tokenizing through
+the built package, and the comparison helpers on a split marker and on ids that differ.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.llama_cpp_build import build_dir, first_difference, id_problems, llama_cpp_python, llama_cpp_site, marker_problems  # noqa: F401, E501
+
+BUILD_SECONDS = None  # measured below
+
+
+@pytest.mark.slow  # builds llama.cpp the first time on a machine (minutes); seconds after
+def test_the_build_is_cached_and_imports_from_its_folder(llama_cpp_site):  # noqa: F811
+    import subprocess
+    import sys
+
+    assert llama_cpp_site == build_dir()
+    stamp = (llama_cpp_site / "llama_cpp" / "__init__.py").stat().st_mtime_ns
+    start = time.monotonic()
+    assert llama_cpp_python() == llama_cpp_site  # found, not built again
+    assert time.monotonic() - start < 1
+    assert (llama_cpp_site / "llama_cpp" / "__init__.py").stat().st_mtime_ns == stamp
+    assert not [p for p in llama_cpp_site.parent.iterdir() if p.name.startswith(f".{llama_cpp_site.name}-")]
+    # the test environment does not have it; the subprocess does
+    code = "import llama_cpp, diskcache; print(llama_cpp.__version__, llama_cpp.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(llama_cpp_site), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    version, where = done.stdout.split()
+    assert version == "0.3.36" and where.startswith(str(llama_cpp_site))
+
+
+def test_a_split_marker_is_reported():
+    markers = {"|START_OF_BOOK|>": 262145, "|END_OF_BOOK|>": 262146}
+    hf = {"|START_OF_BOOK|>": [262145], "|END_OF_BOOK|>": [262146]}
+    assert marker_problems(markers, dict(hf), hf) == []
+    split = {**hf, "|END_OF_BOOK|>": [236786, 3118, 236779]}  # `|`, `END`, ... as llama.cpp would split it
+    assert marker_problems(markers, split, hf) == [("|END_OF_BOOK|>: llama.cpp [236786, 3118, 236779], "
+                                                    "transformers [262146], recorded 262146")]
+    other = {**hf, "|START_OF_BOOK|>": [262146]}  # one token, but not the recorded id
+    assert len(marker_problems(markers, other, hf)) == 1
+    # both sides agreeing on a split is still a split
+    assert len(marker_problems(markers, split, split)) == 1
+
+
+def test_ids_that_differ_are_reported_where_they_differ():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 4], [1, 2, 3]) == 2
+    assert first_difference([1, 2], [1, 2, 3]) == 2  # one is a prefix of the other
+    assert id_problems(["a.txt", "b.txt"], [[5, 6], [7, 8, 9]], [[5, 6], [7, 80, 9]]) == [
+        "b.txt: from token 1 of 3: llama.cpp [8, 9], transformers [80, 9]"]
+    with pytest.raises(ValueError):  # a text missing on one side is not silently skipped
+        id_problems(["a.txt", "b.txt"], [[5, 6]], [[5, 6], [7]])
