@@ -3,7 +3,9 @@
 The converter is the one vendored in the llama-cpp-python sdist that tests/real_vocab.py fetches
 for the vocabularies. The GGUF is read back with the `gguf` package, independently of peftko's own
 check: every Hugging Face token keeps its id, each marker is a USER_DEFINED token, the marker rows
-carry the trained embeddings, and the Modelfile stops at the run's book-end marker. Refusals
+carry the trained embeddings, and the Modelfile stops at the run's book-end marker; llama.cpp itself
+(tests/llama_cpp_build.py, built once per machine) tokenizes Korean text with every marker to the
+Hugging Face ids. Refusals
 (no converter, the demo's locally trained tokenizer) come before the merge and write nothing.
 """
 

@@ -42,13 +42,14 @@ def test_the_build_is_cached_and_imports_from_its_folder(llama_cpp_site):  # noq
 
 
 def test_a_split_marker_is_reported():
-    markers = {"|START_OF_BOOK|>": 262145, "|END_OF_BOOK|>": 262146}
-    hf = {"|START_OF_BOOK|>": [262145], "|END_OF_BOOK|>": [262146]}
+    markers = {"|START_OF_BOOK|>": 262148, "|END_OF_BOOK|>": 262144}
+    hf = {"|START_OF_BOOK|>": [262148], "|END_OF_BOOK|>": [262144]}
     assert marker_problems(markers, dict(hf), hf) == []
-    split = {**hf, "|END_OF_BOOK|>": [236786, 3118, 236779]}  # `|`, `END`, ... as llama.cpp would split it
-    assert marker_problems(markers, split, hf) == [("|END_OF_BOOK|>: llama.cpp [236786, 3118, 236779], "
-                                                    "transformers [262146], recorded 262146")]
-    other = {**hf, "|START_OF_BOOK|>": [262146]}  # one token, but not the recorded id
+    # What llama.cpp made of the marker with the real base's GGUF, from before the markers were added
+    split = {**hf, "|END_OF_BOOK|>": [236909, 8516, 236779, 19069, 236779, 56819, 111038]}
+    assert marker_problems(markers, split, hf) == [("|END_OF_BOOK|>: llama.cpp [236909, 8516, 236779, 19069, "
+                                                    "236779, 56819, 111038], transformers [262144], recorded 262144")]
+    other = {**hf, "|START_OF_BOOK|>": [262144]}  # one token, but not the recorded id
     assert len(marker_problems(markers, other, hf)) == 1
     # both sides agreeing on a split is still a split
     assert len(marker_problems(markers, split, split)) == 1
@@ -60,5 +61,8 @@ def test_ids_that_differ_are_reported_where_they_differ():
     assert first_difference([1, 2], [1, 2, 3]) == 2  # one is a prefix of the other
     assert id_problems(["a.txt", "b.txt"], [[5, 6], [7, 8, 9]], [[5, 6], [7, 80, 9]]) == [
         "b.txt: from token 1 of 3: llama.cpp [8, 9], transformers [80, 9]"]
+    # a BOS on one side only (what comparing with add_bos=True in llama.cpp would give)
+    assert id_problems(["a.txt"], [[2, 262148, 107]], [[262148, 107]]) == [
+        "a.txt: from token 0 of 2: llama.cpp [2, 262148, 107], transformers [262148, 107]"]
     with pytest.raises(ValueError):  # a text missing on one side is not silently skipped
         id_problems(["a.txt", "b.txt"], [[5, 6]], [[5, 6], [7]])
