@@ -5,8 +5,8 @@ for the vocabularies. The GGUF is read back with the `gguf` package, independent
 check: every Hugging Face token keeps its id, each marker is a USER_DEFINED token, the marker rows
 carry the trained embeddings, and the Modelfile stops at the run's book-end marker; llama.cpp itself
 (tests/llama_cpp_build.py, built once per machine) tokenizes Korean text with every marker to the
-Hugging Face ids. Refusals
-(no converter, the demo's locally trained tokenizer) come before the merge and write nothing.
+Hugging Face ids, and so does peftko's own check where llama-cpp-python imports. Refusals (no
+converter, the demo's locally trained tokenizer) come before the merge and write nothing.
 """
 
 from __future__ import annotations
@@ -203,6 +203,23 @@ def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported, llama
         assert "llama.cpp tokenization not compared" in exported["output"]
     else:
         assert "llama.cpp tokenizes a Korean sample" in exported["output"]
+
+
+@pytest.mark.slow  # llama.cpp's converter (the sdist), and llama.cpp built from it once per machine
+def test_peftkos_own_check_runs_llama_cpp_where_it_imports(real_run, llama_cpp, llama_cpp_site, tmp_path):  # noqa: F811
+    """`peftko merge --gguf` in a process where llama_cpp imports: its check compares llama.cpp's ids,
+    not only the GGUF's vocabulary (a process of its own: the test environment has no llama_cpp)."""
+    import subprocess
+    import sys
+
+    paths = [str(llama_cpp_site), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    cmd = [sys.executable, "-m", "peftko", "merge", str(real_run("llama3")), "--output", str(tmp_path / "merged"),
+           "--gguf", "--llama-cpp", str(llama_cpp)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, errors="replace", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "GGUF check: llama.cpp tokenizes a Korean sample with every marker" in done.stdout + done.stderr
+    assert "not compared" not in done.stdout + done.stderr
 
 
 @pytest.mark.slow  # llama.cpp's converter (the sdist)
