@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.llama_cpp_build import build_dir, first_difference, id_problems, llama_cpp_python, llama_cpp_site, marker_problems  # noqa: F401, E501
+from tests.llama_cpp_build import build_dir, first_difference, id_problems, llama_cpp_python, marker_problems
+from tests.llama_cpp_build import llama_cpp_site  # noqa: F401 - a fixture
 
 
 @pytest.mark.slow  # builds llama.cpp the first time on a machine (minutes); a second after
