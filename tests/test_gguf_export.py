@@ -3,8 +3,10 @@
 The converter is the one vendored in the llama-cpp-python sdist that tests/real_vocab.py fetches
 for the vocabularies. The GGUF is read back with the `gguf` package, independently of peftko's own
 check: every Hugging Face token keeps its id, each marker is a USER_DEFINED token, the marker rows
-carry the trained embeddings, and the Modelfile stops at the run's book-end marker. Refusals
-(no converter, the demo's locally trained tokenizer) come before the merge and write nothing.
+carry the trained embeddings, and the Modelfile stops at the run's book-end marker; llama.cpp itself
+(tests/llama_cpp_build.py, built once per machine) tokenizes Korean text with every marker to the
+Hugging Face ids, and so does peftko's own check where llama-cpp-python imports. Refusals (no
+converter, the demo's locally trained tokenizer) come before the merge and write nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from click.testing import CliRunner
 
 from peftko.cli import main
 from peftko.run.records import RunRecord
+from tests.llama_cpp_build import id_problems, llama_cpp_site, run_worker  # noqa: F401 - a fixture
 from tests.real_vocab import SDIST_VERSION, RealVocabUnavailable, cache_root, fetch_sdist
 
 LLAMA_CPP_IN_SDIST = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
@@ -185,21 +188,38 @@ def test_a_stop_during_the_merge_save_skips_the_conversion(exported, llama_cpp):
     assert not [p for p in exported["merged"].parent.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.slow  # llama.cpp's converter (the sdist)
-def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported):
-    if find_spec("llama_cpp") is None:
-        assert "llama.cpp tokenization not compared" in exported["output"]
-        pytest.skip("llama-cpp-python is not installed: only the GGUF vocabulary was compared")
-    from llama_cpp import Llama
+@pytest.mark.slow  # llama.cpp's converter (the sdist), and llama.cpp built from it once per machine
+def test_llama_cpp_tokenizes_korean_with_markers_as_hugging_face(exported, llama_cpp_site):  # noqa: F811
+    """llama.cpp itself (tests/llama_cpp_build.py), whether or not peftko's environment has it."""
     from transformers import AutoTokenizer
 
     from peftko.merge.gguf import sample_text
 
     text = sample_text(record_of(exported["manifest"]).markers)
     want = AutoTokenizer.from_pretrained(exported["merged"])(text, add_special_tokens=False)["input_ids"]
-    vocab = Llama(model_path=str(exported["merged"] / "model-q8_0.gguf"), vocab_only=True, verbose=False)
-    assert vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False) == want
-    assert "llama.cpp tokenizes a Korean sample" in exported["output"]
+    got = run_worker(llama_cpp_site, {"gguf": str(exported["merged"] / "model-q8_0.gguf"), "tokenize": [text]})
+    assert id_problems(["the Korean sample"], got["tokenize"], [want]) == []
+    if find_spec("llama_cpp") is None:  # peftko's own check says it could not compare, not that it did
+        assert "llama.cpp tokenization not compared" in exported["output"]
+    else:
+        assert "llama.cpp tokenizes a Korean sample" in exported["output"]
+
+
+@pytest.mark.slow  # llama.cpp's converter (the sdist), and llama.cpp built from it once per machine
+def test_peftkos_own_check_runs_llama_cpp_where_it_imports(real_run, llama_cpp, llama_cpp_site, tmp_path):  # noqa: F811
+    """`peftko merge --gguf` in a process where llama_cpp imports: its check compares llama.cpp's ids,
+    not only the GGUF's vocabulary (a process of its own: the test environment has no llama_cpp)."""
+    import subprocess
+    import sys
+
+    paths = [str(llama_cpp_site), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    cmd = [sys.executable, "-m", "peftko", "merge", str(real_run("llama3")), "--output", str(tmp_path / "merged"),
+           "--gguf", "--llama-cpp", str(llama_cpp)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, errors="replace", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "GGUF check: llama.cpp tokenizes a Korean sample with every marker" in done.stdout + done.stderr
+    assert "not compared" not in done.stdout + done.stderr
 
 
 @pytest.mark.slow  # llama.cpp's converter (the sdist)

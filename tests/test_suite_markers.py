@@ -20,6 +20,7 @@ TESTS = Path(__file__).resolve().parent
 HEAVY_FIXTURES = {
     "real_tokenizer_dir": "fetches the llama-cpp-python sdist (77 MB) once per machine, builds real tokenizers",
     "llama_cpp": "extracts llama.cpp's converter from that sdist",
+    "llama_cpp_site": "builds llama.cpp from that sdist once per machine (minutes)",
     "real_home": "builds builtin:gemma-3-270m (real weights) once per machine",
 }
 # The real base: a test, or a fixture it needs, whose code (docstrings and comments aside) names it is
