@@ -151,7 +151,8 @@ def main() -> None:
         if mode == "sampled":  # no built-base hash, the sampled fingerprint
             patches += [(session, "start_fingerprint", SampledPending),
                         (built_base, "quick_damage", lambda folder: None if built_base.recorded_files(folder) else "?"),
-                        (built_base, "_hash_damage", lambda folder: None)]
+                        (built_base, "_hash_damage", lambda folder: None),
+                        (built_base, "hash_later", lambda paths: {})]
         saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
         for m, n, v in patches:
             setattr(m, n, v)

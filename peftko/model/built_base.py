@@ -82,13 +82,12 @@ def quick_damage(folder: Path) -> str | None:
                 read_safetensors_header(path)
             except UserError:
                 return f"{name}'s header is damaged"
-    hash_later([folder / n for n in sorted(files)])  # every byte, from now, on the hashing thread
     return None
 
 
 def _hash_damage(folder: Path) -> str | None:
     files = recorded_files(folder)
-    hashes = hash_later([folder / n for n in sorted(files)])  # the ones quick_damage started
+    hashes = hash_later([folder / n for n in sorted(files)])  # the ones built_base started, if it did
     for name in sorted(files):
         try:
             if hashes[folder / name].result() != files[name]["sha256"]:
@@ -112,6 +111,7 @@ def built_base(target: Path, what: str, build: Callable[[Path], None], takes: st
     elif problem := quick_damage(target):
         _rebuild(target, builder, problem)
     else:
+        hash_later([target / n for n in sorted(recorded_files(target))])  # every byte, from now, beside the load
         with _lock:
             _unconfirmed[target] = builder
     return target
