@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--quant", default="4bit", help="as lora-train loads the base (default 4bit)")
+    ap.add_argument("--only", default="", help="time only the cases whose name contains this (e.g. 'until step')")
     args = ap.parse_args()
 
     import torch
@@ -175,6 +176,7 @@ def main() -> None:
              "until step 1, sampled": lambda: until_first_step("sampled"),
              "until step 1, whole": lambda: until_first_step("whole"),
              "merge, sampled": lambda: merge("sampled"), "merge, whole": lambda: merge("whole")}
+    cases = {k: fn for k, fn in cases.items() if args.only in k}
     times = {k: [] for k in cases}
     for k, fn in cases.items():  # one warm-up each, not counted
         fn()
@@ -192,10 +194,15 @@ def main() -> None:
               f"| {statistics.median(cpu):.2f} |")
     for a, b in (("load, sampled", "load, whole (built base)"), ("load, sampled", "load, whole (local folder)"),
                  ("until step 1, sampled", "until step 1, whole"), ("merge, sampled", "merge, whole")):
+        if not (times.get(a) and times.get(b)):
+            continue
         for i, what in ((0, "wall"), (1, "CPU")):
             ma, mb = (statistics.median(x[i] for x in times[k]) for k in (a, b))
             na, nb = (min(x[i] for x in times[k]) for k in (a, b))
-            print(f"{b} vs {a}, {what}: median {100 * (mb - ma) / ma:+.1f} %, min {100 * (nb - na) / na:+.1f} %")
+            # Each repetition times a and b one after the other: their difference cancels the machine's slow drift.
+            paired = statistics.median(100 * (y[i] - x[i]) / x[i] for x, y in zip(times[a], times[b]))
+            print(f"{b} vs {a}, {what}: median {100 * (mb - ma) / ma:+.1f} %, min {100 * (nb - na) / na:+.1f} %, "
+                  f"paired median {paired:+.1f} %")
 
 
 if __name__ == "__main__":

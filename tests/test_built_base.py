@@ -147,3 +147,29 @@ def test_generate_on_a_damaged_built_base_builds_it_again_first(home, capsys):
     assert result.exit_code == 0, result.output
     assert "was damaged (model.safetensors differs from what was built)" in result.output
     assert len(home.builds) == 2 and weights.read_bytes() == good
+
+
+@pytest.mark.slow  # a training run on the tiny base, two generations and a merge (about 15 s on 2 cores)
+def test_a_run_whose_built_base_was_damaged_or_removed_has_it_built_again(home, small_corpus, tmp_path):
+    """A run records its base by folder; where that folder is peftko's built base, a damaged or removed
+    one is built again from its source, not called "changed since training" or "not found"."""
+    import shutil
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, train_args(gemma.NAME, small_corpus, run, "--quant", "none", "--max-steps", "1"))
+    assert result.exit_code == 0, result.output
+    target = gemma.gemma_base()
+    weights = target / "model.safetensors"
+    generate = ["generate", str(run), "--prompt", "달빛", "--max-new-tokens", "3", "--device", "cpu"]
+    for command in (generate, ["merge", str(run), "--output", str(tmp_path / "merged")]):
+        flip(weights, weights.stat().st_size // 2)
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0, result.output
+        assert "was damaged (model.safetensors differs from what was built)" in result.output, result.output
+        assert "changed since training" not in result.output
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and len(home.builds) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # the first try's stage is gone
+    shutil.rmtree(target)
+    result = CliRunner().invoke(main, generate)
+    assert result.exit_code == 0 and "building builtin:gemma-3-270m" in result.output, result.output
+    assert len(home.builds) == 4

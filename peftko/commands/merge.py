@@ -25,7 +25,8 @@ from peftko.merge.in_memory import compare_logits, merge_and_check
 from peftko.merge.model_files import merged_tokenizer, write_config
 from peftko.merge.merged_folder import check_output, claim_merged_folder, save_atomically
 from peftko.merge.streaming import StreamingUnsupported, stream_merge
-from peftko.model.run_facts import check_run_facts
+from peftko.model.built_base import Rebuilt, confirm
+from peftko.model.run_facts import check_run_facts, run_base
 from peftko.run.manifest import read_manifest, start_base_check
 from peftko.run.records import MergeRecord, RunRecord
 
@@ -34,7 +35,10 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
               force: bool = False, full_check: bool = False, gguf_options: gguf.GgufOptions | None = None) -> int:
     stopper = Stopper("before the merged model was written; nothing was written.")
     with stopper.installed():
-        merge_adapter(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check, gguf_options)
+        try:
+            merge_adapter(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check, gguf_options)
+        except Rebuilt:  # a built base found damaged while merging (nothing published): merge its new files
+            merge_adapter(Path(adapter_dir), Path(output), base, dtype, force, stopper, full_check, gguf_options)
     if stopper.signum:
         say(f"peftko: stopped by {stopper.name} after the merged model was written.", err=True)
     return stopper.exit_code
@@ -43,7 +47,7 @@ def run_merge(adapter_dir: str, output: str, base: str | None = None, dtype: str
 def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force: bool, stopper: Stopper,
                   full_check: bool = False, gguf_options: gguf.GgufOptions | None = None) -> None:
     record = read_manifest(run_dir)  # the run's seal checked
-    base_check = start_base_check(record, base)  # every byte of the base hashed while the merge reads it
+    base_check = start_base_check(record, str(run_base(record, base)))  # every byte hashed while the merge reads it
     base_path = base_check.path
     check_output(out, {"the adapter directory": run_dir, "the base model": base_path})
     with hold(out.parent / f".{out.name}.peftko-lock", f"--output {out}"):
@@ -59,6 +63,7 @@ def merge_adapter(run_dir: Path, out: Path, base: str | None, dtype: str, force:
 
         def writer(stage: Path) -> None:
             write(stage)
+            confirm(base_path)  # a base peftko built: its build record first (damaged: built again, Rebuilt)
             base_check.confirm()  # a base changed since training: refused before anything is published
         save_atomically(writer, tokenizer, out, mark, stopper, record)
         say(f"merged model written to {out} ({len(tokenizer)} tokens, markers are single tokens)")

@@ -17,6 +17,7 @@ import torch
 
 from peftko.core.config import BUILTIN_MODEL, BaseLoading
 from peftko.core.errors import UserError
+from peftko.model.built_base import builtin_folder
 from peftko.model.gemma_base import NAME as GEMMA, gemma_base
 from peftko.model.header import read_safetensors_header
 from peftko.model.tiny_base import builtin_base
@@ -56,6 +57,16 @@ def resolve_model_path(model: str) -> Path:
         )
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: it is not a model folder; pass the folder of a Hugging Face causal LM")
+    return path
+
+
+def as_built(path: Path) -> Path:
+    """`path`; where it is the folder of one of peftko's built bases (a run records its base by folder),
+    that base as its builder hands it out: built again if absent or visibly damaged, else hashed from
+    now for peftko.model.built_base.confirm to compare with its build record before use."""
+    for name, get in BUILTIN_BASES.items():
+        if Path(path).expanduser().resolve() == builtin_folder(name).resolve():
+            return get()
     return path
 
 

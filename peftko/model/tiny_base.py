@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 from peftko.core.config import BUILTIN_MODEL, DEFAULT_MARKER_PATTERN
-from peftko.core.paths import peftko_home, sample_corpus_dir
+from peftko.core.paths import sample_corpus_dir
 from peftko.core.progress import phase
-from peftko.model.built_base import built_base
+from peftko.model.built_base import built_base, builtin_folder
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 BUILTIN_PRETRAIN_STEPS = 120
@@ -133,5 +133,5 @@ def builtin_base() -> Path:
         with phase("build base", total=None, unit="steps"):
             build_tiny_base(out, arch="llama", tie=True, pretrain_steps=BUILTIN_PRETRAIN_STEPS)
 
-    return built_base(peftko_home() / "bases" / BUILTIN_MODEL.split(":", 1)[1], "the built-in tiny base", build,
+    return built_base(builtin_folder(BUILTIN_MODEL), "the built-in tiny base", build,
                       "about a minute on 2 CPU cores")
