@@ -101,3 +101,19 @@ def test_resuming_a_run_recorded_with_the_sampled_fingerprint_says_why_it_differ
     new = RunIdentity({}, [], "t", fingerprint_base(big_base), 1)
     changes = identity_changes(old, new)
     assert len(changes) == 1 and "sampled parts" in changes[0] and "--force" in changes[0], changes
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5])
+def test_the_sliced_hash_of_a_mapped_file_is_its_sha256(tmp_path, monkeypatch, size):
+    """Every slice boundary (a file shorter than, equal to and longer than whole slices; an empty file
+    that cannot be mapped) gives hashlib's SHA-256 of the whole file."""
+    import hashlib
+    import os
+
+    from peftko.core import hashing
+
+    monkeypatch.setattr(hashing, "SLICE", 4096)
+    path = tmp_path / "weights.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert hashing.sha256_of(path) == hashlib.sha256(data).hexdigest()

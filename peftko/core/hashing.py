@@ -2,9 +2,9 @@
 
 A base's weight files are hashed whole (peftko.run.identity) while training loads the model and
 while the merge streams it: the hashing thread and the loader read the same pages (safetensors
-are memory-mapped), so the disk is read once, and a whole file is hashed in one hashlib call that
-releases the GIL from start to end, so the hash runs on a core the main thread leaves free even while
-that thread holds the GIL for seconds (parsing a 33 MB tokenizer.json does). A file is hashed once per process: the built base's
+are memory-mapped), so the disk is read once, and hashlib releases the GIL for each 64 MB slice,
+so the hash runs on a core the main thread leaves free even while that thread holds the GIL for
+seconds (parsing a 33 MB tokenizer.json does). A file is hashed once per process: the built base's
 own check (peftko.model.built_base) and the run's fingerprint share one result. The memo is keyed
 on the file's identity and modification time, so a file changed in between is read again.
 """
@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 CHUNK = 8 << 20  # where a file cannot be mapped: large reads, and a large file never sits in memory
+SLICE = 64 << 20  # hashed per GIL release; at most this much of the file mapped (and resident) at once
 
 _memo: dict[tuple, Future] = {}
 _lock = threading.Lock()
@@ -31,20 +32,25 @@ def _key(path: Path) -> tuple:
 
 
 def sha256_of(path: Path) -> str:
-    """The file's SHA-256: one `update` over the memory-mapped file (a loop of reads needs the GIL
-    between reads, and a main thread inside one long C call, such as json's parser, holds it for
-    seconds: the hash then waited for the tokenizer to load before it could use an idle core). The
-    mapping shares the page cache with the loader's own mapping of the same file."""
+    """The file's SHA-256, hashed from a memory mapping of it in large slices: each `update` releases
+    the GIL for a whole slice (a loop of 8 MB reads needed it back 70 times a 570 MB file, and a main
+    thread inside one long C call, such as json's parser loading a tokenizer, holds it for seconds).
+    The mapping shares the page cache with the loader's own mapping of the file; each slice is
+    unmapped again once hashed, so the process's resident size does not count the file twice."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         try:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                h.update(view)
-                return h.hexdigest()
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # an empty file, or a file system that cannot map
-            pass
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+        with mapped, memoryview(mapped) as view:
+            for start in range(0, len(mapped), SLICE):
+                with view[start:start + SLICE] as part:
+                    h.update(part)
+                if hasattr(mapped, "madvise"):  # not on Windows
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(SLICE, len(mapped) - start))
     return h.hexdigest()
 
 
