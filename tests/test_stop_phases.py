@@ -153,3 +153,35 @@ def test_a_forked_worker_ends_on_sigterm_whatever_the_commands_phase(phase):
         os.close(write)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
     assert stopper.signum is None  # the command itself was not stopped
+
+
+def test_a_forked_worker_signalled_while_it_starts_ends_too():
+    """Pool.terminate may SIGTERM a worker forked a moment before, still inside Python's after-fork
+    reset, which clears the signals caught so far: such a worker lost the signal and its pool waited
+    for ever (the clean-clone suite once hung here in test_packing). Forked with the signals blocked,
+    the child takes the signal once it runs. Signalled at once after each fork, every child ends."""
+    import signal
+
+    from peftko.core.signals import Stopper
+
+    def fork_and_terminate() -> int:
+        child = os.fork()
+        if child == 0:
+            time.sleep(30)  # a worker waiting on its queue
+            os._exit(0)
+        os.kill(child, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not (done := os.waitpid(child, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not done[0]:  # the signal was lost: the hang
+            os.kill(child, signal.SIGKILL)
+            done = os.waitpid(child, 0)
+        return done[1]
+
+    stopper = Stopper("before the command finished.")
+    with stopper.installed():
+        stopper.phase = "prepare"
+        statuses = [fork_and_terminate() for _ in range(20)]
+    lost = [s for s in statuses if not (os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGTERM)]
+    assert not lost, f"{len(lost)} of 20 children lost their SIGTERM"
+    assert stopper.signum is None

