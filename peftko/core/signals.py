@@ -38,7 +38,6 @@ class Stopper:
         self.signum: int | None = None
         self.phase = "prepare"
         self.unfinished = unfinished  # the line printed for a stop in the prepare phase
-        self.pid = os.getpid()
 
     @property
     def exit_code(self) -> int:
@@ -90,8 +89,6 @@ class Stopper:
             self.phase = before
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid:
-            _default(signum)
         if self.signum is not None:
             self._exit_now(signum, frame)
         self.signum = signum
@@ -100,8 +97,6 @@ class Stopper:
         _say(f"\npeftko: {self.name} received: {DEFERRED[self.phase]} (send it again to stop at once)\n")
 
     def _exit_now(self, signum, frame):
-        if os.getpid() != self.pid:
-            _default(signum)
         _say(f"\npeftko: {signal.Signals(signum).name} again: stopping at once; every complete "
              "checkpoint and output is intact.\n")
         release_all()
@@ -121,7 +116,9 @@ def _release_in_parent() -> None:
 
 
 def _release_in_child() -> None:
-    """In the forked child: peftko's handlers give way to the default action, then the signals are
+    """In the forked child (a tokenising pool's worker): peftko's handlers give way to the default
+    action, so the worker ends when its pool terminates it, instead of taking the command's "finish
+    this step" and waiting for ever on its task queue (a hung `Pool.terminate`); then the signals are
     unblocked, so one sent while the child was starting ends it now."""
     for s in SIGNALS:
         if isinstance(getattr(signal.getsignal(s), "__self__", None), Stopper):
@@ -133,14 +130,6 @@ _held: dict[int, set] = {}  # the forking thread's signal mask before the fork
 if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):  # POSIX
     os.register_at_fork(before=_hold_for_fork, after_in_parent=_release_in_parent,
                         after_in_child=_release_in_child)
-
-
-def _default(signum: int) -> None:
-    """In a process forked from the command (a tokenising pool's worker), the signal does what it
-    does by default: the worker ends when its pool terminates it, instead of taking the command's
-    "finish this step" handler and waiting forever on its task queue (a hung `Pool.terminate`)."""
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
 
 
 def _say(text: str) -> None:
